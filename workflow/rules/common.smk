@@ -1,0 +1,140 @@
+# Config validation, wildcard constraints and input functions shared by every rule file.
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+# The package lives in src/; make it importable even when it is not pip-installed.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from leukotype.config import (  # noqa: E402
+    STRATEGY_LAYER,
+    extraction_backbones,
+    finetune_settings,
+    fold_ids,
+    study_runs,
+    weights_setting,
+)
+from leukotype.config import validate_config as _validate_config  # noqa: E402
+from leukotype.errors import LeukotypeError  # noqa: E402
+
+try:
+    _validate_config(config)
+except LeukotypeError as err:
+    raise WorkflowError(f"config: {err}") from None
+
+R = config["results"]
+TASKS = {task["name"]: task for task in config["tasks"]}
+FOLDS = fold_ids(config["split"])
+RUNS = study_runs(config)
+EXTRACT = extraction_backbones(config)
+FINETUNED = sorted(
+    {m["backbone"] for m in config["models"] if "finetune" in m["strategies"]}
+)
+
+# One software environment for every job: the CUDA build where jobs are configured for a GPU.
+CONDA_ENV = (
+    "../../envs/cuda.yaml" if config["compute"]["gpu"] else "../../envs/cpu.yaml"
+)
+
+# GPU jobs request one GPU only when the config asks for it; CPU jobs never do (SLURM: --gpus).
+GPU_RESOURCES = {"gpu": 1} if config["compute"]["gpu"] else {}
+
+# Weights are staged under $TORCH_HOME (login node with internet: `snakemake fetch_weights`);
+# compute jobs, also on SLURM nodes without internet, read them from there.
+os.environ.setdefault(
+    "TORCH_HOME",
+    str(Path(config["torch_home"] or Path.home() / ".cache" / "torch").expanduser()),
+)
+
+
+envvars:
+    "TORCH_HOME",
+
+
+def _alternatives(values):
+    return "|".join(sorted({str(v).replace("+", r"\+") for v in values}))
+
+
+wildcard_constraints:
+    task=_alternatives(TASKS),
+    fold=_alternatives(FOLDS),
+    backbone=_alternatives([m["backbone"] for m in config["models"]] + list(EXTRACT)),
+    strategy="features_svm|finetune|finetune_svm",
+    svm_strategy="features_svm|finetune_svm",
+    layer=r"[A-Za-z0-9_]+",
+
+
+def run_dir(wildcards):
+    return f"{R}/runs/{wildcards.task}/{wildcards.strategy}/{wildcards.backbone}/{wildcards.layer}/{wildcards.fold}"
+
+
+def dataset_input(wildcards):
+    """The manifest (or class folder) that validation reads."""
+    source = config["dataset"]["source"]
+    if source == "demo":
+        return f"{R}/demo_data/manifest.csv"
+    if not os.path.exists(source):
+        raise WorkflowError(
+            f"dataset.source {source!r} does not exist (relative to {os.getcwd()}); set it to a "
+            "folder of class sub-folders, a manifest CSV, or 'demo'"
+        )
+    return source
+
+
+def weights_input(backbone):
+    """Weight files a job reads: staged ImageNet files are inputs, so a missing one is fetched
+    by the local `fetch_weights` rule (or the run stops before any extraction)."""
+    from leukotype.weights import expected_weights_path
+
+    files = []
+    for part in backbone.split("+"):
+        weights, _ = weights_setting(config, part)
+        path = expected_weights_path(part, weights, config["torch_home"])
+        if path is not None:
+            files.append(str(path))
+    return files
+
+
+def staged_weight_files():
+    """ImageNet weight files that `fetch_weights` can download (torchvision backbones)."""
+    from leukotype.weights import downloadable
+
+    files = []
+    for backbone in sorted(set(EXTRACT) | set(FINETUNED)):
+        for part in backbone.split("+"):
+            weights, _ = weights_setting(config, part)
+            if weights == "imagenet" and downloadable(part):
+                files.extend(weights_input(part))
+    return sorted(set(files))
+
+
+def feature_dirs(wildcards):
+    """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
+    if wildcards.svm_strategy == "features_svm":
+        return [f"{R}/features/{part}" for part in wildcards.backbone.split("+")]
+    layer = STRATEGY_LAYER["finetune"]
+    return [
+        f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/features"
+    ]
+
+
+def task_metrics(wildcards):
+    return [
+        f"{R}/{run.path}/metrics.json" for run in RUNS if run.task == wildcards.task
+    ]
+
+
+def final_targets():
+    targets = []
+    for task in TASKS:
+        targets += [
+            f"{R}/tables/{task}.csv",
+            f"{R}/tables/{task}.md",
+            f"{R}/tables/{task}.tex",
+            f"{R}/figures/{task}_accuracy.png",
+            f"{R}/figures/{task}_confusion.png",
+        ]
+    targets.append(f"{R}/tables/all_runs.tsv")
+    return targets

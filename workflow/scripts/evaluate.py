@@ -1,0 +1,16 @@
+"""Snakemake adapter: metrics, confidence intervals and confusion matrix of one run."""
+
+from leukotype.smk import logged
+from leukotype.stages import run_evaluate
+
+with logged(snakemake):
+    meta = {**dict(snakemake.wildcards), "weights": snakemake.params.weights, "config": snakemake.config}
+    run_evaluate(
+        snakemake.input.predictions,
+        snakemake.params.task,
+        meta,
+        snakemake.params.evaluation,
+        snakemake.output.metrics,
+        snakemake.output.confusion,
+        snakemake.output.confusion_png,
+    )

@@ -1,0 +1,19 @@
+"""Snakemake adapter: SVM on frozen or fine-tuned features for one run."""
+
+from leukotype.smk import logged
+from leukotype.stages import run_svm
+
+with logged(snakemake):
+    run_svm(
+        snakemake.input.samples,
+        snakemake.params.task,
+        snakemake.wildcards.fold,
+        snakemake.input.features,
+        snakemake.wildcards.layer,
+        snakemake.params.svm,
+        snakemake.output.model,
+        snakemake.output.predictions,
+        snakemake.output.cv_results,
+        seed=snakemake.config["split"]["seed"],
+        threads=snakemake.threads,
+    )
