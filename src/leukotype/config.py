@@ -80,7 +80,8 @@ def task_by_name(tasks: Sequence[Task], name: str) -> Task:
 # --------------------------------------------------------------------------------------------
 # Schema validation
 
-#: Layer names per backbone, mirrored from the registry so that config errors need no torch import.
+#: Layer names per backbone, mirrored from the registry so that config errors (and Snakemake's DAG
+#: building) need no torch import; the last one is the penultimate layer, the head's input.
 #: ``tests/test_config.py`` asserts this stays equal to ``leukotype.backbones.BACKBONES``.
 BACKBONE_LAYERS: dict[str, tuple[str, ...]] = {
     "alexnet": ("fc6", "fc7"),
@@ -269,6 +270,28 @@ def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
     return runs
 
 
+def penultimate_layer(backbone: str) -> str:
+    return BACKBONE_LAYERS[backbone][-1]
+
+
+def finetune_reuses_features(cfg: Mapping[str, Any], backbone: str) -> bool:
+    """Whether fine-tuning can train on the cached features instead of running the backbone.
+
+    With the paper's policy (every pretrained layer frozen) the fast path's frozen activations
+    are exactly the extracted penultimate features (same weights, preprocessing and precision),
+    so the head trains on them and no image passes through the backbone a second time.
+    """
+    model = model_config(cfg, backbone)
+    settings = finetune_settings(cfg, backbone)
+    return (
+        "finetune" in model["strategies"]
+        and backbone not in SCRATCH_BACKBONES
+        and settings["policy"] == "head"
+        and settings["fast_path"]
+        and settings["precision"] == cfg["features"]["precision"]
+    )
+
+
 def extraction_backbones(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
     """Backbones whose features are extracted, with the union of layers every run needs.
 
@@ -276,13 +299,16 @@ def extraction_backbones(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
     """
     needed: dict[str, list[str]] = {}
     for model in cfg["models"]:
-        if "features_svm" not in model["strategies"]:
-            continue
         parts = model["backbone"].split("+")
         for part in parts:
-            layers = model["layers"] if len(parts) == 1 else ["pool"]
-            bucket = needed.setdefault(part, [])
-            bucket.extend(layer for layer in layers if layer not in bucket)
+            layers = []
+            if "features_svm" in model["strategies"]:
+                layers += model["layers"] if len(parts) == 1 else [penultimate_layer(part)]
+            if finetune_reuses_features(cfg, model["backbone"]):
+                layers.append(penultimate_layer(part))
+            if layers:
+                bucket = needed.setdefault(part, [])
+                bucket.extend(layer for layer in layers if layer not in bucket)
     return needed
 
 

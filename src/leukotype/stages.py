@@ -157,7 +157,7 @@ def run_svm(
     threads: int = 1,
 ) -> pd.DataFrame:
     from leukotype.classify import fit_svm, predict_table, save_model
-    from leukotype.features import load_features
+    from leukotype.feature_store import load_features
 
     task = task_from_dict(task_cfg)
     train, test = fold_parts(read_tsv(samples), fold)
@@ -188,6 +188,7 @@ def run_svm(
 
 def run_evaluate(
     predictions: PathLike,
+    samples: PathLike,
     task_cfg: Mapping[str, Any],
     meta: Mapping[str, Any],
     evaluation_cfg: Mapping[str, Any],
@@ -199,12 +200,16 @@ def run_evaluate(
     from leukotype.report import plot_confusion
 
     task = task_from_dict(task_cfg)
+    # Bootstrap whole groups (patients, duplicates): images of one patient are not independent.
+    sample_table = read_tsv(samples)
+    groups = dict(zip(sample_table["image_id"], sample_table["group"]))
     record = evaluate_predictions(
         read_tsv(predictions),
         list(task.classes),
         dict(meta),
         n_boot=evaluation_cfg["n_bootstrap"],
         seed=evaluation_cfg["seed"],
+        groups=groups,
     )
     write_json(record, out_metrics)
     confusion_csv(record, out_confusion)
@@ -258,3 +263,145 @@ def run_collect(
         out_study,
     )
     return runs
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def run_finetune(
+    samples: PathLike,
+    validated: PathLike,
+    task_cfg: Mapping[str, Any],
+    backbone: str,
+    fold: str,
+    weights: str,
+    torch_home: str | None,
+    settings: Mapping[str, Any],
+    checkpoint_dir: PathLike,
+    outputs: Any,
+    feature_dirs: Sequence[PathLike] = (),
+    threads: int = 1,
+) -> pd.DataFrame:
+    """Fine-tune ``backbone`` on one task and fold; write model, history, curve, predictions
+    and the fine-tuned network's features (for ``finetune_svm``).
+
+    ``outputs`` has attributes ``model, history, curve, predictions, features``. With
+    ``feature_dirs`` (the paper's policy: every pretrained layer frozen) the head trains on the
+    cached penultimate features of those folders instead of running the backbone again.
+    """
+    from leukotype.finetune import (
+        FinetuneConfig,
+        Samples,
+        build_finetune_model,
+        predict,
+        save_finetuned,
+        train,
+        write_finetuned_features,
+    )
+    from leukotype.report import plot_learning_curve
+    from leukotype.split import carve_validation
+    from leukotype.weights import resolve_weights
+
+    task = task_from_dict(task_cfg)
+    classes = list(task.classes)
+    paths = read_tsv(validated)[["image_id", "abspath"]]
+    train_rows, test_rows = (part.merge(paths, on="image_id", how="left") for part in fold_parts(read_tsv(samples), fold))
+    cfg = FinetuneConfig.from_mapping({**settings, "threads": threads})
+    val_rows = train_rows.iloc[0:0]
+    if cfg.val_fraction > 0:
+        is_val = carve_validation(train_rows, cfg.val_fraction, cfg.seed)
+        train_rows, val_rows = train_rows[~is_val], train_rows[is_val]
+        log.info("validation part for early stopping: %d of %d training samples", len(val_rows), len(is_val))
+
+    parts = backbone.split("+")
+    weight_paths = {part: resolve_weights(part, weights, torch_home=torch_home) for part in parts}
+    model, preprocess = build_finetune_model(
+        backbone,
+        len(classes),
+        cfg.policy,
+        weights=weight_paths if len(parts) > 1 else weight_paths[backbone],
+        seed=cfg.seed,
+    )
+    inference = {"batch_size": cfg.batch_size, "device": cfg.device, "precision": cfg.precision, "num_workers": cfg.num_workers}
+    # Every sample of the fold (training transforms included): finetune_svm trains on them.
+    all_rows = pd.concat([train_rows, val_rows, test_rows], ignore_index=True)
+    if feature_dirs:
+        result, predictions = _finetune_head_on_cached_features(
+            model, cfg, classes, train_rows, val_rows, test_rows, all_rows, feature_dirs, checkpoint_dir, outputs
+        )
+    else:
+        result = train(
+            model,
+            Samples.from_frame(train_rows, classes),
+            cfg,
+            preprocess=preprocess,
+            val_samples=Samples.from_frame(val_rows, classes) if len(val_rows) else None,
+            checkpoint_dir=checkpoint_dir,
+        )
+        predictions = predict(result.model, Samples.from_frame(test_rows, classes), preprocess, classes, **inference)
+        write_finetuned_features(outputs.features, result.model, Samples.from_frame(all_rows), preprocess, **inference)
+    log.info("trained %d epochs (best %s, resumed from %s)", len(result.history), result.best_epoch, result.resumed_from_epoch)
+    save_finetuned(model, outputs.model)
+    write_tsv(result.history, outputs.history)
+    plot_learning_curve(result.history, outputs.curve, title=f"{task.name} / {backbone} / {fold}")
+    write_tsv(predictions, outputs.predictions)
+    return predictions
+
+
+def _finetune_head_on_cached_features(
+    model: Any,
+    cfg: Any,
+    classes: list[str],
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    test_rows: pd.DataFrame,
+    all_rows: pd.DataFrame,
+    feature_dirs: Sequence[PathLike],
+    checkpoint_dir: PathLike,
+    outputs: Any,
+) -> tuple[Any, pd.DataFrame]:
+    """Train ``model.head`` on cached penultimate features (shared module: ``model`` gets it)."""
+    import torch
+    from torch import nn
+
+    from leukotype.config import penultimate_layer
+    from leukotype.feature_store import load_features, write_feature_matrix
+    from leukotype.finetune import FINETUNED_LAYER, FinetuneModel, Samples, fit, predict_proba, prediction_frame
+
+    dirs = [Path(d) for d in feature_dirs]
+    layer = penultimate_layer(Path(dirs[0]).name)
+
+    def rows_dataset(rows: pd.DataFrame) -> tuple[Any, Any]:
+        X = torch.from_numpy(load_features(dirs, layer, rows[["image_id", "transform"]]))
+        return _IndexedRows(X), Samples.from_frame(rows, classes)
+
+    head_only = FinetuneModel(nn.Identity(), nn.Sequential(), model.head)
+    (train_data, train_samples), (test_data, test_samples) = rows_dataset(train_rows), rows_dataset(test_rows)
+    val_data, val_samples = rows_dataset(val_rows) if len(val_rows) else (None, None)
+    result = fit(
+        head_only,
+        train_data,
+        train_samples.labels,
+        cfg,
+        val_data=val_data,
+        val_labels=val_samples.labels if val_samples is not None else None,
+        checkpoint_dir=checkpoint_dir,
+        data_key=f"cached:{layer}:{train_samples.key()}:{val_samples.key() if val_samples else ''}",
+    )
+    probabilities = predict_proba(head_only, test_data, len(test_samples), batch_size=cfg.batch_size, device=cfg.device)
+    index = all_rows[["image_id", "transform"]]
+    write_feature_matrix(Path(outputs.features), FINETUNED_LAYER, index, load_features(dirs, layer, index))
+    return result, prediction_frame(test_samples, probabilities, classes)
+
+
+class _IndexedRows:
+    """Rows of a feature matrix as ``(x, index)`` items, the dataset protocol of ``finetune.fit``."""
+
+    def __init__(self, X: Any) -> None:
+        self.X = X
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.X[i], i

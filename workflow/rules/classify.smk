@@ -29,6 +29,7 @@ rule train_svm:
 rule evaluate:
     input:
         predictions=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/predictions.tsv",
+        samples=rules.augment.output.samples,
     output:
         metrics=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/metrics.json",
         confusion=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/confusion.csv",

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from leukotype.config import (  # noqa: E402
     STRATEGY_LAYER,
     extraction_backbones,
+    finetune_reuses_features,
     finetune_settings,
     fold_ids,
     study_runs,
@@ -118,6 +119,13 @@ def feature_dirs(wildcards):
     return [
         f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/features"
     ]
+
+
+def finetune_feature_dirs(wildcards):
+    """Cached backbone features the head trains on (paper policy), else nothing."""
+    if finetune_reuses_features(config, wildcards.backbone):
+        return [f"{R}/features/{part}" for part in wildcards.backbone.split("+")]
+    return []
 
 
 def task_metrics(wildcards):

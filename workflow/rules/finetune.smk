@@ -7,6 +7,7 @@ rule finetune:
         samples=rules.augment.output.samples,
         validated=rules.validate_images.output.table,
         weights=lambda wildcards: weights_input(wildcards.backbone),
+        features=finetune_feature_dirs,
     output:
         model=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/model.pt",
         history=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/history.tsv",

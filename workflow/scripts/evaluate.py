@@ -7,6 +7,7 @@ with logged(snakemake):
     meta = {**dict(snakemake.wildcards), "weights": snakemake.params.weights, "config": snakemake.config}
     run_evaluate(
         snakemake.input.predictions,
+        snakemake.input.samples,
         snakemake.params.task,
         meta,
         snakemake.params.evaluation,

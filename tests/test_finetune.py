@@ -1,0 +1,677 @@
+"""Fine-tuning: freeze policies, fast path == ordinary path, exact resume, early stopping,
+class weights, a learnable toy problem, and the output helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from leukotype.errors import LeukotypeError
+from leukotype.finetune import (
+    CHECKPOINT_NAME,
+    HISTORY_COLUMNS,
+    FinetuneConfig,
+    FinetuneModel,
+    ParallelTrunks,
+    Samples,
+    check_policy,
+    class_weights,
+    epoch_batches,
+    fit,
+    load_finetuned,
+    lr_at,
+    plot_learning_curve,
+    predict_proba,
+    save_finetuned,
+    seeded_head,
+    split_stages,
+    valid_policies,
+    validation_mask,
+)
+
+N_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads oversubscribe badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------ toy problem
+
+
+class TensorSamples(Dataset):
+    """In-memory stand-in for features.SampleDataset: yields (tensor, index)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.x[index], index
+
+
+def toy_data(n: int, seed: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c = the colour channel that is brighter (learnable, noisy)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % N_CLASSES
+    x = torch.randn(n, 3, size, size, generator=g) * 0.8
+    x[torch.arange(n), labels] += 0.6
+    return x, labels
+
+
+def toy_stages(seed: int = 0) -> list[nn.Module]:
+    """Two stages like a real backbone: conv+BN, then conv+dropout+pool+flatten -> (N, 8)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [
+            nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()),
+            nn.Sequential(
+                nn.Conv2d(6, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.Dropout(0.3),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            ),
+        ]
+
+
+def toy_model(policy: str, seed: int = 0) -> FinetuneModel:
+    frozen, trainable = split_stages(toy_stages(seed), policy)
+    return FinetuneModel(frozen, trainable, seeded_head(8, N_CLASSES, seed))
+
+
+def cfg(**overrides) -> FinetuneConfig:
+    base = dict(epochs=3, batch_size=8, lr=0.05, seed=3, device="cpu", threads=1)
+    base.update(overrides)
+    return FinetuneConfig(**base)
+
+
+def states_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def strip_seconds(history: pd.DataFrame) -> pd.DataFrame:
+    return history.drop(columns="seconds")
+
+
+# ------------------------------------------------------------------------------ policies
+
+
+@pytest.mark.parametrize(
+    ("policy", "frozen_tensors", "trainable_tensors"),
+    [
+        ("head", 8, 0),
+        ("last_block", 4, 4),
+        ("all", 0, 8),
+    ],
+)
+def test_split_stages_freezes_exactly_the_policy(policy, frozen_tensors, trainable_tensors) -> None:
+    model = toy_model(policy)
+    n_frozen = sum(1 for p in model.frozen.parameters() if not p.requires_grad)
+    assert n_frozen == len(list(model.frozen.parameters())) == frozen_tensors
+    assert sum(1 for p in model.trainable.parameters() if p.requires_grad) == trainable_tensors
+    # the head (weight + bias) always trains
+    assert len(model.trainable_parameters()) == trainable_tensors + 2
+    # frozen part stays in eval mode (BatchNorm keeps its statistics) even after .train()
+    model.train()
+    assert all(not m.training for m in model.frozen.modules())
+    assert all(m.training for m in model.trainable.modules())
+
+
+def test_frozen_batchnorm_statistics_do_not_move_in_training(tmp_path: Path) -> None:
+    model = toy_model("last_block")
+    bn = model.frozen[0][1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.weight.clone())
+    x, y = toy_data(24, seed=1)
+    fit(model, TensorSamples(x), y, cfg(epochs=2, fast_path=False))
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, (bn.running_mean, bn.running_var, bn.weight))
+    )
+    trained_bn = model.trainable[0][1]
+    assert not torch.equal(trained_bn.running_mean, torch.zeros(8))
+
+
+def test_split_stages_rejects_bad_policies() -> None:
+    with pytest.raises(LeukotypeError, match=r"choose one of \['head', 'last_block', 'all'\]"):
+        split_stages(toy_stages(), "everything")
+    with pytest.raises(LeukotypeError, match="at least two stages"):
+        split_stages(toy_stages()[:1], "last_block")
+    with pytest.raises(LeukotypeError, match="no stages"):
+        split_stages([], "head")
+
+
+def test_policy_validity_per_backbone() -> None:
+    assert valid_policies("paper_cnn") == ("all",)
+    assert valid_policies("inception_v3+resnet101") == ("head",)
+    assert valid_policies("resnet101") == ("head", "last_block", "all")
+    with pytest.raises(LeukotypeError, match=r"valid policies: \['all'\]"):
+        check_policy("paper_cnn", "head")
+    with pytest.raises(LeukotypeError, match=r"valid policies: \['head'\]"):
+        check_policy("inception_v3+resnet101", "last_block")
+
+
+def test_config_validation_and_unknown_keys() -> None:
+    with pytest.raises(LeukotypeError, match="schedule 'step'"):
+        FinetuneConfig(schedule="step")
+    with pytest.raises(LeukotypeError, match=r"unknown finetune option\(s\) \['lr_decay'\]"):
+        FinetuneConfig.from_mapping({"lr_decay": 0.1})
+    assert FinetuneConfig.from_mapping({"epochs": 2}).epochs == 2
+    # execution-only settings do not change what a checkpoint must match
+    a, b = FinetuneConfig(), FinetuneConfig(device="cuda", fast_path=False, threads=8)
+    assert a.result_fields() == b.result_fields()
+    assert a.result_fields() != FinetuneConfig(lr=0.01).result_fields()
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def test_class_weights_are_balanced() -> None:
+    weights = class_weights([0, 0, 0, 1, 2, 2], 3)
+    # n / (k * n_c) = 6 / (3 * [3, 1, 2])
+    assert torch.allclose(weights, torch.tensor([2 / 3, 2.0, 1.0]))
+    # weighted class totals are equal: each class carries n / k of the loss
+    assert torch.allclose(weights * torch.tensor([3.0, 1.0, 2.0]), torch.full((3,), 2.0))
+    with pytest.raises(LeukotypeError, match=r"class index\(es\) \[2\] have no training samples"):
+        class_weights([0, 1, 1], 3)
+
+
+def test_class_weighted_loss_is_used(tmp_path: Path) -> None:
+    """With lr ~ 0 the first epoch's train loss is the initial model's weighted cross-entropy."""
+    x, _ = toy_data(20, seed=2)
+    y = torch.tensor([0] * 14 + [1] * 4 + [2] * 2)
+    tiny = cfg(epochs=1, lr=1e-12, batch_size=20, policy="head")
+    model = toy_model("head")
+    logits = model.eval()(x).detach()
+    expected = nn.functional.cross_entropy(logits, y, weight=class_weights(y, N_CLASSES)).item()
+    plain = nn.functional.cross_entropy(logits, y).item()
+    weighted = fit(
+        toy_model("head"), TensorSamples(x), y, dataclasses.replace(tiny, class_weighted=True)
+    )
+    unweighted = fit(toy_model("head"), TensorSamples(x), y, tiny)
+    assert weighted.history.train_loss[0] == pytest.approx(expected, rel=1e-5)
+    assert unweighted.history.train_loss[0] == pytest.approx(plain, rel=1e-5)
+    assert expected != pytest.approx(plain, rel=1e-3)
+
+
+def test_lr_schedules() -> None:
+    assert [lr_at(cfg(epochs=4), e) for e in range(4)] == [0.05] * 4
+    cosine = [lr_at(cfg(epochs=4, schedule="cosine"), e) for e in range(4)]
+    assert cosine == pytest.approx(
+        [0.05, 0.05 * (1 + np.cos(np.pi / 4)) / 2, 0.025, 0.05 * (1 + np.cos(3 * np.pi / 4)) / 2]
+    )
+
+
+def test_epoch_batches_are_seeded_and_never_leave_a_single_sample() -> None:
+    a, b = epoch_batches(17, 8, seed=1, epoch=0), epoch_batches(17, 8, seed=1, epoch=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [len(x) for x in a] == [8, 9]  # 8, 8, 1 -> the single joins the previous batch
+    assert sorted(torch.cat(a).tolist()) == list(range(17))
+    assert not torch.equal(torch.cat(a), torch.cat(epoch_batches(17, 8, seed=1, epoch=1)))
+
+
+def test_validation_mask_holds_out_whole_images_stratified() -> None:
+    image_ids = [f"img{i:03d}" for i in range(20) for _ in range(3)]  # 3 transforms each
+    labels = [i % 2 for i in range(20) for _ in range(3)]
+    mask = validation_mask(image_ids, labels, fraction=0.2, seed=0)
+    frame = pd.DataFrame({"image_id": image_ids, "label": labels, "val": mask})
+    assert frame.groupby("image_id").val.nunique().max() == 1  # never split an image
+    val_images = frame[frame.val].drop_duplicates("image_id")
+    assert val_images.label.value_counts().to_dict() == {0: 2, 1: 2}  # 20% of 10 per class
+    assert np.array_equal(mask, validation_mask(image_ids, labels, fraction=0.2, seed=0))
+    assert not validation_mask(image_ids, labels, fraction=0.0, seed=0).any()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("policy", ["head", "last_block"])
+def test_fast_path_matches_ordinary_path(policy: str) -> None:
+    x, y = toy_data(40, seed=4)
+    xv, yv = toy_data(12, seed=5)
+    calls = {"fast": 0, "ordinary": 0}
+    results = {}
+    for path in ("fast", "ordinary"):
+        model = toy_model(policy)
+        model.frozen.register_forward_hook(
+            lambda m, i, o, p=path: calls.__setitem__(p, calls[p] + len(o))
+        )
+        results[path] = fit(
+            model,
+            TensorSamples(x),
+            y,
+            cfg(policy=policy, epochs=4, fast_path=path == "fast"),
+            val_data=TensorSamples(xv),
+            val_labels=yv,
+        )
+    fast, ordinary = results["fast"], results["ordinary"]
+    assert fast.fast_path and not ordinary.fast_path
+    # the frozen part ran once per sample on the fast path, every epoch on the ordinary one
+    assert calls == {"fast": 40 + 12, "ordinary": 4 * (40 + 12)}
+    for (name, a), b in zip(fast.model.state_dict().items(), ordinary.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert fast.model.state_dict()["head.weight"].abs().sum() > 0
+    pd.testing.assert_frame_equal(
+        strip_seconds(fast.history), strip_seconds(ordinary.history), atol=1e-5
+    )
+    probs_fast = predict_proba(fast.model, TensorSamples(xv), len(xv), device="cpu")
+    probs_ordinary = predict_proba(ordinary.model, TensorSamples(xv), len(xv), device="cpu")
+    assert np.array_equal(probs_fast.argmax(1), probs_ordinary.argmax(1))
+    assert np.allclose(probs_fast, probs_ordinary, atol=1e-5)
+
+
+def test_fast_path_large_cache_goes_to_a_memmap_under_the_checkpoint_dir(tmp_path: Path) -> None:
+    x, y = toy_data(30, seed=6)
+    small_memory = cfg(policy="last_block", fast_path_memory_mb=0, epochs=2)
+    partial = fit(
+        toy_model("last_block"),
+        TensorSamples(x),
+        y,
+        small_memory,
+        checkpoint_dir=tmp_path,
+        max_epochs_this_run=1,
+    )
+    assert not partial.completed
+    cache = np.load(tmp_path / "frozen_train.npy", mmap_mode="r")
+    assert cache.shape == (30, 6, 8, 8) and cache.dtype == np.float32
+    with torch.no_grad():
+        expected = toy_model("last_block").frozen(x).numpy()
+    assert np.allclose(cache, expected, atol=1e-6)
+    result = fit(
+        toy_model("last_block"), TensorSamples(x), y, small_memory, checkpoint_dir=tmp_path
+    )
+    assert result.resumed_from_epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        CHECKPOINT_NAME
+    ]  # cache removed when done
+    in_memory = fit(
+        toy_model("last_block"),
+        TensorSamples(x),
+        y,
+        dataclasses.replace(small_memory, fast_path_memory_mb=64),
+    )
+    assert states_equal(result.model, in_memory.model)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_interrupted_training_resumes_to_exactly_the_same_model(
+    tmp_path: Path, fast_path: bool
+) -> None:
+    x, y = toy_data(30, seed=7)
+    xv, yv = toy_data(9, seed=8)
+    config = cfg(
+        policy="last_block",
+        epochs=4,
+        fast_path=fast_path,
+        schedule="cosine",
+        early_stopping_patience=3,
+    )
+    data = dict(val_data=TensorSamples(xv), val_labels=yv)
+    straight = fit(toy_model("last_block"), TensorSamples(x), y, config, **data)
+
+    # run 1: stopped after two epochs
+    first = fit(
+        toy_model("last_block"),
+        TensorSamples(x),
+        y,
+        config,
+        checkpoint_dir=tmp_path,
+        max_epochs_this_run=2,
+        **data,
+    )
+    assert not first.completed and len(first.history) == 2
+    assert (tmp_path / CHECKPOINT_NAME).is_file()
+
+    # run 2: a crash (exception in the epoch callback) after epoch 3, checkpoint already written
+    def crash(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            toy_model("last_block"),
+            TensorSamples(x),
+            y,
+            config,
+            checkpoint_dir=tmp_path,
+            on_epoch_end=crash,
+            **data,
+        )
+    # run 3: a fresh process would rebuild the model from scratch and resume
+    resumed = fit(
+        toy_model("last_block"), TensorSamples(x), y, config, checkpoint_dir=tmp_path, **data
+    )
+    assert resumed.resumed_from_epoch == 3 and resumed.completed
+    assert states_equal(resumed.model, straight.model)  # bit for bit on CPU
+    pd.testing.assert_frame_equal(strip_seconds(resumed.history), strip_seconds(straight.history))
+
+    # a finished checkpoint returns the final model without training again
+    seen = []
+    again = fit(
+        toy_model("last_block"),
+        TensorSamples(x),
+        y,
+        config,
+        checkpoint_dir=tmp_path,
+        on_epoch_end=seen.append,
+        **data,
+    )
+    assert (
+        seen == [] and again.resumed_from_epoch == 4 and states_equal(again.model, straight.model)
+    )
+
+
+def test_checkpoint_for_another_config_is_not_resumed(tmp_path: Path) -> None:
+    x, y = toy_data(24, seed=9)
+    fit(
+        toy_model("head"),
+        TensorSamples(x),
+        y,
+        cfg(epochs=2),
+        checkpoint_dir=tmp_path,
+        max_epochs_this_run=1,
+    )
+    checkpoint = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)  # loadable safely
+    assert checkpoint["epoch"] == 1 and set(checkpoint["history"][0]) == set(HISTORY_COLUMNS)
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):
+        other = fit(
+            toy_model("head"), TensorSamples(x), y, cfg(epochs=2, lr=0.01), checkpoint_dir=tmp_path
+        )
+    assert other.resumed_from_epoch == 0 and len(other.history) == 2
+    # execution-only settings (here the fast path) do not invalidate a checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = fit(
+            toy_model("head"),
+            TensorSamples(x),
+            y,
+            cfg(epochs=2, lr=0.01, fast_path=False),
+            checkpoint_dir=tmp_path,
+        )
+    assert same.resumed_from_epoch == 2
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    x, y = toy_data(30, seed=10)
+    xv, _ = toy_data(12, seed=11)
+    yv = (torch.arange(12) + 1) % N_CLASSES  # validation contradicts training: val loss rises
+    snapshots = []
+    model = toy_model("head")
+    result = fit(
+        model,
+        TensorSamples(x),
+        y,
+        cfg(policy="head", epochs=30, lr=0.2, early_stopping_patience=2),
+        val_data=TensorSamples(xv),
+        val_labels=yv,
+        on_epoch_end=lambda record: snapshots.append(model.trainable_state()),
+    )
+    val_loss = result.history.val_loss.to_numpy()
+    best = int(np.argmin(val_loss)) + 1
+    assert result.stopped_early and result.completed
+    assert result.best_epoch == best
+    assert len(result.history) == best + 2  # patience 2
+    assert len(result.history) < 30
+    best_state = snapshots[best - 1]
+    assert torch.equal(result.model.head.weight, best_state["head"]["weight"])
+    assert not torch.equal(result.model.head.weight, snapshots[-2]["head"]["weight"])
+    # and the returned model really has the best validation loss
+    logits = result.model.eval()(xv).detach()
+    assert nn.functional.cross_entropy(logits, yv).item() == pytest.approx(val_loss.min(), rel=1e-5)
+
+
+def test_bf16_autocast_trains() -> None:
+    x, y = toy_data(48, seed=15)
+    result = fit(
+        toy_model("last_block"),
+        TensorSamples(x),
+        y,
+        cfg(policy="last_block", epochs=4, precision="bf16"),
+    )
+    losses = result.history.train_loss.to_numpy()
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert result.model.head.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_early_stopping_without_validation_data_is_an_error() -> None:
+    x, y = toy_data(6, seed=0)
+    with pytest.raises(LeukotypeError, match="no validation samples"):
+        fit(toy_model("head"), TensorSamples(x), y, cfg(early_stopping_patience=2))
+
+
+def test_paper_cnn_learns_a_toy_problem_to_high_accuracy() -> None:
+    """Class = quadrant of a bright square on noise; 32-px PaperCNN from scratch."""
+    from leukotype.paper_cnn import PaperCNN
+
+    def squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % 4
+        x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
+        for i, c in enumerate(labels.tolist()):
+            r, col = (c // 2) * 16 + 4, (c % 2) * 16 + 4
+            x[i, :, r : r + 8, col : col + 8] += 1.5
+        return x, labels
+
+    x, y = squares(160, seed=0)
+    xt, yt = squares(80, seed=1)
+    net = PaperCNN(num_classes=4, input_size=32, seed=0)
+    frozen, trainable = split_stages([net.features], "all")
+    model = FinetuneModel(frozen, trainable, seeded_head(net.feature_dim, 4, seed=0))
+    result = fit(model, TensorSamples(x), y, cfg(policy="all", epochs=4, batch_size=16, lr=0.01))
+    accuracy = (
+        predict_proba(result.model, TensorSamples(xt), len(xt), device="cpu").argmax(1)
+        == yt.numpy()
+    ).mean()
+    assert result.history.train_loss.iloc[-1] < result.history.train_loss.iloc[0] / 3
+    assert accuracy >= 0.95, accuracy
+
+
+# ------------------------------------------------------------------------------ combined, outputs
+
+
+def test_parallel_trunks_concatenate_part_features() -> None:
+    a, b = toy_stages(0), toy_stages(1)
+    trunks = ParallelTrunks([nn.Sequential(*a), nn.Sequential(*b)])
+    model = FinetuneModel(trunks, nn.Sequential(), seeded_head(16, N_CLASSES, 0)).eval()
+    x1, _ = toy_data(4, 0, size=8)
+    x2, _ = toy_data(4, 1, size=12)  # each part has its own input size
+    features = model.features((x1, x2))
+    assert features.shape == (4, 16)
+    assert torch.allclose(features[:, :8], nn.Sequential(*a).eval()(x1))
+    assert torch.allclose(features[:, 8:], nn.Sequential(*b).eval()(x2))
+    assert model(x1).shape == (4, N_CLASSES)  # one tensor goes to every trunk
+    assert len(model.trainable_parameters()) == 2  # only the shared head
+
+
+def test_save_and_reload_finetuned_model_weights_only(tmp_path: Path) -> None:
+    x, y = toy_data(12, seed=12)
+    model = fit(toy_model("last_block"), TensorSamples(x), y, cfg(epochs=1)).model
+    save_finetuned(model, tmp_path / "model.pt")
+    reloaded = load_finetuned(toy_model("last_block"), tmp_path / "model.pt")
+    assert states_equal(model, reloaded)
+    assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]  # no temp files left
+
+
+def test_learning_curve_figure(tmp_path: Path) -> None:
+    x, y = toy_data(12, seed=13)
+    xv, yv = toy_data(6, seed=14)
+    history = fit(
+        toy_model("head"),
+        TensorSamples(x),
+        y,
+        cfg(epochs=2),
+        val_data=TensorSamples(xv),
+        val_labels=yv,
+    ).history
+    assert list(history.columns) == list(HISTORY_COLUMNS) and history.epoch.tolist() == [1, 2]
+    plot_learning_curve(history, tmp_path / "curve.png", title="toy")
+    assert Image.open(tmp_path / "curve.png").size[0] > 100
+
+
+# ------------------------------------------------------------------------------ real backbones
+
+
+@pytest.fixture(scope="module")
+def resnet101_stages() -> list[nn.Module]:
+    from leukotype import backbones
+
+    spec = backbones.get_spec("resnet101")
+    return backbones.stages(spec, backbones.build_model(spec, None, seed=0))
+
+
+@pytest.mark.parametrize(
+    ("policy", "trainable", "frozen"),
+    [
+        # resnet101 without fc: 312 parameter tensors
+        # (conv1+bn1: 3, 33 bottlenecks x 9, 4 downsamples x 3);
+        # its last stage is the last bottleneck of layer4 (3 convs + 3 BatchNorms = 9 tensors)
+        ("head", 0, 312),
+        ("last_block", 9, 303),
+        ("all", 312, 0),
+    ],
+)
+def test_resnet101_freeze_policy_parameter_counts(
+    resnet101_stages, policy, trainable, frozen
+) -> None:
+    model = FinetuneModel(*split_stages(resnet101_stages, policy), seeded_head(2048, 5, seed=0))
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    assert sum(requires_grad) == trainable + 2  # + the new head's weight and bias
+    assert len(requires_grad) - sum(requires_grad) == frozen
+    assert len(model.trainable_parameters()) == trainable + 2
+
+
+@pytest.mark.parametrize("policy", ["head", "last_block", "all"])
+def test_efficientnet_lite0_freeze_policy_parameter_counts(policy: str) -> None:
+    from leukotype import backbones
+    from leukotype.finetune import build_finetune_model
+
+    reference = backbones.build_model(backbones.get_spec("efficientnet_lite0"), None, seed=0)
+    n_backbone = len(list(reference.parameters())) - len(list(reference._fc.parameters()))
+    n_last = sum(
+        len(list(m.parameters()))
+        for m in (reference._blocks[-1], reference._conv_head, reference._bn1)
+    )
+    expected = {"head": 0, "last_block": n_last, "all": n_backbone}[policy]
+    model, _ = build_finetune_model("efficientnet_lite0", 4, policy, weights=None, seed=0)
+    assert len(model.trainable_parameters()) == expected + 2
+    assert sum(1 for p in model.parameters() if not p.requires_grad) == n_backbone - expected
+    assert model.head.in_features == 1280 and model.head.out_features == 4
+
+
+def write_cells(root: Path, n_per_class: int) -> pd.DataFrame:
+    """Tiny synthetic 'cells': class a = reddish disc, class b = bluish disc."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for label, colour in (("a", (200, 60, 80)), ("b", (70, 60, 200))):
+        for i in range(n_per_class):
+            yy, xx = np.mgrid[:40, :48]
+            disc = (yy - 20) ** 2 + (xx - 24 - i) ** 2 < 150
+            pixels = rng.integers(180, 255, size=(40, 48, 3))
+            pixels[disc] = np.asarray(colour) + rng.integers(-20, 20, size=(int(disc.sum()), 3))
+            path = root / f"{label}{i}.png"
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+            rows.append({"image_id": f"img{len(rows):06d}", "abspath": str(path), "label": label})
+    return pd.DataFrame(rows)
+
+
+def test_image_samples_end_to_end_with_efficientnet_lite0(tmp_path: Path) -> None:
+    """train -> predict -> finetuned features on decoded images, fast path == ordinary path."""
+    from leukotype.finetune import build_finetune_model, predict, train, write_finetuned_features
+
+    from torchvision import transforms as T
+
+    cells = write_cells(tmp_path, n_per_class=3)
+    classes = ["a", "b"]
+    train_frame = pd.concat([cells.assign(transform="identity"), cells.assign(transform="rot90")])
+    train_samples = Samples.from_frame(train_frame, classes)
+    test_samples = Samples.from_frame(cells.assign(transform="identity"), classes)
+    config = cfg(policy="last_block", epochs=2, batch_size=4, lr=0.01)
+    fitted = {}
+    for fast in (True, False):
+        model, preprocess = build_finetune_model("efficientnet_lite0", 2, "last_block", seed=0)
+        assert preprocess(Image.open(cells.abspath[0])).shape == (3, 224, 224)
+        # 64 px instead of 224 px keeps the test fast; the convolutions accept any size
+        preprocess = T.Compose(
+            [T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+        )
+        fitted[fast] = train(
+            model,
+            train_samples,
+            dataclasses.replace(config, fast_path=fast),
+            preprocess=preprocess,
+            checkpoint_dir=tmp_path / f"ckpt{fast}",
+        )
+    for (name, a), b in zip(
+        fitted[True].model.state_dict().items(), fitted[False].model.state_dict().values()
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+    model = fitted[True].model
+    predictions = predict(model, test_samples, preprocess, classes, device="cpu", batch_size=4)
+    assert list(predictions.columns) == [
+        "image_id",
+        "transform",
+        "true",
+        "pred",
+        "prob_a",
+        "prob_b",
+    ]
+    assert predictions.true.tolist() == ["a"] * 3 + ["b"] * 3
+    assert np.allclose(predictions[["prob_a", "prob_b"]].sum(axis=1), 1.0, atol=1e-6)
+    other = predict(
+        fitted[False].model, test_samples, preprocess, classes, device="cpu", batch_size=4
+    )
+    assert predictions.pred.tolist() == other.pred.tolist()
+
+    array = write_finetuned_features(
+        tmp_path / "features", model, test_samples, preprocess, device="cpu"
+    )
+    assert array.shape == (6, 1280)
+    assert np.array_equal(np.load(tmp_path / "features" / "finetuned.npy"), array)
+    index = pd.read_csv(tmp_path / "features" / "index.tsv", sep="\t", dtype=str)
+    assert index.image_id.tolist() == test_samples.index_frame().image_id.tolist()
+    # the features are the head's input: the head applied to them gives the predictions
+    logits = model.head(torch.from_numpy(array)).detach()
+    assert np.allclose(torch.softmax(logits, 1)[:, 0].numpy(), predictions.prob_a, atol=1e-5)
+
+
+def test_combined_backbone_two_frozen_trunks_one_head(tmp_path: Path) -> None:
+    from leukotype.finetune import build_finetune_model
+
+    with pytest.raises(LeukotypeError, match=r"valid policies: \['head'\]"):
+        build_finetune_model("inception_v3+resnet101", 3, "all")
+    model, preprocess = build_finetune_model("inception_v3+resnet101", 3, "head", seed=0)
+    image = Image.fromarray(np.full((60, 50, 3), 128, dtype=np.uint8))
+    inputs = preprocess(image)
+    assert [tuple(t.shape) for t in inputs] == [(3, 299, 299), (3, 224, 224)]
+    assert model.head.in_features == 4096 and len(model.trainable_parameters()) == 2
+    assert not any(p.requires_grad for p in model.frozen.parameters())
+    # through the sample pipeline (tuples collated per part), with small inputs to stay fast
+    from torchvision import transforms as T
+
+    from leukotype.finetune import CombinedPreprocess, finetuned_features
+
+    small = CombinedPreprocess(
+        [
+            T.Compose([T.Resize((80, 80)), T.ToTensor()]),
+            T.Compose([T.Resize((64, 64)), T.ToTensor()]),
+        ]
+    )
+    samples = Samples.from_frame(write_cells(tmp_path, 1).assign(transform="identity"))
+    features = finetuned_features(model, samples, small, device="cpu")
+    assert features.shape == (2, 4096) and np.isfinite(features).all()

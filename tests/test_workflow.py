@@ -1,0 +1,181 @@
+"""End-to-end: the whole workflow on a tiny synthetic study (configs/test.yaml), offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import REPO, planned_jobs, snakemake
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = REPO / "configs" / "test.yaml"
+TASKS = {"cellular": 2, "subtype": 5, "lineage": 2}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("study")
+    snakemake(workdir, configfile=CONFIG)
+    return workdir
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"group": str, "image_id": str})
+
+
+def test_validation_accepts_every_synthetic_image(study):
+    validated = read(study / "results/data/validated.tsv")
+    # 5 subtypes x 2 patients x 3 cells x (nucleus + whole cell)
+    assert len(validated) == 60
+    assert (validated["status"] == "ok").all()
+    assert set(validated["subtype"]) == {"L1", "L2", "M2", "M3", "M5"}
+    assert set(validated["element"]) == {"nucleus", "cellula"}
+    assert validated["group"].nunique() == 10  # synthetic patients
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_split_keeps_patients_together_and_augments_training_only(study, task):
+    split = read(study / f"results/data/splits/{task}.tsv")
+    parts = split.groupby("group")["part"].nunique()
+    assert (parts == 1).all(), "a patient straddles train and test"
+    test_fraction = (split["part"] == "test").mean()
+    assert 0.1 <= test_fraction <= 0.4
+    samples = read(study / f"results/data/samples/{task}.tsv")
+    train, test = samples[samples["part"] == "train"], samples[samples["part"] == "test"]
+    assert set(test["transform"]) == {"identity"}
+    assert len(train) == 4 * (split["part"] == "train").sum()
+    assert train.groupby("image_id")["transform"].apply(sorted).map(tuple).eq(
+        ("identity", "rot180", "rot270", "rot90")).all()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_paper_tables_have_one_row_per_model_and_strategy(study, task):
+    table = pd.read_csv(study / f"results/tables/{task}.csv")
+    assert len(table) == 5
+    assert set(table["Technique"]) == {"Feature extraction", "Fine tuning", "Fine tuning + SVM"}
+    assert (study / f"results/tables/{task}.md").read_text().count("\n") >= 7
+    assert "\\begin{tabular}" in (study / f"results/tables/{task}.tex").read_text()
+    for figure in (f"{task}_accuracy.png", f"{task}_confusion.png"):
+        assert (study / "results/figures" / figure).stat().st_size > 5_000
+
+
+def test_metrics_record_config_seed_and_versions(study):
+    runs = read(study / "results/tables/all_runs.tsv")
+    assert len(runs) == 15
+    assert runs["accuracy"].between(0, 1).all()
+    record = json.loads(
+        (study / "results/runs/cellular/features_svm/efficientnet_lite0/pool/holdout/metrics.json").read_text()
+    )
+    assert record["provenance"]["versions"]["torch"] == "2.14.1"
+    assert record["provenance"]["config"]["split"]["seed"] == 7
+    assert record["n_test"] == (read(study / "results/data/splits/cellular.tsv")["part"] == "test").sum()
+    # nucleus-only vs whole-cell crops differ in extent: ImageNet features separate them
+    assert record["metrics"]["accuracy"] >= 0.9
+
+
+def test_finetune_writes_history_curve_and_resumable_checkpoint(study):
+    run = study / "results/runs/subtype/finetune/paper_cnn/softmax/holdout"
+    history = read(run / "history.tsv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert (run / "learning_curve.png").stat().st_size > 5_000
+    assert list((study / "results/checkpoints/subtype/paper_cnn/holdout").glob("*.pt"))
+
+
+def test_rerun_with_nothing_changed_does_nothing(study):
+    result = snakemake(study, "-n", configfile=CONFIG)
+    assert planned_jobs(result) == {}
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def _changed_config(study: Path, **changes) -> Path:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    for key, value in changes.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path = study / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_changed_svm_setting_reruns_no_extraction_and_no_training(study):
+    result = snakemake(study, "-n", configfile=_changed_config(study, svm={"C": [10]}))
+    jobs = planned_jobs(result)
+    assert jobs.get("train_svm") == 9
+    for rule in ("extract_features", "finetune", "validate_images", "split", "augment"):
+        assert rule not in jobs
+
+
+def test_changed_split_reruns_split_and_downstream_only(study):
+    result = snakemake(study, "-n", configfile=_changed_config(study, split={"seed": 8}))
+    jobs = planned_jobs(result)
+    assert jobs["split"] == 3 and jobs["augment"] == 3 and jobs["finetune"] == 6 and jobs["train_svm"] == 9
+    for rule in ("extract_features", "validate_images", "demo_data"):
+        assert rule not in jobs
+
+
+def test_html_report_holds_tables_and_figures(study):
+    snakemake(study, "--report", "report.html", configfile=CONFIG)
+    html = (study / "report.html").read_text(errors="replace")
+    assert len(html) > 50_000
+    for name in ("cellular_accuracy.png", "subtype_confusion.png", "lineage.csv"):
+        assert name in html
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(tmp_path, "--lint", configfile=CONFIG)
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_config_typo_fails_before_any_job_with_valid_choices(tmp_path):
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["models"][0]["backbone"] = "efficientnet_lite"
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "-n", configfile=path, check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "models[0].backbone: 'efficientnet_lite' is not valid; choose one of" in message
+    assert "'efficientnet_lite0'" in message
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_imagenet_weights_are_fetched_before_extraction(tmp_path):
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["models"] = [{"backbone": "resnet101", "weights": "imagenet"}]
+    cfg["torch_home"] = str(tmp_path / "torch")
+    path = tmp_path / "resnet.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "-n", configfile=path)
+    jobs = planned_jobs(result)
+    assert jobs["fetch_weights"] == 1 and jobs["extract_features"] == 1
+    assert "hub/checkpoints/resnet101-" in result.stdout
+
+
+def test_workflow_runs_on_a_user_folder_dataset(tmp_path):
+    """A class-folder dataset with a space and non-ASCII characters in names."""
+    from leukotype.demo import make_demo_dataset
+
+    demo = make_demo_dataset(tmp_path / "gen", n_patients_per_subtype=2, cells_per_patient=2, image_size=64, seed=3)
+    manifest = pd.read_csv(demo)
+    root = tmp_path / "my cells"
+    for row in manifest[manifest["element"] == "cellula"].itertuples():
+        target = root / f"Typ {row.subtype}" / f"zelle ä {Path(row.path).name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo.parent / row.path, target)
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["dataset"] = {"source": str(root)}
+    cfg["tasks"] = [{"name": "subtype", "classes": [f"Typ {s}" for s in ["L1", "L2", "M2", "M3", "M5"]]}]
+    cfg["models"] = [{"backbone": "efficientnet_lite0", "weights": "imagenet"}]
+    path = tmp_path / "folder.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, configfile=path)
+    validated = read(tmp_path / "results/data/validated.tsv")
+    assert len(validated) == 20 and (validated["status"] == "ok").all()
+    assert validated["path"].str.contains("zelle ä").all()
+    table = pd.read_csv(tmp_path / "results/tables/subtype.csv")
+    assert table["Model"].tolist() == ["EfficientNet-Lite0"]
