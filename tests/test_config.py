@@ -13,13 +13,13 @@ from leukotype.config import (
     Run,
     extraction_backbones,
     finetune_settings,
-    fold_ids,
     load_config,
     study_runs,
     task_from_dict,
     validate_config,
 )
 from leukotype.errors import LeukotypeError
+from leukotype.split import fold_ids
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,13 +29,11 @@ from leukotype.finetune import (
     fit,
     load_finetuned,
     lr_at,
-    plot_learning_curve,
     predict_proba,
     save_finetuned,
     seeded_head,
     split_stages,
     valid_policies,
-    validation_mask,
 )
 
 N_CLASSES = 3
@@ -224,18 +222,6 @@ def test_epoch_batches_are_seeded_and_never_leave_a_single_sample() -> None:
     assert [len(x) for x in a] == [8, 9]  # 8, 8, 1 -> the single joins the previous batch
     assert sorted(torch.cat(a).tolist()) == list(range(17))
     assert not torch.equal(torch.cat(a), torch.cat(epoch_batches(17, 8, seed=1, epoch=1)))
-
-
-def test_validation_mask_holds_out_whole_images_stratified() -> None:
-    image_ids = [f"img{i:03d}" for i in range(20) for _ in range(3)]  # 3 transforms each
-    labels = [i % 2 for i in range(20) for _ in range(3)]
-    mask = validation_mask(image_ids, labels, fraction=0.2, seed=0)
-    frame = pd.DataFrame({"image_id": image_ids, "label": labels, "val": mask})
-    assert frame.groupby("image_id").val.nunique().max() == 1  # never split an image
-    val_images = frame[frame.val].drop_duplicates("image_id")
-    assert val_images.label.value_counts().to_dict() == {0: 2, 1: 2}  # 20% of 10 per class
-    assert np.array_equal(mask, validation_mask(image_ids, labels, fraction=0.2, seed=0))
-    assert not validation_mask(image_ids, labels, fraction=0.0, seed=0).any()
 
 
 # ------------------------------------------------------------------------------ training
@@ -520,6 +506,8 @@ def test_learning_curve_figure(tmp_path: Path) -> None:
         val_labels=yv,
     ).history
     assert list(history.columns) == list(HISTORY_COLUMNS) and history.epoch.tolist() == [1, 2]
+    from leukotype.report import plot_learning_curve
+
     plot_learning_curve(history, tmp_path / "curve.png", title="toy")
     assert Image.open(tmp_path / "curve.png").size[0] > 100
 

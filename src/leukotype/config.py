@@ -205,7 +205,25 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             model["strategies"] = [*model["strategies"], "finetune"]
     if problems:
         raise LeukotypeError("invalid config:\n  " + "\n  ".join(problems))
+    _sort_keys_in_place(cfg)
     return cfg
+
+
+def _sort_keys_in_place(obj: Any) -> None:
+    """Order every mapping's keys canonically (in place: Snakemake holds the config object).
+
+    Snakemake compares a rule's params by their text, so reordering keys in a config file must
+    not look like a change and rerun jobs.
+    """
+    if isinstance(obj, dict):
+        items = sorted(obj.items(), key=lambda kv: str(kv[0]))
+        obj.clear()
+        obj.update(items)
+        for value in obj.values():
+            _sort_keys_in_place(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _sort_keys_in_place(value)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -252,13 +270,9 @@ class Run:
         return f"runs/{self.task}/{self.strategy}/{self.backbone}/{self.layer}/{self.fold}"
 
 
-def fold_ids(split_cfg: Mapping[str, Any]) -> list[str]:
-    if split_cfg["method"] == "holdout":
-        return ["holdout"]
-    return [f"r{r}f{k}" for r in range(split_cfg["n_repeats"]) for k in range(split_cfg["n_splits"])]
-
-
 def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
+    from leukotype.split import fold_ids  # split imports Task from here
+
     runs = []
     for task in cfg["tasks"]:
         for model in cfg["models"]:

@@ -96,7 +96,7 @@ class FinetuneConfig:
     """Hyper-parameters of one fine-tuning run (defaults: the paper's network parameters).
 
     ``val_fraction``: share of the training images the caller holds out as validation samples
-    (see ``validation_mask``); ``fit`` itself uses whatever validation samples it is given.
+    (see ``leukotype.split.carve_validation``); ``fit`` itself uses whatever validation samples it is given.
     ``threads``: torch intra-op threads during training (0 leaves the current setting).
     ``fast_path_memory_mb``: cached frozen activations up to this size stay in RAM; larger
     caches are float32 memmaps on disk.
@@ -233,39 +233,6 @@ class Samples:
         from .features import SampleDataset
 
         return SampleDataset(list(self.abspaths), list(self.transforms), preprocess)
-
-
-def validation_mask(
-    image_ids: Sequence[str],
-    labels: Sequence[int],
-    fraction: float,
-    seed: int,
-    groups: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Boolean mask of training rows to hold out for validation (early stopping).
-
-    Whole units go to one side -- a group (patient) when ``groups`` is given, else an image with
-    all its transforms -- so augmented copies of a validation image never train. Stratified by
-    the unit's (first) label: about ``fraction`` of each class's units, at least one when the
-    class has two or more units.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise LeukotypeError(f"val_fraction must be in [0, 1), got {fraction!r}")
-    units = np.asarray(groups if groups is not None else image_ids, dtype=str)
-    labels_arr = np.asarray(labels)
-    mask = np.zeros(len(units), dtype=bool)
-    if fraction == 0.0 or len(units) == 0:
-        return mask
-    first_label = pd.Series(labels_arr).groupby(units, sort=True).first()
-    rng = np.random.default_rng(seed)
-    chosen: list[str] = []
-    for label in sorted(first_label.unique()):
-        members = np.asarray(first_label.index[first_label.to_numpy() == label], dtype=str)
-        if len(members) < 2:
-            continue
-        n_val = min(len(members) - 1, max(1, round(fraction * len(members))))
-        chosen.extend(rng.permutation(members)[:n_val].tolist())
-    return np.isin(units, np.asarray(chosen, dtype=str))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1166,7 +1133,7 @@ def train(
     """``fit`` on image samples (``abspath`` + ``transform``, decoded by ``SampleDataset``).
 
     Validation samples (for early stopping) are carved from the training part by the caller,
-    e.g. with ``validation_mask``.
+    e.g. with ``leukotype.split.carve_validation``.
     """
     if train_samples.labels is None:
         raise LeukotypeError("training samples need labels")
@@ -1336,26 +1303,3 @@ def load_finetuned(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a ``save_finetuned`` file into a model of the same architecture (weights_only)."""
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
-
-
-def plot_learning_curve(history: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Loss and accuracy per epoch (train and, when present, validation) as an image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-        ax.plot(history["epoch"], history[f"train_{metric}"], marker="o", label="train")
-        if history[f"val_{metric}"].notna().any():
-            ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)

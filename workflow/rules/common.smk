@@ -13,12 +13,12 @@ from leukotype.config import (  # noqa: E402
     extraction_backbones,
     finetune_reuses_features,
     finetune_settings,
-    fold_ids,
     study_runs,
     weights_setting,
 )
 from leukotype.config import validate_config as _validate_config  # noqa: E402
 from leukotype.errors import LeukotypeError  # noqa: E402
+from leukotype.split import fold_ids  # noqa: E402
 
 try:
     _validate_config(config)

@@ -1,0 +1,107 @@
+"""Smoke runs of the benchmark scripts in bench/ at their --quick sizes.
+
+Each script runs as a subprocess (as a user runs it) writing into a temporary folder; the test
+checks the CSV's columns and that the numbers are sane (positive rates, ratios, accuracies in
+[0, 1], the expected job counts) -- never timings against a threshold: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+MACHINE_COLUMNS = {"cpu", "cpus", "torch", "date", "threads", "load_avg_1m", "amx_bf16"}
+
+
+def run_quick(script: str, tmp_path: Path, shared_data: Path | None = None) -> pd.DataFrame:
+    args = [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--threads", "1",
+            "--out", str(tmp_path)]
+    if shared_data is not None:
+        args += ["--data", str(shared_data)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    frame = pd.read_csv(tmp_path / f"{script}.csv")
+    assert MACHINE_COLUMNS <= set(frame.columns)
+    assert (frame["benchmark"] == script).all()
+    return frame
+
+
+@pytest.fixture
+def pbc(shared_data: Path) -> Path:
+    return shared_data / "pbc"
+
+
+def test_extraction_ceiling_quick(tmp_path: Path, pbc: Path) -> None:
+    frame = run_quick("extraction_ceiling", tmp_path, pbc)
+    speed = frame[frame["measurement"].isin(
+        ["ceiling", "model_only", "extraction", "naive", "extraction_bf16"])]
+    assert set(speed["measurement"]) == {"ceiling", "model_only", "extraction", "naive", "extraction_bf16"}
+    assert (speed["images_per_s"] > 0).all()
+    assert (speed["gflops_per_image"] > 0).all() and (speed["matmul_gflops"] > 0).all()
+    extraction = speed[speed["measurement"] == "extraction"].iloc[0]
+    assert extraction["baseline"] == "model_only" and extraction["ratio"] > 0
+    assert np.isclose(extraction["fraction_of_ceiling"],
+                      extraction["images_per_s"] / extraction["ceiling_images_per_s"])
+    accuracy = frame[frame["measurement"] == "svm_accuracy"].set_index("precision")
+    assert set(accuracy.index) == {"fp32", "bf16"}
+    assert accuracy["accuracy"].between(0, 1).all()
+    assert np.isclose(accuracy.loc["bf16", "accuracy_diff_points"],
+                      100 * (accuracy.loc["bf16", "accuracy"] - accuracy.loc["fp32", "accuracy"]))
+
+
+def test_extraction_memory_quick(tmp_path: Path, pbc: Path) -> None:
+    frame = run_quick("extraction_memory", tmp_path, pbc).set_index("measurement")
+    small, large = frame.loc["peak_rss_N"], frame.loc["peak_rss_4N"]
+    assert large["n_samples"] == 4 * small["n_samples"]
+    # A Python process with torch is at least ~100 MiB and (at these sizes) far below 8 GiB.
+    assert 100 < small["peak_rss_mib"] < 8192 and 100 < large["peak_rss_mib"] < 8192
+    growth = frame.loc["growth_4N_vs_N"]
+    assert np.isclose(growth["ratio"], large["peak_rss_mib"] / small["peak_rss_mib"], rtol=1e-3)
+
+
+def test_finetune_fastpath_quick(tmp_path: Path, pbc: Path) -> None:
+    frame = run_quick("finetune_fastpath", tmp_path, pbc).set_index("measurement")
+    fast, ordinary = frame.loc["fast_path"], frame.loc["ordinary"]
+    assert bool(fast["fast_path_used"]) and not bool(ordinary["fast_path_used"])
+    assert fast["n_train_samples"] == ordinary["n_train_samples"] > 0
+    assert fast["cache_seconds"] > 0 and ordinary["cache_seconds"] == 0
+    assert np.isclose(fast["ratio"], ordinary["seconds"] / fast["seconds"])
+    # Same batches, same seed: both paths learn the same head up to float noise.
+    assert fast["train_loss_abs_diff"] < 1e-3
+    assert abs(fast["accuracy_diff_points"]) <= 100 / fast["n_test"] + 1e-9
+
+
+def test_workflow_overhead_quick(tmp_path: Path) -> None:
+    frame = run_quick("workflow_overhead", tmp_path).set_index("measurement")
+    dry = frame.loc["dry_run"]
+    assert dry["jobs_total"] > 0 and dry["extract_features_jobs"] >= 1 and dry["finetune_jobs"] >= 1
+    rerun = frame.loc["no_change_rerun"]
+    assert bool(rerun["nothing_to_be_done"]) and rerun["jobs_total"] == 0
+    changed = frame.loc["svm_change_dry_run"]
+    assert changed["train_svm_jobs"] == dry["train_svm_jobs"] > 0
+    assert changed["extract_features_jobs"] == 0 and changed["finetune_jobs"] == 0
+
+
+def test_grid_estimate_quick(tmp_path: Path, pbc: Path) -> None:
+    frame = run_quick("grid_estimate", tmp_path, pbc)
+    units = frame[frame["measurement"] == "unit"].set_index("unit")
+    assert (units.loc["extract/alexnet", "seconds_per_sample"] > 0)
+    assert units.loc["job_start", "seconds"] > 0
+    jobs = frame[frame["measurement"] == "grid_job"]
+    holdout = jobs[(jobs["images"] == 633) & (jobs["scheme"] == "holdout")].set_index("job")
+    # alexnet: every image x 4 transforms is extracted once; 3 tasks fine-tune it.
+    assert holdout.loc["extract_features/alexnet", "samples_per_job"] == 633 * 4
+    assert holdout.loc["extract_features/alexnet", "count"] == 1
+    assert holdout.loc["finetune/alexnet (reuses features)", "count"] == 3
+    kfold = jobs[(jobs["images"] == 633) & (jobs["scheme"] == "kfold5")].set_index("job")
+    assert kfold.loc["finetune/alexnet (reuses features)", "count"] == 15
+    totals = frame[frame["measurement"] == "grid_total"].set_index(["scheme", "variant"])
+    assert totals.loc[("kfold5", "reuse"), "seconds_total"] > totals.loc[("holdout", "reuse"), "seconds_total"]
+    assert totals.loc[("holdout", "trunk"), "seconds_total"] >= totals.loc[("holdout", "reuse"), "seconds_total"]

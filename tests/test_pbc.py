@@ -1,0 +1,87 @@
+"""End-to-end on the real PBC images in ../shared/data/pbc (required in CI, skipped elsewhere)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import REPO, snakemake
+
+pytestmark = [pytest.mark.e2e, pytest.mark.shared_data]
+
+CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+
+
+def pbc_config(tmp: Path, data: Path, **changes) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "pbc.yaml").read_text())
+    cfg["results"] = "results"
+    cfg["dataset"]["source"] = str(data / "pbc")
+    cfg.update(changes)
+    path = tmp / "pbc.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"group": str, "image_id": str})
+
+
+def test_pbc_validation_split_and_augmentation(tmp_path, shared_data):
+    config = pbc_config(tmp_path, shared_data)
+    snakemake(tmp_path, "results/data/samples/cell_type.tsv", configfile=config)
+
+    validated = read(tmp_path / "results/data/validated.tsv")
+    assert len(validated) == 800 and (validated["status"] == "ok").all()
+    assert validated.groupby("label").size().to_dict() == {c: 100 for c in CLASSES}
+    manifest = pd.read_csv(shared_data / "pbc" / "manifest.csv")
+    assert set(validated["md5"]) == set(manifest["md5"])  # every file decoded and hashed
+    assert set(validated["mode"]) == {"RGB"}
+
+    split = read(tmp_path / "results/data/splits/cell_type.tsv")
+    test_counts = split[split["part"] == "test"].groupby("label").size()
+    assert test_counts.to_dict() == {c: 25 for c in CLASSES}  # 75/25, exact per class
+    assert split.groupby("group")["part"].nunique().max() == 1
+
+    samples = read(tmp_path / "results/data/samples/cell_type.tsv")
+    train = samples[samples["part"] == "train"]
+    assert len(train) == 4 * 600 and len(samples[samples["part"] == "test"]) == 200
+    assert train.groupby("transform").size().to_dict() == {t: 600 for t in ["identity", "rot180", "rot270", "rot90"]}
+
+
+def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, shared_data):
+    """EfficientNet-Lite0 ImageNet features: SVM, fine-tuned head, fine-tuned features + SVM.
+
+    Rotations are off to keep the suite inside its time budget (800 forward passes instead of
+    3,200 on 2 cores); bench/ measures the augmented setting.
+    """
+    config = pbc_config(
+        tmp_path,
+        shared_data,
+        augmentation={"rotations": []},
+        models=[{"backbone": "efficientnet_lite0", "weights": "imagenet",
+                 "strategies": ["features_svm", "finetune", "finetune_svm"]}],
+        finetune={"policy": "head", "epochs": 20, "batch_size": 30, "lr": 0.01},
+        evaluation={"n_bootstrap": 500},
+    )
+    snakemake(tmp_path, configfile=config)
+
+    table = pd.read_csv(tmp_path / "results/tables/cell_type.csv")
+    assert table["Technique"].tolist() == ["Feature extraction", "Fine tuning", "Fine tuning + SVM"]
+    runs = read(tmp_path / "results/tables/all_runs.tsv").set_index("strategy")
+    accuracy = runs["accuracy"].to_dict()
+    print("PBC hold-out accuracy:", accuracy)
+    assert accuracy["features_svm"] >= 0.80  # chance is 0.125
+    assert accuracy["finetune"] >= 0.70
+    assert accuracy["finetune_svm"] >= 0.80
+    record = json.loads(
+        (tmp_path / "results/runs/cell_type/features_svm/efficientnet_lite0/pool/holdout/metrics.json").read_text()
+    )
+    low, high = record["ci"]["accuracy"]
+    assert low < record["metrics"]["accuracy"] < high and high - low < 0.15
+    assert record["n_test"] == 200
+    meta = json.loads((tmp_path / "results/features/efficientnet_lite0/meta.json").read_text())
+    assert meta["n_rows"] == 800
