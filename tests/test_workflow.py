@@ -59,6 +59,7 @@ def test_paper_tables_have_one_row_per_model_and_strategy(study, task):
     table = pd.read_csv(study / f"results/tables/{task}.csv")
     assert len(table) == 5
     assert set(table["Technique"]) == {"Feature extraction", "Fine tuning", "Fine tuning + SVM"}
+    assert set(table["Data"]) == {"SYNTHETIC: synthetic test set"}  # labelled synthetic everywhere
     assert (study / f"results/tables/{task}.md").read_text().count("\n") >= 7
     assert "\\begin{tabular}" in (study / f"results/tables/{task}.tex").read_text()
     for figure in (f"{task}_accuracy.png", f"{task}_confusion.png"):

@@ -126,6 +126,21 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
 # point estimates
 
 
+def encode_pairs(
+    y_true: Sequence[Any], y_pred: Sequence[Any], classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices of paired true and predicted labels (non-empty, same length)."""
+    true_idx = encode_labels(y_true, classes, "true labels")
+    pred_idx = encode_labels(y_pred, classes, "predicted labels")
+    if len(true_idx) != len(pred_idx):
+        raise LeukotypeError(
+            f"y_true has {len(true_idx)} labels but y_pred has {len(pred_idx)}; they must pair up"
+        )
+    if len(true_idx) == 0:
+        raise LeukotypeError("no predictions to evaluate (empty y_true / y_pred)")
+    return true_idx, pred_idx
+
+
 def classification_metrics(
     y_true: Sequence[Any], y_pred: Sequence[Any], classes: Sequence[str]
 ) -> dict[str, Any]:
@@ -136,14 +151,7 @@ def classification_metrics(
     columns = predicted, in ``classes`` order) and ``n``.
     """
     classes = [str(c) for c in classes]
-    true_idx = encode_labels(y_true, classes, "true labels")
-    pred_idx = encode_labels(y_pred, classes, "predicted labels")
-    if len(true_idx) != len(pred_idx):
-        raise LeukotypeError(
-            f"y_true has {len(true_idx)} labels but y_pred has {len(pred_idx)}; they must pair up"
-        )
-    if len(true_idx) == 0:
-        raise LeukotypeError("no predictions to evaluate (empty y_true / y_pred)")
+    true_idx, pred_idx = encode_pairs(y_true, y_pred, classes)
     confusion = confusion_counts(true_idx, pred_idx, len(classes))
     values = metrics_from_confusion(confusion)
     result: dict[str, Any] = {name: float(values[name]) for name in METRICS}
@@ -227,14 +235,7 @@ def bootstrap_ci(
     if not 0.0 < alpha < 1.0:
         raise LeukotypeError(f"alpha must lie strictly between 0 and 1, got {alpha}")
     classes = [str(c) for c in classes]
-    true_idx = encode_labels(y_true, classes, "true labels")
-    pred_idx = encode_labels(y_pred, classes, "predicted labels")
-    if len(true_idx) != len(pred_idx):
-        raise LeukotypeError(
-            f"y_true has {len(true_idx)} labels but y_pred has {len(pred_idx)}; they must pair up"
-        )
-    if len(true_idx) == 0:
-        raise LeukotypeError("no predictions to bootstrap (empty y_true / y_pred)")
+    true_idx, pred_idx = encode_pairs(y_true, y_pred, classes)
     group_idx = None
     if groups is not None:
         group_values = np.asarray([str(g) for g in groups], dtype=object)

@@ -203,12 +203,14 @@ def format_interval(low: float, high: float) -> str:
     return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def paper_table(summary_df: pd.DataFrame, task: str) -> pd.DataFrame:
+def paper_table(summary_df: pd.DataFrame, task: str, dataset: str | None = None) -> pd.DataFrame:
     """One task's results in the shape of the paper's tables (all cells are strings).
 
     Metrics are percentages with one decimal (kappa: a coefficient with three); k-fold rows
     show ``mean ± sd`` over folds and a t-interval, hold-out rows the point estimate and a
-    bootstrap interval. ``Folds`` is ``hold-out`` or the number of folds.
+    bootstrap interval. ``Folds`` is ``hold-out`` or the number of folds. With ``dataset`` a
+    last ``Data`` column names it, so a copied table still says what it was computed on
+    (synthetic demo data, for one).
     """
     rows = _runs_of_task(summary_df, task)
     records = []
@@ -224,7 +226,10 @@ def paper_table(summary_df: pd.DataFrame, task: str) -> pd.DataFrame:
         is_holdout = row.get("scheme", "") == "holdout" or (n_folds == 1 and "scheme" not in row)
         entry["Folds"] = "hold-out" if is_holdout else str(n_folds)
         records.append(entry)
-    return pd.DataFrame(records, columns=list(TABLE_COLUMNS))
+    table = pd.DataFrame(records, columns=list(TABLE_COLUMNS))
+    if dataset:
+        table["Data"] = dataset
+    return table
 
 
 def _alignments(columns: Sequence[str]) -> list[str]:
@@ -313,7 +318,9 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Figure:
     return fig
 
 
-def plot_accuracy(summary_df: pd.DataFrame, task: str, path: str | os.PathLike) -> Figure:
+def plot_accuracy(
+    summary_df: pd.DataFrame, task: str, path: str | os.PathLike, dataset: str | None = None
+) -> Figure:
     """Horizontal bars of accuracy per model x strategy with 95% CI error bars and chance level."""
     rows = _runs_of_task(summary_df, task)
     labels = [
@@ -371,7 +378,8 @@ def plot_accuracy(summary_df: pd.DataFrame, task: str, path: str | os.PathLike) 
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     ax.set_xlim(0, 100)
     ax.set_xlabel("Test accuracy (%) with 95% CI")
-    ax.set_title(f"{task}: accuracy per model and strategy", fontsize=11)
+    suffix = f" ({dataset})" if dataset else ""
+    ax.set_title(f"{task}: accuracy per model and strategy{suffix}", fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
 
@@ -453,7 +461,11 @@ def _sum_confusions(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], np
 
 
 def plot_confusion_grid(
-    records: Sequence[Mapping[str, Any]], task: str, path: str | os.PathLike, max_columns: int = 3
+    records: Sequence[Mapping[str, Any]],
+    task: str,
+    path: str | os.PathLike,
+    max_columns: int = 3,
+    dataset: str | None = None,
 ) -> Figure:
     """One row-normalised confusion matrix per model x strategy (k-fold: summed over folds)."""
     mine = [r for r in records if str(r.get("task")) == str(task)]
@@ -491,7 +503,8 @@ def plot_confusion_grid(
     for ax in list(axes.flat)[n_panels:]:
         fig.delaxes(ax)
     fig.colorbar(image, ax=list(axes.flat)[:n_panels], shrink=0.6, label="fraction of true class")
-    fig.suptitle(f"{task}: confusion matrices (rows = true class)", fontsize=11)
+    suffix = f" — {dataset}" if dataset else ""
+    fig.suptitle(f"{task}: confusion matrices (rows = true class){suffix}", fontsize=11)
     return save_figure(fig, path)
 
 

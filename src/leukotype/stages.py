@@ -217,12 +217,21 @@ def run_evaluate(
     return record
 
 
+def dataset_label(dataset_cfg: Mapping[str, Any]) -> str:
+    """How tables and figures name the data; synthetic data says so everywhere it appears."""
+    name = dataset_cfg.get("name") or str(dataset_cfg["source"])
+    if dataset_cfg["source"] == "demo" or dataset_cfg.get("synthetic"):
+        return f"SYNTHETIC: {name}"
+    return name
+
+
 def run_summarise(
     metrics: Sequence[PathLike],
     task_cfg: Mapping[str, Any],
     out_csv: PathLike,
     out_accuracy_png: PathLike,
     out_confusion_png: PathLike,
+    dataset: str | None = None,
 ) -> pd.DataFrame:
     from leukotype.metrics import fold_summary
     from leukotype.report import paper_table, plot_accuracy, plot_confusion_grid, write_tables
@@ -230,10 +239,10 @@ def run_summarise(
     task = task_from_dict(task_cfg)
     records = [read_json(p) for p in metrics]
     summary = fold_summary(records)
-    table = paper_table(summary, task.name)
+    table = paper_table(summary, task.name, dataset=dataset)
     write_tables(table, Path(out_csv).with_suffix(""))
-    plot_accuracy(summary, task.name, out_accuracy_png)
-    plot_confusion_grid(records, task.name, out_confusion_png)
+    plot_accuracy(summary, task.name, out_accuracy_png, dataset=dataset)
+    plot_confusion_grid(records, task.name, out_confusion_png, dataset=dataset)
     return table
 
 

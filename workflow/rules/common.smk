@@ -19,6 +19,7 @@ from leukotype.config import (  # noqa: E402
 from leukotype.config import validate_config as _validate_config  # noqa: E402
 from leukotype.errors import LeukotypeError  # noqa: E402
 from leukotype.split import fold_ids  # noqa: E402
+from leukotype.stages import dataset_label  # noqa: E402
 
 try:
     _validate_config(config)

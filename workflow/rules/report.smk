@@ -35,9 +35,7 @@ rule summarise_task:
         runtime=10,
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        synthetic=config["dataset"]["source"] == "demo"
-        or config["dataset"]["synthetic"],
-        split=config["split"],
+        dataset=dataset_label(config["dataset"]),
     script:
         "../scripts/summarise_task.py"
 

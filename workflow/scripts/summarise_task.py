@@ -10,4 +10,5 @@ with logged(snakemake):
         snakemake.output.csv,
         snakemake.output.accuracy,
         snakemake.output.confusion,
+        dataset=snakemake.params.dataset,
     )
