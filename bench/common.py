@@ -163,7 +163,7 @@ def image_table(data: Path, n_images: int, workdir: Path, seed: int = 0) -> tupl
     Returns (table[image_id, path, abspath, label], source description).
     """
     table = pbc_table(Path(data))
-    source = f"pbc ({data})"
+    source = f"pbc ({Path(data).name})"  # no machine-specific path in the results
     if table is None:
         table = demo_table(workdir / "demo", n_images, seed)
         source = "synthetic (leukotype.demo)"
