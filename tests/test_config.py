@@ -119,3 +119,32 @@ def test_load_config_rejects_non_mapping(tmp_path):
     path.write_text(yaml.safe_dump(["not", "a", "mapping"]))
     with pytest.raises(LeukotypeError, match="expected a mapping"):
         load_config(path)
+
+
+def test_paper_policy_finetuning_reuses_extracted_penultimate_features():
+    """With every pretrained layer frozen the head trains on extract_features' output: the
+    penultimate layer is extracted even when the SVM reads another one (VGG16 fc6 -> fc7)."""
+    from leukotype.config import finetune_reuses_features, penultimate_layer
+
+    cfg = validate_config(minimal(models=[
+        {"backbone": "vgg16", "layers": ["fc6"], "strategies": ["features_svm", "finetune"]},
+        {"backbone": "resnet101", "strategies": ["finetune"], "finetune": {"policy": "last_block"}},
+        {"backbone": "inception_v3+resnet101", "strategies": ["finetune"]},
+        {"backbone": "paper_cnn", "strategies": ["finetune"]},
+    ]))
+    assert penultimate_layer("vgg16") == "fc7" and penultimate_layer("resnet101") == "pool"
+    assert finetune_reuses_features(cfg, "vgg16")
+    assert finetune_reuses_features(cfg, "inception_v3+resnet101")
+    assert not finetune_reuses_features(cfg, "resnet101")  # last_block trains trunk layers
+    assert not finetune_reuses_features(cfg, "paper_cnn")  # trained from scratch
+    assert extraction_backbones(cfg) == {"vgg16": ["fc6", "fc7"], "inception_v3": ["pool"], "resnet101": ["pool"]}
+    cfg["features"]["precision"] = "bf16"  # bf16 features differ from fp32 activations
+    assert not finetune_reuses_features(cfg, "vgg16")
+
+
+def test_penultimate_mirror_matches_the_registry():
+    from leukotype.backbones import BACKBONES
+    from leukotype.config import penultimate_layer
+
+    for name, spec in BACKBONES.items():
+        assert penultimate_layer(name) == spec.penultimate_layer, name

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from leukotype.config import task_from_dict
+from leukotype.config import penultimate_layer, task_from_dict
 from leukotype.errors import LeukotypeError
 from leukotype.io import provenance, read_json, read_tsv, write_json, write_tsv
 
@@ -336,7 +336,7 @@ def run_finetune(
     all_rows = pd.concat([train_rows, val_rows, test_rows], ignore_index=True)
     if feature_dirs:
         result, predictions = _finetune_head_on_cached_features(
-            model, cfg, classes, train_rows, val_rows, test_rows, all_rows, feature_dirs, checkpoint_dir, outputs
+            model, cfg, classes, penultimate_layer(parts[0]), train_rows, val_rows, test_rows, all_rows, feature_dirs, checkpoint_dir, outputs
         )
     else:
         result = train(
@@ -361,6 +361,7 @@ def _finetune_head_on_cached_features(
     model: Any,
     cfg: Any,
     classes: list[str],
+    layer: str,
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
     test_rows: pd.DataFrame,
@@ -369,16 +370,15 @@ def _finetune_head_on_cached_features(
     checkpoint_dir: PathLike,
     outputs: Any,
 ) -> tuple[Any, pd.DataFrame]:
-    """Train ``model.head`` on cached penultimate features (shared module: ``model`` gets it)."""
+    """Train ``model.head`` on the cached ``layer`` features (the head module is shared, so
+    ``model`` is the trained network). Combined backbones: every part's penultimate is ``pool``."""
     import torch
     from torch import nn
 
-    from leukotype.config import penultimate_layer
     from leukotype.feature_store import load_features, write_feature_matrix
     from leukotype.finetune import FINETUNED_LAYER, FinetuneModel, Samples, fit, predict_proba, prediction_frame
 
     dirs = [Path(d) for d in feature_dirs]
-    layer = penultimate_layer(Path(dirs[0]).name)
 
     def rows_dataset(rows: pd.DataFrame) -> tuple[Any, Any]:
         X = torch.from_numpy(load_features(dirs, layer, rows[["image_id", "transform"]]))
