@@ -223,3 +223,72 @@ def test_single_setting_is_fitted_without_search_even_with_one_group_per_class(m
     assert pipeline.named_steps["svm"].C == 0.5 and pipeline.named_steps["svm"].kernel == "linear"
     assert cv_results[["kernel", "C", "n_splits", "selected"]].values.tolist() == [["linear", 0.5, 0, True]]
     assert pipeline.score(X, y) > 0.9
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"kernel": "linear", "C": 0.5},
+        {"kernel": "rbf", "C": 2.0, "gamma": "scale"},
+        {"kernel": "rbf", "C": 1.0, "gamma": 0.03},
+        {"kernel": "poly", "C": 1.0, "gamma": "auto"},
+        {"kernel": "sigmoid", "C": 0.3, "gamma": 0.01},
+    ],
+)
+def test_gram_svc_is_libsvm_svc_with_precomputed_kernels(params, monkeypatch):
+    """Same support vectors, decision values and predictions as SVC computing its own kernel."""
+    from sklearn.svm import SVC
+
+    X, y_int = make_classification(
+        n_samples=120, n_features=30, n_informative=6, n_classes=3, n_clusters_per_class=1,
+        random_state=3,
+    )
+    y = np.array(["L1", "L2", "M3"])[y_int]
+    X_new = X[:50] + 0.2
+    reference = SVC(random_state=0, **params).fit(X, y)
+    gram = classify.GramSVC(random_state=0, **params).fit(X, y)
+    np.testing.assert_array_equal(gram.support_, reference.support_)
+    np.testing.assert_allclose(
+        gram.decision_function(X_new), reference.decision_function(X_new), rtol=1e-6, atol=1e-8
+    )
+    np.testing.assert_array_equal(gram.predict(X_new), reference.predict(X_new))
+    # the model keeps only the support vectors, and scores new rows in bounded blocks
+    assert gram.support_vectors_.shape == (len(reference.support_), X.shape[1])
+    monkeypatch.setattr(classify, "PREDICT_BLOCK_ROWS", 7)
+    np.testing.assert_allclose(
+        gram.decision_function(X_new), reference.decision_function(X_new), rtol=1e-6, atol=1e-8
+    )
+
+
+def test_grid_search_matches_sklearn_gridsearchcv_over_a_pipeline():
+    """The shared-Gram search gives GridSearchCV's fold scores, choice and refitted model."""
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    X, y, groups = _augmented_problem(n_images=90, seed=4)
+    grid = {"kernel": ["linear", "rbf"], "C": [0.01, 1, 10], "gamma": ["scale", 0.02]}
+    pipeline, cv = fit_svm(X, y, groups, grid, cv_folds=3, seed=0)
+    reference = GridSearchCV(
+        Pipeline([("scale", StandardScaler()), ("svm", SVC(random_state=0))]),
+        build_param_grid(grid),
+        cv=classify.make_inner_cv(y, groups, 3, seed=0),
+        scoring="accuracy",
+    ).fit(X, y, groups=groups)
+    expected = reference.cv_results_
+    np.testing.assert_allclose(cv["mean_test_score"], expected["mean_test_score"])
+    for k in range(3):
+        np.testing.assert_allclose(cv[f"split{k}_test_score"], expected[f"split{k}_test_score"])
+    np.testing.assert_array_equal(cv["rank_test_score"], expected["rank_test_score"])
+    assert cv["selected"].to_numpy().argmax() == reference.best_index_
+    chosen = pipeline.named_steps["svm"]
+    assert {"svm__kernel": chosen.kernel, "svm__C": chosen.C} | (
+        {"svm__gamma": chosen.gamma} if chosen.kernel == "rbf" else {}
+    ) == reference.best_params_
+    # Same optimisation problem; kernel values differ in the last bits (BLAS vs libsvm's loop),
+    # so the solver stops at a slightly different point within its tolerance (tol=1e-3).
+    np.testing.assert_allclose(
+        pipeline.decision_function(X), reference.best_estimator_.decision_function(X), atol=5e-3
+    )
+    np.testing.assert_array_equal(pipeline.predict(X), reference.best_estimator_.predict(X))

@@ -663,3 +663,46 @@ def test_combined_backbone_two_frozen_trunks_one_head(tmp_path: Path) -> None:
     samples = Samples.from_frame(write_cells(tmp_path, 1).assign(transform="identity"))
     features = finetuned_features(model, samples, small, device="cpu")
     assert features.shape == (2, 4096) and np.isfinite(features).all()
+
+
+def test_scratch_cnn_fast_path_decodes_each_sample_once_and_trains_the_same_model(
+    tmp_path: Path,
+) -> None:
+    """Nothing frozen (paper CNN): the fast path caches preprocessed inputs in RAM, bit-identically."""
+    from leukotype.finetune import build_finetune_model, train
+
+    cells = write_cells(tmp_path, n_per_class=3)
+    classes = ["a", "b"]
+    frame = pd.concat([cells.assign(transform=t) for t in ("identity", "rot90", "flip_h")])
+    samples = Samples.from_frame(frame, classes)
+    config = cfg(policy="all", epochs=3, batch_size=4, lr=0.01)
+    runs = {}
+    for label, overrides in {
+        "fast": {},
+        "ordinary": {"fast_path": False},
+        "too_big_for_ram": {"fast_path_memory_mb": 0},
+    }.items():
+        model, preprocess = build_finetune_model("paper_cnn", 2, "all", seed=0)
+        calls = {"n": 0}
+
+        def counting(image, preprocess=preprocess, calls=calls):
+            calls["n"] += 1
+            return preprocess(image)
+
+        result = train(
+            model,
+            samples,
+            dataclasses.replace(config, **overrides),
+            preprocess=counting,
+            checkpoint_dir=tmp_path / f"ckpt_{label}",
+        )
+        runs[label] = (result, calls["n"])
+        # inputs are never cached on disk: only the checkpoint is written
+        assert sorted(p.name for p in (tmp_path / f"ckpt_{label}").iterdir()) == [CHECKPOINT_NAME]
+    n = len(frame)
+    # one decode per sample, plus one of the first sample to size the cache
+    assert runs["fast"][0].fast_path and runs["fast"][1] == n + 1
+    assert not runs["ordinary"][0].fast_path and runs["ordinary"][1] == 3 * n  # once per epoch
+    assert not runs["too_big_for_ram"][0].fast_path and runs["too_big_for_ram"][1] == 3 * n + 1
+    for label in ("ordinary", "too_big_for_ram"):
+        assert states_equal(runs["fast"][0].model, runs[label][0].model)

@@ -22,7 +22,11 @@ not change during training, so it is computed ONCE per (image, transform) sample
 the stored activations for all epochs. The ordinary path runs the full forward every epoch
 with the frozen part under ``no_grad``/eval. Both paths draw the same batches in the same order
 and seed dropout identically, so with the same seed they give the same model up to float noise
-(the frozen part sees the samples in differently composed batches).
+(the frozen part sees the samples in differently composed batches). With nothing frozen (the
+paper CNN trained from scratch) the fast path caches the preprocessed input tensors instead,
+when they fit in ``fast_path_memory_mb`` of RAM: decoding and resizing each image once rather
+than once per epoch, which on a small network costs as much as the training step. Inputs are a
+deterministic function of (image, transform), so this gives the same model bit for bit.
 
 Randomness: the batch order of epoch ``e`` comes from a ``torch.Generator`` seeded with a value
 derived from ``(cfg.seed, e)``; the global RNG (used by dropout) is forked and re-seeded from
@@ -700,6 +704,20 @@ def compute_activation_cache(
     return ActivationCache(array, keepalive)
 
 
+def _inputs_fit_in_memory(datasets: Sequence[tuple[Dataset, int]], memory_limit_bytes: int) -> bool:
+    """Whether every dataset's preprocessed inputs (one tensor per sample) fit the RAM limit.
+
+    Judged from the first sample of each; multi-input samples (combined backbones) never qualify.
+    """
+    for data, n in datasets:
+        if n == 0:
+            continue
+        first = data[0][0]
+        if not isinstance(first, torch.Tensor) or n * first.numel() * 4 > memory_limit_bytes:
+            return False
+    return True
+
+
 def remove_activation_cache(cache_dir: str | Path) -> None:
     """Delete cached frozen activations (they can be GBs; a finished run no longer needs them)."""
     for path in Path(cache_dir).glob("frozen_*.*"):
@@ -907,6 +925,8 @@ def _make_sources(
 ) -> tuple[_Source, _Source | None]:
     """Training and validation sources: cached frozen activations (fast path) or full forwards."""
     common = dict(device=device, precision=cfg.precision, num_workers=cfg.num_workers)
+    # Cached inputs (nothing frozen) are cheap to recompute: RAM only, never a file.
+    cache_dir = cache_dir if model.has_frozen_part else None
 
     def source(data: Dataset, n: int, name: str) -> _Source:
         if not use_fast:
@@ -1002,7 +1022,13 @@ def fit(
         if payload is not None:
             log.info("resuming fine-tuning from %s after epoch %d", ckpt_path, state.epoch)
 
-        use_fast = cfg.fast_path and model.has_frozen_part
+        use_fast = cfg.fast_path and (
+            model.has_frozen_part
+            or _inputs_fit_in_memory(
+                [(train_data, n_train)] + ([(val_data, len(val_labels_t))] if has_val else []),
+                cfg.fast_path_memory_mb * 2**20,
+            )
+        )
         cache_seconds = 0.0
         train_source = val_source = None
         if not state.finished:
