@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from leukotype.errors import LeukotypeError
 from leukotype.io import atomic_write, provenance
@@ -387,6 +386,10 @@ def summarise_group(group: pd.DataFrame, confidence: float = 0.95) -> dict[str, 
             sd = float(values.std(ddof=1)) if values.size > 1 else math.nan
             low = high = math.nan
             if values.size > 1:
+                # Imported here: scipy.stats costs a second at import, and every evaluate job
+                # imports this module without needing it.
+                from scipy import stats
+
                 t_crit = float(stats.t.ppf(1.0 - (1.0 - confidence) / 2.0, values.size - 1))
                 half = t_crit * sd / math.sqrt(values.size)
                 floor, ceiling = METRIC_BOUNDS[name]
