@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
                "--cores", str(args.cores), "--config", f"torch_home={scratch / 'torch'}"]
         load_before = common.load_avg()
         start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True)
+        done = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
         log = done.stdout + done.stderr
         (scratch / "snakemake.log").write_text(log)

@@ -105,3 +105,36 @@ def test_grid_estimate_quick(tmp_path: Path, pbc: Path) -> None:
     totals = frame[frame["measurement"] == "grid_total"].set_index(["scheme", "variant"])
     assert totals.loc[("kfold5", "reuse"), "seconds_total"] > totals.loc[("holdout", "reuse"), "seconds_total"]
     assert totals.loc[("holdout", "trunk"), "seconds_total"] >= totals.loc[("holdout", "reuse"), "seconds_total"]
+
+
+def test_paper_grid_reads_job_times_from_the_snakemake_log_and_extrapolates_folds():
+    """The full paper-grid run is too long for the suite; its log parsing and arithmetic are not."""
+    sys.path.insert(0, str(BENCH))
+    import paper_grid
+
+    log = """
+[Thu Nov 26 13:14:31 2026]
+localrule extract_features:
+    input: results/data/validated.tsv
+    jobid: 6
+    wildcards: backbone=alexnet
+[Thu Nov 26 13:14:32 2026]
+rule train_svm:
+    jobid: 20
+    wildcards: task=subtype
+[Thu Nov 26 13:15:01 2026]
+Finished jobid: 6 (Rule: extract_features)
+[Thu Nov 26 13:15:11 2026]
+Finished jobid: 20 (Rule: train_svm)
+"""
+    jobs = paper_grid.job_times(log)
+    assert jobs.set_index("jobid")[["rule", "seconds"]].to_dict("index") == {
+        6: {"rule": "extract_features", "seconds": 30.0},
+        20: {"rule": "train_svm", "seconds": 39.0},
+    }
+    per_rule = jobs.groupby("rule")["seconds"].agg(seconds_sum="sum")
+    five = paper_grid.kfold_extrapolation(per_rule, wall=60.0)
+    # extraction once; the SVM five times on 80/75 of the samples, cost ~ n^2
+    assert five["seconds_summed"] == pytest.approx(30 + 5 * 39 * (0.8 / 0.75) ** 2)
+    assert five["parallelism"] == pytest.approx(69 / 60)
+    assert five["seconds_wall"] == pytest.approx(five["seconds_summed"] / (69 / 60))
