@@ -292,3 +292,20 @@ def test_grid_search_matches_sklearn_gridsearchcv_over_a_pipeline():
         pipeline.decision_function(X), reference.best_estimator_.decision_function(X), atol=5e-3
     )
     np.testing.assert_array_equal(pipeline.predict(X), reference.best_estimator_.predict(X))
+
+
+def test_above_the_memory_budget_svc_computes_its_own_kernels_with_the_same_result(caplog):
+    X, y, groups = _augmented_problem(n_images=60, seed=5)
+    grid = {"kernel": ["linear", "rbf"], "C": [0.1, 10]}
+    shared, cv_shared = fit_svm(X, y, groups, grid, cv_folds=3, seed=0)
+    tiny = 1e-3  # MiB: no kernel matrix fits
+    assert classify.gram_fits(len(X), classify.DEFAULT_GRAM_MB)
+    assert not classify.gram_fits(len(X), tiny)
+    with caplog.at_level(logging.INFO, logger="leukotype.classify"):
+        bounded, cv_bounded = fit_svm(X, y, groups, grid, cv_folds=3, seed=0, gram_mb=tiny)
+    assert "libsvm computes the kernels itself" in caplog.text
+    assert bounded.named_steps["svm"].support_vectors_ is None
+    np.testing.assert_allclose(cv_bounded["mean_test_score"], cv_shared["mean_test_score"])
+    assert cv_bounded["selected"].tolist() == cv_shared["selected"].tolist()
+    np.testing.assert_array_equal(bounded.predict(X), shared.predict(X))
+    np.testing.assert_allclose(bounded.decision_function(X), shared.decision_function(X), atol=5e-3)

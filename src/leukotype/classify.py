@@ -67,6 +67,15 @@ ALLOWED_MODEL_TYPES = frozenset(
 #: Test rows per block when a model scores new samples: bounds the (rows x training samples)
 #: kernel block held in memory.
 PREDICT_BLOCK_ROWS = 2048
+#: Default memory for one (training x training) kernel matrix. Above it the SVC computes its own
+#: kernel values (libsvm's row cache): same model, slower, memory bounded. The workflow sets it
+#: from the job's ``mem_mb``.
+DEFAULT_GRAM_MB = 1024
+
+
+def gram_fits(n_samples: int, gram_mb: float) -> bool:
+    """Whether an (n x n) float64 kernel matrix fits in ``gram_mb`` MiB."""
+    return n_samples * n_samples * 8 <= gram_mb * 2**20
 
 
 def resolve_gamma(gamma: str | float, X: np.ndarray) -> float:
@@ -128,7 +137,8 @@ class GramSVC(ClassifierMixin, BaseEstimator):
     kernel values with a matrix product and hands them to ``SVC(kernel="precomputed")``: same
     optimisation problem, same solution up to float rounding, several times faster. It keeps
     only the support vectors, so a saved model stays small and scores new feature rows like any
-    SVC (``predict``, ``decision_function``, ``score``).
+    SVC (``predict``, ``decision_function``, ``score``). Above ``gram_mb`` MiB for the training
+    kernel matrix it falls back to SVC computing its own kernels (same model, bounded memory).
     """
 
     def __init__(
@@ -140,6 +150,7 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         coef0: float = 0.0,
         class_weight: str | Mapping[str, float] | None = None,
         random_state: int | None = None,
+        gram_mb: float = DEFAULT_GRAM_MB,
     ) -> None:
         self.kernel = kernel
         self.C = C
@@ -148,10 +159,14 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         self.coef0 = coef0
         self.class_weight = class_weight
         self.random_state = random_state
+        self.gram_mb = gram_mb
 
-    def _svc(self) -> SVC:
+    def _svc(self, kernel: str = "precomputed") -> SVC:
         return SVC(
-            kernel="precomputed",
+            kernel=kernel,
+            gamma=getattr(self, "gamma_", "scale"),
+            degree=self.degree,
+            coef0=self.coef0,
             C=self.C,
             class_weight=self.class_weight,
             random_state=self.random_state,
@@ -167,6 +182,17 @@ class GramSVC(ClassifierMixin, BaseEstimator):
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {list(KERNELS)}")
         X = np.asarray(X, dtype=np.float64)
         self.gamma_ = resolve_gamma(self.gamma, X)
+        if not gram_fits(len(X), self.gram_mb):
+            LOGGER.info(
+                "%d training rows: kernel matrix above %s MiB, libsvm computes the kernels itself",
+                len(X),
+                self.gram_mb,
+            )
+            self.svc_ = self._svc(self.kernel).fit(X, np.asarray(y))
+            self.support_, self.classes_ = self.svc_.support_, self.svc_.classes_
+            self.n_features_in_, self.n_fit_ = X.shape[1], len(X)
+            self.support_vectors_ = None  # kept by the SVC itself
+            return self
         return self._fit_kernel(self._kernel(*_gram(X, X, self.kernel)), X, y)
 
     def _fit_kernel(self, K: np.ndarray, X: np.ndarray, y: Sequence[Any]) -> GramSVC:
@@ -199,6 +225,8 @@ class GramSVC(ClassifierMixin, BaseEstimator):
                 f"expected {self.n_features_in_} features per row, got array of shape {X.shape}"
             )
         score = getattr(self.svc_, method)
+        if self.support_vectors_ is None:  # fitted without a kernel matrix (see fit)
+            return score(X)
         parts = [
             score(self._test_kernel(X[start : start + PREDICT_BLOCK_ROWS]))
             for start in range(0, len(X), PREDICT_BLOCK_ROWS)
@@ -218,6 +246,7 @@ def make_svm_pipeline(
     gamma: str | float = "scale",
     class_weight: str | Mapping[str, float] | None = None,
     seed: int = 0,
+    gram_mb: float = DEFAULT_GRAM_MB,
 ) -> Pipeline:
     """StandardScaler followed by an SVC (one-vs-one training, decision scores, no Platt scaling).
 
@@ -236,6 +265,7 @@ def make_svm_pipeline(
                     gamma=gamma,
                     class_weight=class_weight,
                     random_state=seed,
+                    gram_mb=gram_mb,
                 ),
             ),
         ]
@@ -354,9 +384,11 @@ def make_inner_cv(
     return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
 
 
-def _candidate_estimator(candidate: Mapping[str, Any], class_weight, seed: int) -> GramSVC:
+def _candidate_estimator(
+    candidate: Mapping[str, Any], class_weight, seed: int, gram_mb: float
+) -> GramSVC:
     params = {k.removeprefix("svm__"): v for k, v in candidate.items()}
-    return GramSVC(class_weight=class_weight, random_state=seed, **params)
+    return GramSVC(class_weight=class_weight, random_state=seed, gram_mb=gram_mb, **params)
 
 
 def _score_fold(
@@ -368,6 +400,7 @@ def _score_fold(
     class_weight,
     seed: int,
     scorer,
+    gram_mb: float = DEFAULT_GRAM_MB,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validation score and fit seconds of every candidate on one inner fold.
 
@@ -378,13 +411,20 @@ def _score_fold(
     scaler = StandardScaler().fit(X_fit)
     A = scaler.transform(X_fit).astype(np.float64)
     B = scaler.transform(X_val).astype(np.float64)
-    gram_fit, gram_val = A @ A.T, B @ A.T
-    sq_fit, sq_val = np.einsum("ij,ij->i", A, A), np.einsum("ij,ij->i", B, B)
     scores = np.empty(len(candidates))
     seconds = np.empty(len(candidates))
+    if not gram_fits(len(A), gram_mb):  # too big to share: each SVC computes its own kernels
+        for i, candidate in enumerate(candidates):
+            started = time.perf_counter()
+            model = _candidate_estimator(candidate, class_weight, seed, gram_mb).fit(A, y_fit)
+            seconds[i] = time.perf_counter() - started
+            scores[i] = scorer(model, B, y_val)
+        return scores, seconds
+    gram_fit, gram_val = A @ A.T, B @ A.T
+    sq_fit, sq_val = np.einsum("ij,ij->i", A, A), np.einsum("ij,ij->i", B, B)
     for i, candidate in enumerate(candidates):
         started = time.perf_counter()
-        model = _candidate_estimator(candidate, class_weight, seed)
+        model = _candidate_estimator(candidate, class_weight, seed, gram_mb)
         model.gamma_ = resolve_gamma(model.gamma, A)
         model._fit_kernel(model._kernel(gram_fit, sq_fit, sq_fit), A, y_fit)
         seconds[i] = time.perf_counter() - started
@@ -428,6 +468,7 @@ def fit_svm(
     seed: int = 0,
     n_jobs: int = 1,
     scoring: str = "accuracy",
+    gram_mb: float = DEFAULT_GRAM_MB,
 ) -> tuple[Pipeline, pd.DataFrame]:
     """Choose kernel, C (and gamma) by grouped grid search on the training rows, then refit.
 
@@ -438,6 +479,10 @@ def fit_svm(
     C/gamma. ``StratifiedGroupKFold`` keeps class proportions as far as groups allow. The best
     setting is refitted on all training rows. Returns the fitted pipeline and one row per
     candidate setting with its fold scores (``selected`` marks the chosen one).
+
+    Each inner fold's kernel matrix is computed once (BLAS) and shared by all candidates while
+    it fits in ``gram_mb`` MiB (the search holds about two such matrices); above that every
+    candidate's SVC computes its own kernels. ``n_jobs`` = BLAS threads.
     """
     X = np.asarray(X)
     y = np.asarray(y).astype(str)
@@ -461,7 +506,8 @@ def fit_svm(
     candidates = list(ParameterGrid(grids))
     if len(candidates) == 1:
         # Nothing to choose: no inner cross-validation, so no minimum number of groups either.
-        pipeline = make_svm_pipeline(class_weight=class_weight, seed=seed).set_params(**candidates[0])
+        pipeline = make_svm_pipeline(class_weight=class_weight, seed=seed, gram_mb=gram_mb)
+        pipeline.set_params(**candidates[0])
         pipeline.fit(X, y)
         LOGGER.info("SVM with the single configured setting %s (no search)", candidates[0])
         only = {k.removeprefix("svm__"): v for k, v in candidates[0].items()}
@@ -477,11 +523,12 @@ def fit_svm(
         for k, (fit_rows, val_rows) in enumerate(folds):
             scores[:, k], seconds[:, k] = _score_fold(
                 X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                candidates, class_weight, seed, scorer,
+                candidates, class_weight, seed, scorer, gram_mb,
             )
         frame = _cv_results_frame(candidates, scores, seconds, scoring)
         best = candidates[int(np.flatnonzero(frame["selected"])[0])]
-        pipeline = make_svm_pipeline(class_weight=class_weight, seed=seed).set_params(**best)
+        pipeline = make_svm_pipeline(class_weight=class_weight, seed=seed, gram_mb=gram_mb)
+        pipeline.set_params(**best)
         pipeline.fit(X, y)
     LOGGER.info(
         "SVM grid search selected %s (%s %.4f)",

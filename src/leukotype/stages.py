@@ -155,8 +155,9 @@ def run_svm(
     out_cv: PathLike,
     seed: int = 0,
     threads: int = 1,
+    memory_mb: float | None = None,
 ) -> pd.DataFrame:
-    from leukotype.classify import fit_svm, predict_table, save_model
+    from leukotype.classify import DEFAULT_GRAM_MB, fit_svm, predict_table, save_model
     from leukotype.feature_store import load_features
 
     task = task_from_dict(task_cfg)
@@ -174,6 +175,8 @@ def run_svm(
         class_weight=svm_cfg["class_weight"],
         seed=seed,
         n_jobs=threads,
+        # The search holds about two kernel matrices next to the features: a quarter each.
+        gram_mb=memory_mb / 4 if memory_mb else DEFAULT_GRAM_MB,
     )
     log.info("SVM chosen: %s", pipeline.named_steps)
     save_model(pipeline, out_model)

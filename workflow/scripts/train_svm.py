@@ -16,4 +16,5 @@ with logged(snakemake):
         snakemake.output.cv_results,
         seed=snakemake.config["split"]["seed"],
         threads=snakemake.threads,
+        memory_mb=snakemake.resources.get("mem_mb"),
     )
