@@ -14,7 +14,9 @@ speed does not depend on the weight values) on a small sample of real images:
   3 inner folds) on synthetic class-structured features at two training sizes; a power law
   through the two points extrapolates to other sizes;
 - ``evaluate``: ``leukotype.metrics.evaluate_predictions`` with 1000 bootstrap resamples;
-- ``job_start``: a fresh interpreter importing what a job script imports.
+- ``job_start/<kind>``: a fresh interpreter importing what that kind of job script imports
+  (``torch``: extraction and fine-tuning; ``svm``: SVM training, including skops for the model
+  file; ``evaluate``: metrics and figures).
 
 The grid (jobs x samples) comes from the config (``leukotype.config.study_runs``): every image is
 extracted under every transform (identity + 3 rotations = 4 samples per image, per backbone);
@@ -142,11 +144,27 @@ def evaluate_seconds(n_test: int) -> float:
     return common.timed(lambda: evaluate_predictions(table, classes, meta, n_boot=1000, seed=0))
 
 
-def job_start_seconds() -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, torchvision, sklearn, leukotype.stages"],
-                   check=True)
-    return time.perf_counter() - start
+#: What each kind of job script imports before it does any work.
+JOB_IMPORTS = {
+    "torch": "import leukotype.smk, leukotype.stages, leukotype.features, leukotype.finetune",
+    "svm": "import leukotype.smk, leukotype.stages, leukotype.classify, leukotype.feature_store, skops.io",
+    "evaluate": "import leukotype.smk, leukotype.stages, leukotype.metrics, leukotype.report",
+}
+
+
+def job_start_seconds(kind: str) -> float:
+    """Fresh interpreter + the imports of one kind of job (best of 2: the first warms the disk cache)."""
+
+    def start() -> None:
+        subprocess.run([sys.executable, "-c", JOB_IMPORTS[kind]], check=True)
+
+    return common.best_of(start, 2)
+
+
+def job_kind(job: dict) -> str:
+    if job["unit"].startswith("svm/"):
+        return "svm"
+    return "evaluate" if job["unit"] == "evaluate" else "torch"
 
 
 # ------------------------------------------------------------------------------ composition
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--images", type=int, default=16, help="images per unit-cost measurement")
     parser.add_argument("--paper-images", type=int, default=633)
     parser.add_argument("--scales", type=int, nargs="+", default=[633, 10_000, 100_000])
-    parser.add_argument("--svm-sizes", type=int, nargs=2, default=[600, 1200],
+    parser.add_argument("--svm-sizes", type=int, nargs=2, default=[600, 2400],
                         help="two training sizes (samples) for the SVM power law")
     args = parser.parse_args(argv)
     if args.quick:
@@ -250,7 +268,8 @@ def main(argv: list[str] | None = None) -> Path:
                          "seconds": s2, "n": n2, "seconds_small": s1, "n_small": n1,
                          "exponent": exponent, "threads": 1})
         units["evaluate"] = evaluate_seconds(158)
-        units["job_start"] = job_start_seconds()
+        for kind in JOB_IMPORTS:
+            units[f"job_start/{kind}"] = job_start_seconds(kind)
     per_job_units = ("build/", "evaluate", "job_start")
     for name, value in units.items():
         column = "seconds" if name.startswith(per_job_units) else "seconds_per_sample"
@@ -269,7 +288,7 @@ def main(argv: list[str] | None = None) -> Path:
         per_job += units.get(job.get("fixed", ""), 0.0)
         if "extra_unit" in job:
             per_job += units[job["extra_unit"]] * job["extra_samples"]
-        return per_job + units["job_start"]
+        return per_job + units[f"job_start/{job_kind(job)}"]
 
     for n_images in args.scales:
         for kfold in (False, True):
