@@ -252,3 +252,54 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> No
     present = [c for c in columns if c in frame.columns]
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print(frame[present].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
+# ------------------------------------------------------------------- conv-shaped GEMM rate
+
+#: A GEMM with the shape of a typical convolution of the big CNNs at batch 32: ResNet-101's
+#: layer3 3x3 conv (23 of its 33 blocks run at 14x14 px, 256 channels) as an im2col GEMM,
+#: M = 32 * 14 * 14 output pixels, K = 256 * 3 * 3, N = 256 output channels. A square
+#: 1024^3 product is smaller than most conv GEMMs and fits in cache differently.
+CONV_GEMM_SHAPE = (6272, 2304, 256)
+
+
+def gemm_gflops(
+    threads: int,
+    shape: tuple[int, int, int] = CONV_GEMM_SHAPE,
+    seconds: float = 0.6,
+    dtype=torch.float32,
+) -> float:
+    """GFLOP/s of an (M, K) x (K, N) product (2 M K N flops), best of short bursts."""
+    m, k, n = shape
+    with torch_threads(threads), torch.inference_mode():
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(k, n).to(dtype)
+        a @ b  # warm-up
+        one = timed(lambda: a @ b)
+        repeats = max(2, int(seconds / max(one, 1e-6)))
+        return 2.0 * m * k * n / best_of(lambda: a @ b, repeats) / 1e9
+
+
+class RateMonitor:
+    """Samples a reference rate (e.g. :func:`gemm_gflops`) between measurements.
+
+    Call :meth:`sample` before and after each measured run; :attr:`value` is the median of
+    the samples, so one sample taken while a neighbour was busy (or idle) does not set the
+    ceiling alone, and the ceiling describes the same minutes as the runs it is compared to.
+    """
+
+    def __init__(self, measure: Callable[[], float]) -> None:
+        self.measure = measure
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
+        value = float(self.measure())
+        self.samples.append(value)
+        return value
+
+    @property
+    def value(self) -> float:
+        return median(self.samples)
+
+    def describe(self) -> str:
+        return ";".join(f"{v:.1f}" for v in self.samples)

@@ -11,12 +11,19 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from leukotype.augment import apply_transform
 from leukotype.backbones import FeatureExtractor, build_model, get_spec, preprocess
 from leukotype.errors import LeukotypeError
 from leukotype.feature_store import load_features, write_feature_matrix
-from leukotype.features import SampleDataset, extract_features, resolve_device
+from leukotype.features import (
+    OneDNNConv2d,
+    SampleDataset,
+    extract_features,
+    optimize_for_inference,
+    resolve_device,
+)
 from leukotype.io import read_tsv
 
 
@@ -159,6 +166,120 @@ def test_bf16_precision_is_close_to_fp32(tmp_path, images):
     relative = np.linalg.norm(half - full) / np.linalg.norm(full)
     assert 0 < relative < 0.02
     assert json.loads((tmp_path / "bf16" / "meta.json").read_text())["precision"] == "bf16"
+
+
+class _TinyResidualNet(nn.Module):
+    """Every pattern the inference optimisation handles or must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)  # + add + relu
+        self.conv3 = nn.Conv2d(8, 8, 1)  # two users: must not be fused with anything
+        self.shared = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # called twice
+        self.bn3 = nn.BatchNorm2d(8)  # after the shared conv: must not be folded
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(x))
+        y += x
+        x = torch.relu(y)
+        z = self.conv3(x)
+        x = torch.nn.functional.relu(z) + z
+        x = self.bn3(self.shared(x))
+        x = self.shared(x).relu()
+        return {"mean": x.mean((2, 3)), "flat": x.flatten(1)}
+
+
+def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters, so folding BN is really tested."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def eager_references() -> list[tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(eager model, input, its outputs): a tiny net with every pattern, and two real backbones
+    (multi-layer alexnet fc6+fc7; efficientnet_lite0 with its conv subclass) at small sizes."""
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    models = [(_TinyResidualNet(), torch.randn(3, 3, 16, 16, generator=generator))]
+    for name, layers, size in [("efficientnet_lite0", ["pool"], 32), ("alexnet", ["fc6", "fc7"], 64)]:
+        spec = get_spec(name)
+        models.append((
+            FeatureExtractor(spec, build_model(spec, None, seed=0), layers),
+            torch.randn(2, 3, size, size, generator=generator),
+        ))
+    references = []
+    for model, x in models:
+        _randomise_batchnorms(model)
+        with torch.no_grad():
+            references.append((model.eval(), x, model(x)))
+    return references
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_optimized_extractor_matches_eager(precision, eager_references):
+    """BN folding + oneDNN conv fusion: the eager model's features up to float rounding."""
+    import copy
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # bf16 features carry ~8 mantissa bits; fp32 only reassociation noise.
+    tolerance = 5e-2 if precision == "bf16" else 1e-4
+    for index, (eager, x, expected) in enumerate(eager_references):
+        optimized = optimize_for_inference(copy.deepcopy(eager), "cpu", dtype)
+        with torch.inference_mode():
+            got = optimized(x.to(dtype).contiguous(memory_format=torch.channels_last))
+            # The tiny net again with another batch size and the plain memory format.
+            again = optimized(x[:1].to(dtype)) if index == 0 else None
+        assert set(got) == set(expected)
+        for key in expected:
+            assert got[key].shape == expected[key].shape
+            assert _relative_error(got[key], expected[key]) < tolerance, key
+            if again is not None:
+                assert _relative_error(again[key], expected[key][:1]) < tolerance, key
+        kinds = [type(m).__name__ for m in optimized.modules()]
+        if index > 0:
+            assert "BatchNorm2d" not in kinds
+            continue
+        # The tiny net: only the BN after the conv that is called twice stays.
+        assert kinds.count("BatchNorm2d") == 1
+        with torch.no_grad():  # folding worked on copies: the eager model is unchanged
+            assert torch.equal(eager(x)["flat"], expected["flat"])
+        if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            fused = {
+                name: (m.relu, m.add) for name, m in optimized.named_modules()
+                if isinstance(m, OneDNNConv2d)
+            }
+            assert fused == {
+                "conv1": (True, False), "conv2": (True, True), "conv3": (False, False)
+            }
+
+
+def test_extraction_optimized_equals_plain_eager(tmp_path, images):
+    samples = _samples(images.head(5), ["identity"])
+    for optimize in (True, False):
+        extract_features(
+            samples, "paper_cnn", None, ["flatten"], tmp_path / str(optimize), batch_size=2,
+            optimize=optimize, progress=False,
+        )
+    fast = np.load(tmp_path / "True" / "flatten.npy")
+    plain = np.load(tmp_path / "False" / "flatten.npy")
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+    assert json.loads((tmp_path / "True" / "meta.json").read_text())["optimized"] is True
 
 
 def test_bad_requests_raise_and_leave_no_partial_files(tmp_path, images):
