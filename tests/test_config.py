@@ -148,3 +148,13 @@ def test_penultimate_mirror_matches_the_registry():
 
     for name, spec in BACKBONES.items():
         assert penultimate_layer(name) == spec.penultimate_layer, name
+
+
+def test_config_module_imports_no_pandas() -> None:
+    """Snakemake imports leukotype.config while it parses the workflow: keep it light."""
+    import subprocess
+    import sys
+
+    code = "import sys, leukotype.config; print('pandas' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from leukotype.errors import LeukotypeError
+
+if TYPE_CHECKING:  # pandas is not needed to read or validate a config (Snakemake parses it)
+    import pandas as pd
 
 #: JSON schemas of the workflow (config and manifest). The workflow is used from its checkout
 #: (the package is installed editable), so the schemas live where Snakemake users expect them.

@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and input functions shared by every rule file.
 import os
 import sys
+from functools import cache
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -88,6 +89,11 @@ def dataset_input(wildcards):
 def weights_input(backbone):
     """Weight files a job reads: staged ImageNet files are inputs, so a missing one is fetched
     by the local `fetch_weights` rule (or the run stops before any extraction)."""
+    return list(_weight_files(backbone))
+
+
+@cache  # called for every extraction and fine-tuning job; the config is fixed once parsed
+def _weight_files(backbone):
     from leukotype.weights import expected_weights_path
 
     files = []
@@ -96,7 +102,7 @@ def weights_input(backbone):
         path = expected_weights_path(part, weights, config["torch_home"])
         if path is not None:
             files.append(str(path))
-    return files
+    return tuple(files)
 
 
 def staged_weight_files():

@@ -31,6 +31,7 @@ rule finetune:
         task=lambda wildcards: TASKS[wildcards.task],
         settings=lambda wildcards: finetune_settings(config, wildcards.backbone),
         weights=lambda wildcards: weights_setting(config, wildcards.backbone)[0],
-        checkpoint_dir=lambda wildcards: f"{R}/checkpoints/{wildcards.task}/{wildcards.backbone}/{wildcards.fold}",
+        # a plain pattern (Snakemake fills in the wildcards): cheaper than a function per job
+        checkpoint_dir=f"{R}/checkpoints/{{task}}/{{backbone}}/{{fold}}",
     script:
         "../scripts/finetune.py"
