@@ -127,6 +127,7 @@ def run_extract(
         device=features_cfg["device"],
         threads=threads,
         precision=features_cfg["precision"],
+        optimize=features_cfg["optimize"],
     )
 
 
