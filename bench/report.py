@@ -89,10 +89,20 @@ def grid(results: Path) -> str:
     return "\n\n".join([_md(units), _md(jobs), _md(totals)])
 
 
+def paper_grid(results: Path) -> str:
+    frame = pd.read_csv(results / "paper_grid.csv")
+    rules = frame[frame["measurement"] == "rule"][["rule", "jobs", "seconds_sum", "seconds_max"]]
+    totals = frame[frame["measurement"] != "rule"][["measurement", "scheme", "images", "cores",
+                                                     "jobs", "seconds_sum", "minutes_wall",
+                                                     "load_avg_1m"]]
+    return "\n\n".join([_md(rules), _md(totals)])
+
+
 def main() -> None:
     results = common.RESULTS_DIR
     for title, fn in [("Extraction", extraction), ("Memory", memory), ("Fine-tuning", finetune),
-                      ("Workflow", workflow), ("Grid", grid)]:
+                      ("Workflow", workflow), ("Paper grid, run", paper_grid),
+                      ("Grid estimate", grid)]:
         try:
             print(f"### {title}\n\n{fn(results)}\n")
         except FileNotFoundError as err:
