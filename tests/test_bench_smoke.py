@@ -139,3 +139,13 @@ Finished jobid: 20 (Rule: train_svm)
     assert five["seconds_summed"] == pytest.approx(30 + 5 * 39 * (0.8 / 0.75) ** 2)
     assert five["parallelism"] == pytest.approx(69 / 60)
     assert five["seconds_wall"] == pytest.approx(five["seconds_summed"] / (69 / 60))
+
+
+def test_svm_search_quick(tmp_path: Path) -> None:
+    frame = run_quick("svm_search", tmp_path)
+    row = frame.iloc[0]
+    assert row["candidates"] == 6 and row["rows"] == 200
+    assert row["seconds"] > 0 and row["seconds_baseline"] > 0
+    # the shared-Gram search is GridSearchCV's search: same choice, same scores, same predictions
+    assert bool(row["same_choice"]) and row["max_cv_score_diff"] == 0.0
+    assert row["prediction_agreement"] == 1.0
