@@ -12,15 +12,16 @@ changes for a timing run:
   so the accuracies of this run mean nothing and are not reported.
 
 The run is ``snakemake --cores <cores>`` from scratch in a temporary folder (``--keep DIR`` keeps
-it). Rows written to ``bench/results/paper_grid.csv``: the wall time of the whole run, and per
-rule the number of jobs and the sum / max of their wall times (from the Snakemake log's start
+it). Rows written to ``bench/results/paper_grid_<precision>.csv``: the wall time of the whole
+run, and per rule the number of jobs and the sum / max of their wall times (from the Snakemake log's start
 and finish stamps, 1 s resolution). The 5-fold figure is extrapolated from these per-job times:
 extraction is shared by all folds (features of every sample are extracted once), every other
 job runs once per fold, on 80 % instead of 75 % of the images (fine-tuning cost linear in the
 training samples, SVM cost ~ n^2), and the wall time keeps the hold-out run's ratio of wall time
 to summed job time (the parallelism Snakemake achieved on ``--cores``).
 
-    python bench/paper_grid.py                    # about 30-40 min on 2 cores
+    python bench/paper_grid.py                    # fp32: about 50 min on 2 cores
+    python bench/paper_grid.py --precision bf16   # bf16 extraction (AMX): about 25 min
     python bench/paper_grid.py --quick            # 48 images, AlexNet + paper CNN, 1 epoch
 """
 
@@ -79,13 +80,19 @@ def manifest(data: Path, n_images: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def timing_config(manifest_path: Path, out: Path, quick: bool) -> Path:
+def timing_config(manifest_path: Path, out: Path, quick: bool, precision: str = "fp32") -> Path:
     cfg = yaml.safe_load((common.REPO_ROOT / "configs" / "paper.yaml").read_text())
     cfg["results"] = "results"
     cfg["dataset"] = {"source": str(manifest_path), "name": "timing run: PBC cells, stand-in labels"}
+    # bf16 for the ImageNet networks only; fine-tuning takes the features' precision so that the
+    # head still trains on the extracted features. The paper CNN trains in fp32 either way.
+    cfg.setdefault("features", {})["precision"] = precision
+    cfg["finetune"]["precision"] = precision
     for model in cfg["models"]:
         if model["backbone"] != "paper_cnn":
             model["weights"] = "none"
+        else:
+            model["finetune"] = {**model.get("finetune", {}), "precision": "fp32"}
     if quick:
         cfg["models"] = [m for m in cfg["models"] if m["backbone"] in ("alexnet", "paper_cnn")]
         cfg["finetune"]["epochs"] = 1
@@ -142,13 +149,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=633)
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="extraction (and head fine-tuning) precision")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run's folder here")
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 48
     with common.workdir(args.keep) as scratch:
         config = timing_config(manifest(args.data, args.images, scratch / "manifest.csv"),
-                               scratch / "paper_timing.yaml", args.quick)
+                               scratch / "paper_timing.yaml", args.quick, args.precision)
         cmd = [sys.executable, "-m", "snakemake", "-s", str(common.REPO_ROOT / "Snakefile"),
                "--directory", str(scratch), "--configfile", str(config),
                "--cores", str(args.cores), "--config", f"torch_home={scratch / 'torch'}"]
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> Path:
     jobs = job_times(log)
     per_rule = jobs.groupby("rule")["seconds"].agg(jobs="count", seconds_sum="sum", seconds_max="max")
     common_cols = {"benchmark": NAME, "images": args.images, "cores": args.cores,
+                   "precision": args.precision,
                    "weights": "none", "data": f"{args.data.name} (stand-in labels)",
                    "load_avg_before": load_before, "load_avg_1m": common.load_avg()}
     rows = [{**common_cols, "measurement": "rule", "scheme": "holdout", "rule": rule, **row}
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows.append({**common_cols, "measurement": "extrapolated", "scheme": "kfold5",
                  "seconds_sum": kfold["seconds_summed"], "seconds_wall": kfold["seconds_wall"],
                  "minutes_wall": kfold["seconds_wall"] / 60, "parallelism": kfold["parallelism"]})
-    path = common.write_results(rows, NAME, args.out)
+    path = common.write_results(rows, f"{NAME}_{args.precision}", args.out)
     common.print_table(rows, ["measurement", "scheme", "rule", "jobs", "seconds_sum",
                               "seconds_max", "minutes_wall"])
     print(f"wrote {path}")

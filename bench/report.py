@@ -90,11 +90,15 @@ def grid(results: Path) -> str:
 
 
 def paper_grid(results: Path) -> str:
-    frame = pd.read_csv(results / "paper_grid.csv")
-    rules = frame[frame["measurement"] == "rule"][["rule", "jobs", "seconds_sum", "seconds_max"]]
-    totals = frame[frame["measurement"] != "rule"][["measurement", "scheme", "images", "cores",
-                                                     "jobs", "seconds_sum", "minutes_wall",
-                                                     "load_avg_1m"]]
+    files = sorted(results.glob("paper_grid_*.csv"))
+    if not files:
+        raise FileNotFoundError(2, "no paper_grid_<precision>.csv", str(results / "paper_grid_*.csv"))
+    frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    rules = frame[frame["measurement"] == "rule"][["precision", "rule", "jobs", "seconds_sum",
+                                                    "seconds_max"]]
+    totals = frame[frame["measurement"] != "rule"][["precision", "measurement", "scheme", "images",
+                                                     "cores", "jobs", "seconds_sum",
+                                                     "minutes_wall", "load_avg_1m"]]
     return "\n\n".join([_md(rules), _md(totals)])
 
 
