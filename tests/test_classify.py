@@ -283,6 +283,7 @@ def test_grid_search_matches_sklearn_gridsearchcv_over_a_pipeline():
     np.testing.assert_array_equal(cv["rank_test_score"], expected["rank_test_score"])
     assert cv["selected"].to_numpy().argmax() == reference.best_index_
     chosen = pipeline.named_steps["svm"]
+    assert chosen.support_vectors_ is not None  # the BLAS kernel path, not libsvm's fallback
     assert {"svm__kernel": chosen.kernel, "svm__C": chosen.C} | (
         {"svm__gamma": chosen.gamma} if chosen.kernel == "rbf" else {}
     ) == reference.best_params_

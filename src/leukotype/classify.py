@@ -119,14 +119,12 @@ def kernel_from_gram(
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _gram(A: np.ndarray, B: np.ndarray, kernel: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``A @ B.T`` in float64 (one BLAS call) and, for ``rbf``, the squared row norms."""
+def _gram(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``A @ B.T`` in float64 (one BLAS call) and the squared row norms of A and B (for rbf;
+    O(n d), negligible next to the product)."""
     A = np.asarray(A, dtype=np.float64)
     B = np.asarray(B, dtype=np.float64)
-    gram = A @ B.T
-    if kernel != "rbf":
-        return gram, None, None
-    return gram, np.einsum("ij,ij->i", A, A), np.einsum("ij,ij->i", B, B)
+    return A @ B.T, np.einsum("ij,ij->i", A, A), np.einsum("ij,ij->i", B, B)
 
 
 class GramSVC(ClassifierMixin, BaseEstimator):
@@ -193,11 +191,15 @@ class GramSVC(ClassifierMixin, BaseEstimator):
             self.n_features_in_, self.n_fit_ = X.shape[1], len(X)
             self.support_vectors_ = None  # kept by the SVC itself
             return self
-        return self._fit_kernel(self._kernel(*_gram(X, X, self.kernel)), X, y)
+        gram, sq, _ = _gram(X, X)
+        return self._fit_gram(gram, sq, X, y)
 
-    def _fit_kernel(self, K: np.ndarray, X: np.ndarray, y: Sequence[Any]) -> GramSVC:
-        """Fit on a precomputed ``K = kernel(X, X)`` (``gamma_`` already set)."""
-        svc = self._svc().fit(K, np.asarray(y))
+    def _fit_gram(
+        self, gram: np.ndarray, sq: np.ndarray, X: np.ndarray, y: Sequence[Any]
+    ) -> GramSVC:
+        """Fit on ``gram = X @ X.T`` and ``sq`` = squared row norms of X (shared by a search)."""
+        self.gamma_ = resolve_gamma(self.gamma, X)
+        svc = self._svc().fit(self._kernel(gram, sq, sq), np.asarray(y))
         self.n_fit_ = len(X)
         self.support_vectors_ = np.asarray(X, dtype=np.float64)[svc.support_]
         self.support_ = svc.support_
@@ -212,7 +214,7 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         libsvm reads only the support-vector columns of a precomputed kernel, so the others
         need not be computed.
         """
-        gram, sq_rows, sq_sv = _gram(X, self.support_vectors_, self.kernel)
+        gram, sq_rows, sq_sv = _gram(X, self.support_vectors_)
         block = np.zeros((len(X), self.n_fit_))
         block[:, self.support_] = self._kernel(gram, sq_rows, sq_sv)
         return block
@@ -231,7 +233,7 @@ class GramSVC(ClassifierMixin, BaseEstimator):
             score(self._test_kernel(X[start : start + PREDICT_BLOCK_ROWS]))
             for start in range(0, len(X), PREDICT_BLOCK_ROWS)
         ]
-        return np.concatenate(parts) if parts else score(self._test_kernel(X))
+        return np.concatenate(parts)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         return self._blocks(X, "decision_function")
@@ -420,13 +422,12 @@ def _score_fold(
             seconds[i] = time.perf_counter() - started
             scores[i] = scorer(model, B, y_val)
         return scores, seconds
-    gram_fit, gram_val = A @ A.T, B @ A.T
-    sq_fit, sq_val = np.einsum("ij,ij->i", A, A), np.einsum("ij,ij->i", B, B)
+    gram_fit, sq_fit, _ = _gram(A, A)
+    gram_val, sq_val, _ = _gram(B, A)
     for i, candidate in enumerate(candidates):
         started = time.perf_counter()
         model = _candidate_estimator(candidate, class_weight, seed, gram_mb)
-        model.gamma_ = resolve_gamma(model.gamma, A)
-        model._fit_kernel(model._kernel(gram_fit, sq_fit, sq_fit), A, y_fit)
+        model._fit_gram(gram_fit, sq_fit, A, y_fit)
         seconds[i] = time.perf_counter() - started
         scores[i] = scorer(model.svc_, model._kernel(gram_val, sq_val, sq_fit), y_val)
     return scores, seconds
