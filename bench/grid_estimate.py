@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from leukotype.backbones import build_model, combined_parts, get_spec  # noqa: E402
+from leukotype import catalog  # noqa: E402
+from leukotype.backbones import build_model, get_spec  # noqa: E402
 from leukotype.config import load_config, study_runs  # noqa: E402
 from leukotype.features import extract_features  # noqa: E402
 from leukotype.finetune import (  # noqa: E402
@@ -178,19 +179,19 @@ def grid_jobs(cfg: dict, n_images: int, kfold: bool) -> list[dict]:
     n_train = round(train_frac * n_images) * N_TRANSFORMS
     n_test = n_images - round(train_frac * n_images)
     extracted = sorted({part for r in runs if r.strategy == "features_svm"
-                        for part in (combined_parts(r.backbone) or [r.backbone])})
+                        for part in catalog.parts(r.backbone)})
     jobs = [{"job": f"extract_features/{b}", "count": 1, "samples": n_images * N_TRANSFORMS,
              "unit": f"extract/{b}", "fixed": f"build/{b}"} for b in extracted]
     finetuned = sorted({(r.task, r.backbone) for r in runs if r.strategy == "finetune"})
     backbones = sorted({b for _, b in finetuned})
     for b in backbones:
         count = sum(1 for _, bb in finetuned if bb == b) * n_folds
-        if b == "paper_cnn":
+        if catalog.is_from_scratch(b):
             jobs.append({"job": "finetune/paper_cnn", "count": count,
                          "samples": n_train * EPOCHS, "unit": "paper_cnn_epoch",
                          "extra_samples": n_train + 2 * n_test, "extra_unit": "paper_cnn_infer"})
             continue
-        dim = sum(get_spec(p).layers[get_spec(p).penultimate_layer] for p in (combined_parts(b) or [b]))
+        dim = catalog.get(b).layers[catalog.penultimate_layer(b)]
         jobs.append({"job": f"finetune/{b} (reuses features)", "count": count,
                      "samples": n_train * EPOCHS, "unit": f"head_epoch/{dim}", "variant": "reuse"})
         jobs.append({"job": f"finetune/{b} (runs trunk)", "count": count,
@@ -201,10 +202,9 @@ def grid_jobs(cfg: dict, n_images: int, kfold: bool) -> list[dict]:
     dims: dict[int, int] = {}
     for r in svm_runs:
         if r.strategy == "features_svm":
-            dim = sum(get_spec(p).layers[r.layer] for p in (combined_parts(r.backbone) or [r.backbone]))
+            dim = catalog.get(r.backbone).layers[r.layer]
         else:
-            parts = combined_parts(r.backbone) or [r.backbone]
-            dim = sum(get_spec(p).layers[get_spec(p).penultimate_layer] for p in parts)
+            dim = catalog.get(r.backbone).layers[catalog.penultimate_layer(r.backbone)]
         dims[dim] = dims.get(dim, 0) + 1
     for dim, count in sorted(dims.items()):
         jobs.append({"job": f"train_svm (dim {dim})", "count": count * n_folds, "samples": n_train,
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> Path:
         samples = Samples.from_frame(table, sorted(table["label"].unique()))
         runs = study_runs(cfg)
         extract = sorted({p for r in runs if r.strategy == "features_svm"
-                          for p in (combined_parts(r.backbone) or [r.backbone])})
-        trunks = sorted({p for r in runs if r.strategy == "finetune" and r.backbone != "paper_cnn"
-                         for p in (combined_parts(r.backbone) or [r.backbone])})
+                          for p in catalog.parts(r.backbone)})
+        trunks = sorted({p for r in runs if r.strategy == "finetune" and not catalog.is_from_scratch(r.backbone)
+                         for p in catalog.parts(r.backbone)})
         for b in extract:
             print(f"[{NAME}] extract {b} ...", flush=True)
             units[f"extract/{b}"], units[f"build/{b}"] = extraction_unit(b, table, scratch, t)
@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[{NAME}] trunk {b} ...", flush=True)
             units[f"trunk/{b}"] = trunk_unit(b, samples, t)
         for r in runs:
-            if r.strategy == "finetune" and combined_parts(r.backbone):
-                units[f"trunk/{r.backbone}"] = sum(units[f"trunk/{p}"] for p in combined_parts(r.backbone))
+            if r.strategy == "finetune" and catalog.is_combined(r.backbone):
+                units[f"trunk/{r.backbone}"] = sum(units[f"trunk/{p}"] for p in catalog.parts(r.backbone))
         print(f"[{NAME}] heads, paper_cnn, svm, evaluate ...", flush=True)
         for dim in sorted({4096, 2048, 5808}):
             units[f"head_epoch/{dim}"] = head_epoch_unit(dim, 2000 if not args.quick else 200, t)

@@ -125,6 +125,8 @@ FOLDS = {folds!r}
 RUNS = {runs!r}
 WEIGHTS = {weights!r}
 FT_FEATURES = {ft_features!r}
+SVM_FEATURES = {svm_features!r}
+METRICS = {metrics_name!r}
 STAGED = {staged!r}
 
 
@@ -204,7 +206,7 @@ rule extract_features:
         validated=f"{{R}}/data/validated.tsv",
         weights=lambda w: WEIGHTS[w.backbone],
     output:
-        directory(f"{{R}}/features/{{{{backbone}}}}"),
+        directory({features_dir!r}),
     log:
         f"{{R}}/logs/extract_features/{{{{backbone}}}}.log",
     benchmark:
@@ -220,11 +222,11 @@ rule finetune:
         weights=lambda w: WEIGHTS[w.backbone],
         features=lambda w: FT_FEATURES[w.backbone],
     output:
-        model=f"{{R}}/runs/{{{{task}}}}/finetune/{{{{backbone}}}}/softmax/{{{{fold}}}}/model.pt",
-        history=f"{{R}}/runs/{{{{task}}}}/finetune/{{{{backbone}}}}/softmax/{{{{fold}}}}/history.tsv",
-        curve=f"{{R}}/runs/{{{{task}}}}/finetune/{{{{backbone}}}}/softmax/{{{{fold}}}}/learning_curve.png",
-        predictions=f"{{R}}/runs/{{{{task}}}}/finetune/{{{{backbone}}}}/softmax/{{{{fold}}}}/predictions.tsv",
-        features=directory(f"{{R}}/runs/{{{{task}}}}/finetune/{{{{backbone}}}}/softmax/{{{{fold}}}}/features"),
+        model={ft_model!r},
+        history={ft_history!r},
+        curve={ft_curve!r},
+        predictions={ft_predictions!r},
+        features=directory({ft_features_dir!r}),
     log:
         f"{{R}}/logs/finetune/{{{{task}}}}/{{{{backbone}}}}/{{{{fold}}}}.log",
     benchmark:
@@ -235,8 +237,8 @@ rule finetune:
 
 def svm_features(w):
     if w.svm_strategy == "features_svm":
-        return [f"{{R}}/features/{{part}}" for part in w.backbone.split("+")]
-    return [f"{{R}}/runs/{{w.task}}/finetune/{{w.backbone}}/softmax/{{w.fold}}/features"]
+        return SVM_FEATURES[w.backbone]
+    return [{ft_features_dir!r}.format(task=w.task, backbone=w.backbone, fold=w.fold)]
 
 
 rule train_svm:
@@ -244,9 +246,9 @@ rule train_svm:
         samples=f"{{R}}/data/samples/{{{{task}}}}.tsv",
         features=svm_features,
     output:
-        model=f"{{R}}/runs/{{{{task}}}}/{{{{svm_strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/svm.skops",
-        predictions=f"{{R}}/runs/{{{{task}}}}/{{{{svm_strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/predictions.tsv",
-        cv_results=f"{{R}}/runs/{{{{task}}}}/{{{{svm_strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/cv_results.tsv",
+        model={svm_model!r},
+        predictions={svm_predictions!r},
+        cv_results={svm_cv!r},
     log:
         f"{{R}}/logs/train_svm/{{{{task}}}}/{{{{svm_strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}.log",
     benchmark:
@@ -257,12 +259,12 @@ rule train_svm:
 
 rule evaluate:
     input:
-        predictions=f"{{R}}/runs/{{{{task}}}}/{{{{strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/predictions.tsv",
+        predictions={predictions!r},
         samples=f"{{R}}/data/samples/{{{{task}}}}.tsv",
     output:
-        metrics=f"{{R}}/runs/{{{{task}}}}/{{{{strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/metrics.json",
-        confusion=f"{{R}}/runs/{{{{task}}}}/{{{{strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/confusion.csv",
-        confusion_png=f"{{R}}/runs/{{{{task}}}}/{{{{strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}/confusion.png",
+        metrics={metrics!r},
+        confusion={confusion!r},
+        confusion_png={confusion_png!r},
     log:
         f"{{R}}/logs/evaluate/{{{{task}}}}/{{{{strategy}}}}/{{{{backbone}}}}/{{{{layer}}}}/{{{{fold}}}}.log",
     shell:
@@ -271,7 +273,7 @@ rule evaluate:
 
 rule summarise_task:
     input:
-        metrics=lambda w: [f"{{R}}/{{run}}/metrics.json" for run in RUNS if run.split("/")[1] == w.task],
+        metrics=lambda w: [f"{{R}}/{{run}}/{{METRICS}}" for run in RUNS if run.split("/")[1] == w.task],
     output:
         csv=f"{{R}}/tables/{{{{task}}}}.csv",
         md=f"{{R}}/tables/{{{{task}}}}.md",
@@ -286,7 +288,7 @@ rule summarise_task:
 
 rule collect_runs:
     input:
-        metrics=[f"{{R}}/{{run}}/metrics.json" for run in RUNS],
+        metrics=[f"{{R}}/{{run}}/{{METRICS}}" for run in RUNS],
         validation=f"{{R}}/data/validation.json",
     output:
         runs=f"{{R}}/tables/all_runs.tsv",
@@ -301,38 +303,50 @@ rule collect_runs:
 def write_floor_snakefile(config: Path, out: Path) -> Path:
     """A same-shape stand-in for the workflow's DAG (see ``FLOOR_SNAKEFILE``) under ``config``:
     the same jobs and files, listed literally (the config is resolved here, not at parse time)."""
+    from leukotype import paths
     from leukotype.config import (
         extraction_backbones,
-        finetune_reuses_features,
+        finetune_feature_dirs,
         load_config,
+        staged_weight_files,
         study_runs,
-        weights_setting,
+        svm_feature_dirs,
+        weight_files,
     )
     from leukotype.split import fold_ids
-    from leukotype.weights import downloadable, expected_weights_path
 
+    # Every path and input list comes from the package helpers the rule files use.
     cfg = load_config(config)
     results = cfg["results"]
     backbones = sorted({m["backbone"] for m in cfg["models"]} | set(extraction_backbones(cfg)))
-    weights: dict[str, list[str]] = {}
-    staged: set[str] = set()
-    for backbone in backbones:
-        weights[backbone] = []
-        for part in backbone.split("+"):
-            setting = weights_setting(cfg, part)[0]
-            path = expected_weights_path(part, setting, cfg["torch_home"])
-            if path is not None:
-                weights[backbone].append(str(path))
-                if setting == "imagenet" and downloadable(part):
-                    staged.add(str(path))
     finetuned = {m["backbone"] for m in cfg["models"] if "finetune" in m["strategies"]}
-    ft_features = {b: ([f"{results}/features/{part}" for part in b.split("+")]
-                       if finetune_reuses_features(cfg, b) else []) for b in sorted(finetuned)}
+    run_file = {
+        key: paths.run_file(results, name)
+        for key, name in [("predictions", paths.PREDICTIONS), ("metrics", paths.METRICS),
+                          ("confusion", paths.CONFUSION), ("confusion_png", paths.CONFUSION_PNG)]
+    }
+    svm_file = {
+        key: paths.run_file(results, name, strategy="{svm_strategy}")
+        for key, name in [("svm_model", paths.SVM_MODEL), ("svm_predictions", paths.PREDICTIONS),
+                          ("svm_cv", paths.CV_RESULTS)]
+    }
+    ft_file = {
+        key: paths.finetune_file(results, name)
+        for key, name in [("ft_model", paths.FINETUNED_MODEL), ("ft_history", paths.HISTORY),
+                          ("ft_curve", paths.LEARNING_CURVE), ("ft_predictions", paths.PREDICTIONS)]
+    }
     source = cfg["dataset"]["source"]
     text = FLOOR_SNAKEFILE.format(
         results=results, tasks=[t["name"] for t in cfg["tasks"]], folds=fold_ids(cfg["split"]),
-        runs=[run.path for run in study_runs(cfg)], weights=weights, ft_features=ft_features,
-        staged=sorted(staged), backbones="|".join(b.replace("+", r"\+") for b in backbones),
+        runs=[run.path for run in study_runs(cfg)],
+        weights={b: weight_files(cfg, b) for b in backbones},
+        ft_features={b: finetune_feature_dirs(cfg, b) for b in sorted(finetuned)},
+        svm_features={b: svm_feature_dirs(results, "features_svm", "", b, "") for b in backbones},
+        staged=staged_weight_files(cfg),
+        backbones="|".join(re.escape(b) for b in backbones),
+        features_dir=paths.features_dir(results), metrics_name=paths.METRICS,
+        ft_features_dir=paths.finetuned_features_dir(results),
+        **run_file, **svm_file, **ft_file,
         dataset=f"{results}/demo_data/manifest.csv" if source == "demo" else source)
     out.write_text(text)
     return out

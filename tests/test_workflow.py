@@ -121,6 +121,21 @@ def test_changed_split_reruns_split_and_downstream_only(study):
         assert rule not in jobs
 
 
+def test_execution_settings_reschedule_nothing_and_result_settings_rerun(study):
+    """Device, inference batch size, workers and the optimised path change how a job runs, not
+    its result: they are not rule params. A training setting is, and reruns training only."""
+    execution = _changed_config(
+        study,
+        features={"batch_size": 3, "num_workers": 1, "device": "cpu", "optimize": False},
+        finetune={"epochs": 2, "batch_size": 16, "device": "cpu"},
+    )
+    assert planned_jobs(snakemake(study, "-n", configfile=execution)) == {}
+    jobs = planned_jobs(snakemake(study, "-n", configfile=_changed_config(study, finetune={"lr": 0.01})))
+    assert jobs["finetune"] == 6
+    for rule in ("extract_features", "validate_images", "split", "augment"):
+        assert rule not in jobs
+
+
 def test_html_report_holds_tables_and_figures(study):
     snakemake(study, "--report", "report.html", configfile=CONFIG)
     html = (study / "report.html").read_text(errors="replace")

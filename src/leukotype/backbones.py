@@ -38,6 +38,7 @@ from torchvision import models as tvm
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from leukotype import catalog
 from leukotype.errors import LeukotypeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +54,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TFLITE_MEAN = (127.0 / 255.0,) * 3
 TFLITE_STD = (128.0 / 255.0,) * 3
 
-COMBINED_SEPARATOR = "+"
+COMBINED_SEPARATOR = catalog.SEPARATOR
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class BackboneSpec:
     @property
     def supports_imagenet(self) -> bool:
         """Whether ``weights: imagenet`` is meaningful for this backbone."""
-        return self.weights_enum is not None or self.name == "efficientnet_lite0"
+        return catalog.get(self.name).has_imagenet_weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,68 +150,59 @@ def _build_paper_cnn(seed: int) -> nn.Module:
 def _torchvision_spec(
     name: str,
     weights_enum: tvm.WeightsEnum,
-    layers: dict[str, int],
-    default_layer: str,
-    penultimate_layer: str,
     builder: Callable[[int], nn.Module],
     ignored_weight_keys: tuple[str, ...] = (),
 ) -> BackboneSpec:
     """Spec whose preprocessing is read from torchvision's own evaluation transforms."""
     reference = weights_enum.transforms()
-    return BackboneSpec(
-        name=name,
+    return _spec(
+        name,
         input_size=int(reference.crop_size[0]),
         resize_size=int(reference.resize_size[0]),
         interpolation=reference.interpolation,
         mean=tuple(reference.mean),
         std=tuple(reference.std),
-        layers=layers,
-        default_layer=default_layer,
-        penultimate_layer=penultimate_layer,
         weights_enum=weights_enum,
         builder=builder,
         ignored_weight_keys=ignored_weight_keys,
     )
 
 
+def _spec(name: str, **torch_facts) -> BackboneSpec:
+    """The catalogue entry of ``name`` (layers, default and penultimate layer, parts) plus the
+    torch facts (preprocessing, architecture) given here."""
+    info = catalog.get(name)
+    return BackboneSpec(
+        name=name,
+        layers=dict(info.layers),
+        default_layer=info.default_layer,
+        penultimate_layer=info.penultimate_layer,
+        parts=info.parts,
+        **torch_facts,
+    )
+
+
+def _combined_spec(name: str) -> BackboneSpec:
+    return _spec(name, input_size=None, resize_size=None, interpolation=None, mean=None, std=None)
+
+
 def _make_registry() -> dict[str, BackboneSpec]:
-    specs = [
-        _torchvision_spec(
-            name="alexnet",
-            weights_enum=tvm.AlexNet_Weights.IMAGENET1K_V1,
-            layers={"fc6": 4096, "fc7": 4096},
-            default_layer="fc6",
-            penultimate_layer="fc7",
-            builder=_build_alexnet,
+    specs = {
+        "alexnet": lambda: _torchvision_spec(
+            "alexnet", tvm.AlexNet_Weights.IMAGENET1K_V1, _build_alexnet
         ),
-        _torchvision_spec(
-            name="vgg16",
-            weights_enum=tvm.VGG16_Weights.IMAGENET1K_V1,
-            layers={"fc6": 4096, "fc7": 4096},
-            default_layer="fc6",
-            penultimate_layer="fc7",
-            builder=_build_vgg16,
-        ),
-        _torchvision_spec(
-            name="inception_v3",
-            weights_enum=tvm.Inception_V3_Weights.IMAGENET1K_V1,
-            layers={"pool": 2048},
-            default_layer="pool",
-            penultimate_layer="pool",
-            builder=_build_inception_v3,
+        "vgg16": lambda: _torchvision_spec("vgg16", tvm.VGG16_Weights.IMAGENET1K_V1, _build_vgg16),
+        "inception_v3": lambda: _torchvision_spec(
+            "inception_v3",
+            tvm.Inception_V3_Weights.IMAGENET1K_V1,
+            _build_inception_v3,
             ignored_weight_keys=("AuxLogits.",),
         ),
-        # V1 = the original ResNet weights (the ones the paper-era literature used).
-        _torchvision_spec(
-            name="resnet101",
-            weights_enum=tvm.ResNet101_Weights.IMAGENET1K_V1,
-            layers={"pool": 2048},
-            default_layer="pool",
-            penultimate_layer="pool",
-            builder=_build_resnet101,
+        "resnet101": lambda: _torchvision_spec(
+            "resnet101", tvm.ResNet101_Weights.IMAGENET1K_V1, _build_resnet101
         ),
-        BackboneSpec(
-            name="efficientnet_lite0",
+        "efficientnet_lite0": lambda: _spec(
+            "efficientnet_lite0",
             input_size=224,
             # TF EfficientNet evaluation crops image_size/(image_size+32) of the shorter side
             # and resizes bicubically: resize to 256 then centre-crop 224 is the same geometry.
@@ -218,39 +210,22 @@ def _make_registry() -> dict[str, BackboneSpec]:
             interpolation=InterpolationMode.BICUBIC,
             mean=TFLITE_MEAN,
             std=TFLITE_STD,
-            layers={"pool": 1280},
-            default_layer="pool",
-            penultimate_layer="pool",
             builder=_build_efficientnet_lite0,
         ),
-        BackboneSpec(
-            name="inception_v3+resnet101",
-            input_size=None,
-            resize_size=None,
-            interpolation=None,
-            mean=None,
-            std=None,
-            layers={"pool": 2048 + 2048},
-            default_layer="pool",
-            penultimate_layer="pool",
-            parts=("inception_v3", "resnet101"),
-        ),
-        BackboneSpec(
-            name="paper_cnn",
+        "paper_cnn": lambda: _spec(
+            "paper_cnn",
             input_size=64,
             resize_size=64,
             interpolation=InterpolationMode.BILINEAR,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            # 48 * 11 * 11: 64 -> conv9 56 -> pool 28 -> conv7 22 -> pool 11
-            # (tests check it against leukotype.paper_cnn.paper_cnn_feature_dim(64)).
-            layers={"flatten": 5808},
-            default_layer="flatten",
-            penultimate_layer="flatten",
             builder=_build_paper_cnn,
         ),
-    ]
-    return {spec.name: spec for spec in specs}
+    }
+    registry = {}
+    for name, info in catalog.named().items():
+        registry[name] = _combined_spec(name) if info.is_combined else specs[name]()
+    return registry
 
 
 #: All known backbones by name.
@@ -259,17 +234,17 @@ BACKBONES: dict[str, BackboneSpec] = _make_registry()
 
 def get_spec(name: str) -> BackboneSpec:
     """The spec for ``name``; an unknown name raises LeukotypeError listing the valid ones."""
-    try:
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise LeukotypeError(
-            f"unknown backbone {name!r}; valid backbones: {', '.join(sorted(BACKBONES))}"
-        ) from None
+    info = catalog.get(name)  # raises for an unknown name, listing the valid ones
+    if info.is_combined:
+        return _combined_spec(name)
+    raise LeukotypeError(f"no torch definition for backbone {name!r}")  # pragma: no cover
 
 
 def combined_parts(name: str) -> list[str]:
     """Component backbones of a combined backbone, ``[]`` for a single one."""
-    return list(get_spec(name).parts)
+    return list(catalog.get(name).parts)
 
 
 def resolve_layer(spec: BackboneSpec, layer: str | None) -> str:

@@ -1,103 +1,42 @@
-"""Configuration: schema validation with helpful errors, and the task definitions."""
+"""Configuration: schema validation with helpful errors, and the study grid.
+
+Torch- and pandas-free: Snakemake imports it while it parses the workflow. What a backbone is
+comes from ``leukotype.catalog``, tasks from ``leukotype.tasks``, run paths from
+``leukotype.paths``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from leukotype import catalog, paths
 from leukotype.errors import LeukotypeError
+from leukotype.paths import STRATEGY_LAYER
+from leukotype.tasks import Task, task_by_name, task_from_dict, tasks_from_config
 
-if TYPE_CHECKING:  # pandas is not needed to read or validate a config (Snakemake parses it)
-    import pandas as pd
+__all__ = [  # tasks are re-exported: existing callers import them from here
+    "Task", "task_by_name", "task_from_dict", "tasks_from_config", "STRATEGY_LAYER",
+]
 
 #: JSON schemas of the workflow (config and manifest). The workflow is used from its checkout
 #: (the package is installed editable), so the schemas live where Snakemake users expect them.
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 
 
-@dataclass(frozen=True)
-class Task:
-    """One classification task.
-
-    ``column`` is the manifest column holding the source labels. A derived (coarser) task maps
-    source labels to its own classes, e.g. lineage ``{ALL: [L1, L2], AML: [M2, M3, M5]}``.
-    An empty label means "not labelled for this task": the image is left out of that task only.
-    """
-
-    name: str
-    column: str
-    classes: tuple[str, ...]
-    derive: Mapping[str, tuple[str, ...]] | None = field(default=None)
-
-    @property
-    def source_classes(self) -> tuple[str, ...]:
-        """Labels allowed in ``column``."""
-        if self.derive is None:
-            return self.classes
-        return tuple(label for cls in self.classes for label in self.derive[cls])
-
-    def to_task_labels(self, source: pd.Series) -> pd.Series:
-        """Map source labels to this task's classes (empty stays empty)."""
-        source = source.fillna("").astype(str)
-        if self.derive is None:
-            return source
-        lookup = {label: cls for cls, labels in self.derive.items() for label in labels}
-        return source.map(lambda value: lookup.get(value, "" if value == "" else value))
-
-
-def task_from_dict(entry: Mapping[str, Any]) -> Task:
-    derive = entry.get("derive")
-    classes = tuple(str(c) for c in entry["classes"])
-    if derive is not None:
-        derive = {str(k): tuple(str(v) for v in vals) for k, vals in derive.items()}
-        missing = sorted(set(classes) - set(derive))
-        extra = sorted(set(derive) - set(classes))
-        if missing or extra:
-            raise LeukotypeError(
-                f"task {entry['name']!r}: 'derive' must map every class in 'classes' exactly "
-                f"once; missing {missing}, unknown {extra}"
-            )
-    return Task(
-        name=str(entry["name"]),
-        column=str(entry.get("column", "label")),
-        classes=classes,
-        derive=derive,
-    )
-
-
-def tasks_from_config(cfg: Mapping[str, Any]) -> list[Task]:
-    return [task_from_dict(entry) for entry in cfg["tasks"]]
-
-
-def task_by_name(tasks: Sequence[Task], name: str) -> Task:
-    for task in tasks:
-        if task.name == name:
-            return task
-    raise LeukotypeError(f"unknown task {name!r}; configured tasks: {[t.name for t in tasks]}")
-
-
 # --------------------------------------------------------------------------------------------
 # Schema validation
 
-#: Layer names per backbone, mirrored from the registry so that config errors (and Snakemake's DAG
-#: building) need no torch import; the last one is the penultimate layer, the head's input.
-#: ``tests/test_config.py`` asserts this stays equal to ``leukotype.backbones.BACKBONES``.
+#: Layer names per named backbone (the last one is the penultimate layer, the head's input),
+#: from the torch-free catalogue, so that config errors and Snakemake's DAG need no torch.
 BACKBONE_LAYERS: dict[str, tuple[str, ...]] = {
-    "alexnet": ("fc6", "fc7"),
-    "vgg16": ("fc6", "fc7"),
-    "inception_v3": ("pool",),
-    "resnet101": ("pool",),
-    "inception_v3+resnet101": ("pool",),
-    "efficientnet_lite0": ("pool",),
-    "paper_cnn": ("flatten",),
+    name: tuple(info.layers) for name, info in catalog.named().items()
 }
 #: Backbones trained from scratch: no pretrained features to extract.
-SCRATCH_BACKBONES = frozenset({"paper_cnn"})
+SCRATCH_BACKBONES = frozenset(name for name, info in catalog.named().items() if info.from_scratch)
 STRATEGIES = ("features_svm", "finetune", "finetune_svm")
-#: Layer folder used in run paths for the strategies that do not read a backbone layer.
-STRATEGY_LAYER = {"finetune": "softmax", "finetune_svm": "finetuned"}
 
 
 def load_schema(name: str = "config") -> dict[str, Any]:
@@ -182,15 +121,23 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if backbone in seen_backbones:
             problems.append(f"models[{i}]: backbone {backbone!r} is listed twice; merge the entries")
         seen_backbones.append(backbone)
-        valid_layers = BACKBONE_LAYERS[backbone]
-        layers = model.setdefault("layers", [valid_layers[0]])
+        try:
+            info = catalog.get(backbone)
+        except LeukotypeError as err:
+            problems.append(
+                f"models[{i}].backbone: {backbone!r} is not valid; choose one of "
+                f"{catalog.valid_names()} ({err})"
+            )
+            continue
+        valid_layers = list(info.layers)
+        layers = model.setdefault("layers", [info.default_layer])
         bad = [layer for layer in layers if layer not in valid_layers]
         if bad:
             problems.append(
                 f"models[{i}].layers: {bad} not available for {backbone}; choose from "
-                f"{list(valid_layers)}"
+                f"{valid_layers}"
             )
-        if backbone in SCRATCH_BACKBONES:
+        if info.from_scratch:
             if "features_svm" in model["strategies"]:
                 problems.append(
                     f"models[{i}]: {backbone} is trained from scratch; use strategies "
@@ -199,11 +146,19 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             if model.setdefault("weights", "none") != "none":
                 problems.append(f"models[{i}]: {backbone} has no pretrained weights; set weights: none")
             model["weights"] = "none"
-            model.setdefault("finetune", {}).setdefault("policy", "all")
+            model.setdefault("finetune", {}).setdefault("policy", catalog.valid_policies(backbone)[0])
         model.setdefault("weights", "imagenet")
         if "finetune_svm" in model["strategies"] and "finetune" not in model["strategies"]:
             # finetune_svm reads the fine-tuned network: the finetune run is needed anyway.
             model["strategies"] = [*model["strategies"], "finetune"]
+        if "finetune" in model["strategies"]:
+            policy = finetune_settings(cfg, backbone)["policy"]
+            allowed = catalog.valid_policies(backbone)
+            if policy not in allowed:
+                problems.append(
+                    f"models[{i}].finetune.policy: {backbone} cannot be fine-tuned with policy "
+                    f"{policy!r}; valid policies for it: {list(allowed)}"
+                )
     if problems:
         raise LeukotypeError("invalid config:\n  " + "\n  ".join(problems))
     _sort_keys_in_place(cfg)
@@ -253,6 +208,31 @@ def finetune_settings(cfg: Mapping[str, Any], backbone: str) -> dict[str, Any]:
     return settings
 
 
+#: Settings that change how a job runs but not its result. Rules keep them out of their params
+#: (Snakemake reruns a job whose params change, so moving a run to a GPU or changing a batch
+#: size of inference must not show there); jobs read them from the config. Every other setting
+#: changes results and is a param.
+FEATURES_EXECUTION_FIELDS = ("batch_size", "device", "num_workers", "optimize")
+FINETUNE_EXECUTION_FIELDS = ("device", "num_workers", "threads", "fast_path", "fast_path_memory_mb")
+
+
+def finetune_result_settings(cfg: Mapping[str, Any], backbone: str) -> dict[str, Any]:
+    """The fine-tuning settings that change the trained model (the rule's params)."""
+    settings = finetune_settings(cfg, backbone)
+    return {k: v for k, v in settings.items() if k not in FINETUNE_EXECUTION_FIELDS}
+
+
+def finetune_execution_settings(cfg: Mapping[str, Any], backbone: str) -> dict[str, Any]:
+    """The fine-tuning settings that only change how the job runs (read by the job itself)."""
+    settings = finetune_settings(cfg, backbone)
+    return {k: v for k, v in settings.items() if k in FINETUNE_EXECUTION_FIELDS}
+
+
+def features_result_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``features`` settings that change extracted values (the extraction rule's params)."""
+    return {k: v for k, v in cfg["features"].items() if k not in FEATURES_EXECUTION_FIELDS}
+
+
 # --------------------------------------------------------------------------------------------
 # The study grid: the one place that enumerates models x strategies x tasks x folds
 
@@ -268,11 +248,11 @@ class Run:
     @property
     def path(self) -> str:
         """Run folder relative to the results folder."""
-        return f"runs/{self.task}/{self.strategy}/{self.backbone}/{self.layer}/{self.fold}"
+        return paths.run_dir("", self.task, self.strategy, self.backbone, self.layer, self.fold)
 
 
 def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
-    from leukotype.split import fold_ids  # split imports Task from here
+    from leukotype.split import fold_ids  # lazily: split needs pandas, a config does not
 
     runs = []
     for task in cfg["tasks"]:
@@ -286,7 +266,7 @@ def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
 
 
 def penultimate_layer(backbone: str) -> str:
-    return BACKBONE_LAYERS[backbone][-1]
+    return catalog.penultimate_layer(backbone)
 
 
 def finetune_reuses_features(cfg: Mapping[str, Any], backbone: str) -> bool:
@@ -300,7 +280,7 @@ def finetune_reuses_features(cfg: Mapping[str, Any], backbone: str) -> bool:
     settings = finetune_settings(cfg, backbone)
     return (
         "finetune" in model["strategies"]
-        and backbone not in SCRATCH_BACKBONES
+        and not catalog.is_from_scratch(backbone)
         and settings["policy"] == "head"
         and settings["fast_path"]
         and settings["precision"] == cfg["features"]["precision"]
@@ -314,22 +294,71 @@ def extraction_backbones(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
     """
     needed: dict[str, list[str]] = {}
     for model in cfg["models"]:
-        parts = model["backbone"].split("+")
-        for part in parts:
-            layers = []
-            if "features_svm" in model["strategies"]:
-                layers += model["layers"] if len(parts) == 1 else [penultimate_layer(part)]
-            if finetune_reuses_features(cfg, model["backbone"]):
-                layers.append(penultimate_layer(part))
-            if layers:
-                bucket = needed.setdefault(part, [])
-                bucket.extend(layer for layer in layers if layer not in bucket)
+        pairs: list[tuple[str, str]] = []
+        if "features_svm" in model["strategies"]:
+            for layer in model["layers"]:
+                pairs += catalog.part_layers(model["backbone"], layer)
+        if finetune_reuses_features(cfg, model["backbone"]):
+            pairs += [(part, penultimate_layer(part)) for part in catalog.parts(model["backbone"])]
+        for part, layer in pairs:
+            bucket = needed.setdefault(part, [])
+            if layer not in bucket:
+                bucket.append(layer)
     return needed
 
 
 def weights_setting(cfg: Mapping[str, Any], backbone: str) -> tuple[str, str | None]:
     """(weights, sha256) for a backbone; a part of a combined backbone inherits its settings."""
     for model in cfg["models"]:
-        if model["backbone"] == backbone or backbone in model["backbone"].split("+"):
+        if model["backbone"] == backbone or backbone in catalog.parts(model["backbone"]):
             return model.get("weights", "imagenet"), model.get("sha256")
     raise LeukotypeError(f"backbone {backbone!r} is not configured")
+
+
+# --------------------------------------------------------------------------------------------
+# What each job reads: the input functions of the rule files (and the benchmarks' stand-in)
+
+
+def weight_files(cfg: Mapping[str, Any], backbone: str) -> list[str]:
+    """Weight files an extraction or fine-tuning job of ``backbone`` reads (one per part)."""
+    from leukotype.weights import expected_weights_path
+
+    files = []
+    for part in catalog.parts(backbone):
+        weights, _ = weights_setting(cfg, part)
+        path = expected_weights_path(part, weights, cfg["torch_home"])
+        if path is not None:
+            files.append(str(path))
+    return files
+
+
+def staged_weight_files(cfg: Mapping[str, Any]) -> list[str]:
+    """The ImageNet weight files `fetch_weights` downloads (torchvision backbones)."""
+    from leukotype.weights import downloadable
+
+    backbones = set(extraction_backbones(cfg)) | {
+        m["backbone"] for m in cfg["models"] if "finetune" in m["strategies"]
+    }
+    files: set[str] = set()
+    for backbone in backbones:
+        for part in catalog.parts(backbone):
+            if weights_setting(cfg, part)[0] == "imagenet" and downloadable(part):
+                files.update(weight_files(cfg, part))
+    return sorted(files)
+
+
+def svm_feature_dirs(
+    results: str, strategy: str, task: str, backbone: str, fold: str
+) -> list[str]:
+    """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
+    if strategy == "features_svm":
+        return [paths.features_dir(results, part) for part in catalog.parts(backbone)]
+    return [paths.finetuned_features_dir(results, task, backbone, fold)]
+
+
+def finetune_feature_dirs(cfg: Mapping[str, Any], backbone: str) -> list[str]:
+    """Cached backbone features the head trains on (paper policy, see
+    :func:`finetune_reuses_features`), else nothing."""
+    if finetune_reuses_features(cfg, backbone):
+        return [paths.features_dir(cfg["results"], part) for part in catalog.parts(backbone)]
+    return []

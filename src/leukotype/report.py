@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from leukotype import catalog
 from leukotype.errors import LeukotypeError
 from leukotype.io import atomic_path, atomic_write
 
@@ -34,15 +35,9 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "finetune_svm": ("Fine tuning + SVM", "SVM"),
 }
 
-#: Backbone -> display name; also the row order within a technique.
+#: Backbone -> display name, from the catalogue; also the row order within a technique.
 BACKBONE_NAMES: dict[str, str] = {
-    "alexnet": "AlexNet",
-    "vgg16": "VGG16",
-    "inception_v3": "Inception V3",
-    "resnet101": "ResNet101",
-    "inception_v3+resnet101": "Inception V3 + ResNet101",
-    "efficientnet_lite0": "EfficientNet-Lite0",
-    "paper_cnn": "Paper CNN",
+    name: info.display_name for name, info in catalog.named().items()
 }
 
 #: Layers always named in the model column (the paper compares AlexNet/VGG16 fc6 and fc7).
@@ -113,7 +108,7 @@ def split_model_id(model: str, backbone: Any = "", layer: Any = "") -> tuple[str
 def backbone_display_name(backbone: str) -> str:
     """Display name of a backbone (the id itself if unknown)."""
     key = _BACKBONE_BY_KEY.get(_normalise(backbone))
-    return BACKBONE_NAMES[key] if key else str(backbone)
+    return BACKBONE_NAMES[key] if key else catalog.display_name(str(backbone))
 
 
 def model_display_name(backbone: str, layer: str = "", show_layer: bool | None = None) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from leukotype.config import Task
+from leukotype.tasks import Task
 from leukotype.errors import LeukotypeError
 
 #: Defaults of the ``split`` config section.

@@ -12,7 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from leukotype.config import penultimate_layer, task_from_dict
+from leukotype import catalog
+from leukotype.config import penultimate_layer
+from leukotype.tasks import task_from_dict
 from leukotype.errors import LeukotypeError
 from leukotype.io import provenance, read_json, read_tsv, write_json, write_tsv
 
@@ -294,6 +296,7 @@ def run_finetune(
     outputs: Any,
     feature_dirs: Sequence[PathLike] = (),
     threads: int = 1,
+    sha256: str | None = None,
 ) -> pd.DataFrame:
     """Fine-tune ``backbone`` on one task and fold; write model, history, curve, predictions
     and the fine-tuned network's features (for ``finetune_svm``).
@@ -326,8 +329,10 @@ def run_finetune(
         train_rows, val_rows = train_rows[~is_val], train_rows[is_val]
         log.info("validation part for early stopping: %d of %d training samples", len(val_rows), len(is_val))
 
-    parts = backbone.split("+")
-    weight_paths = {part: resolve_weights(part, weights, torch_home=torch_home) for part in parts}
+    parts = list(catalog.parts(backbone))
+    weight_paths = {
+        part: resolve_weights(part, weights, sha256=sha256, torch_home=torch_home) for part in parts
+    }
     model, preprocess = build_finetune_model(
         backbone,
         len(classes),

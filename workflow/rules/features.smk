@@ -8,7 +8,7 @@ rule extract_features:
         validated=rules.validate_images.output.table,
         weights=lambda wildcards: weights_input(wildcards.backbone),
     output:
-        directory(f"{R}/features/{{backbone}}"),
+        directory(paths.features_dir(R)),
     log:
         f"{R}/logs/extract_features/{{backbone}}.log",
     benchmark:
@@ -22,9 +22,11 @@ rule extract_features:
         runtime=config["compute"]["runtime_extract"],
     params:
         layers=lambda wildcards: EXTRACT[wildcards.backbone],
-        weights=lambda wildcards: weights_setting(config, wildcards.backbone)[0],
-        sha256=lambda wildcards: weights_setting(config, wildcards.backbone)[1],
+        weights=weights_name,
+        sha256=weights_sha256,
         augmentation=config["augmentation"],
-        precision=config["features"]["precision"],
+        # what changes the values (precision); batch size, workers, device and the optimised
+        # path change speed only: the job reads those from the config, so they never rerun it
+        features=features_result_settings(config),
     script:
         "../scripts/extract_features.py"

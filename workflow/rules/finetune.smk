@@ -1,5 +1,7 @@
 # Fine-tuning: a new head for the task's classes on a partly frozen backbone (or the paper's
 # small CNN from scratch). Checkpoints live outside the outputs so an interrupted job resumes.
+# Only settings that change the result are params (device, workers, threads and the fast path
+# are read from the config by the script), so moving a run to a GPU never reschedules it.
 
 
 rule finetune:
@@ -9,13 +11,11 @@ rule finetune:
         weights=lambda wildcards: weights_input(wildcards.backbone),
         features=finetune_feature_dirs,
     output:
-        model=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/model.pt",
-        history=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/history.tsv",
-        curve=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/learning_curve.png",
-        predictions=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/predictions.tsv",
-        features=directory(
-            f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/features"
-        ),
+        model=paths.finetune_file(R, paths.FINETUNED_MODEL),
+        history=paths.finetune_file(R, paths.HISTORY),
+        curve=paths.finetune_file(R, paths.LEARNING_CURVE),
+        predictions=paths.finetune_file(R, paths.PREDICTIONS),
+        features=directory(paths.finetuned_features_dir(R)),
     log:
         f"{R}/logs/finetune/{{task}}/{{backbone}}/{{fold}}.log",
     benchmark:
@@ -29,9 +29,10 @@ rule finetune:
         runtime=config["compute"]["runtime_finetune"],
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        settings=lambda wildcards: finetune_settings(config, wildcards.backbone),
-        weights=lambda wildcards: weights_setting(config, wildcards.backbone)[0],
+        settings=lambda wildcards: finetune_result_settings(wildcards.backbone),
+        weights=weights_name,
+        sha256=weights_sha256,
         # a plain pattern (Snakemake fills in the wildcards): cheaper than a function per job
-        checkpoint_dir=f"{R}/checkpoints/{{task}}/{{backbone}}/{{fold}}",
+        checkpoint_dir=paths.checkpoint_dir(R),
     script:
         "../scripts/finetune.py"

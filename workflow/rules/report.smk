@@ -42,7 +42,7 @@ rule summarise_task:
 
 rule collect_runs:
     input:
-        metrics=[f"{R}/{run.path}/metrics.json" for run in RUNS],
+        metrics=[f"{R}/{run.path}/{paths.METRICS}" for run in RUNS],
         validation=rules.validate_images.output.summary,
     output:
         runs=report(

@@ -18,7 +18,7 @@ rule fetch_weights:
         runtime=60,
     params:
         backbones=sorted(
-            {b for m in config["models"] for b in m["backbone"].split("+")}
+            {b for m in config["models"] for b in catalog.parts(m["backbone"])}
         ),
         torch_home=os.environ["TORCH_HOME"],
     script:

