@@ -172,6 +172,45 @@ def classification_metrics(
 # bootstrap
 
 
+def bootstrap_cell_counts(
+    cell_idx: np.ndarray,
+    n_cells: int,
+    n_boot: int,
+    rng: np.random.Generator,
+    group_idx: np.ndarray | None,
+) -> np.ndarray:
+    """(n_boot, n_cells) counts of integer-coded cells in bootstrap resamples.
+
+    Only the cell counts of a resample matter (a confusion matrix is one such count table; a
+    paired comparison of two runs uses the joint (true, pred A, pred B) cells), so resamples
+    are drawn as counts:
+    - images: n draws with replacement from n items put Multinomial(n, counts / n) counts into
+      the cells; this is the ordinary bootstrap, exactly, at O(n_cells) cost per resample;
+    - groups: G draws with replacement from G groups give each group a Multinomial(G, 1/G)
+      multiplicity (drawn as G uniform picks); the resample's counts are
+      multiplicities @ per-group counts.
+    """
+    if group_idx is None:
+        observed = np.bincount(cell_idx, minlength=n_cells)
+        n = int(observed.sum())
+        return rng.multinomial(n, observed / n, size=n_boot)
+
+    n_groups = int(group_idx.max()) + 1
+    per_group = np.zeros((n_groups, n_cells), dtype=np.int64)
+    np.add.at(per_group, (group_idx, cell_idx), 1)
+    # Float matrices so the product runs in BLAS; counts stay exact far below 2**53.
+    per_group_f = per_group.astype(np.float64)
+    chunk = max(1, _MAX_DRAW_CELLS // n_groups)
+    out = np.empty((n_boot, n_cells), dtype=np.float64)
+    for start in range(0, n_boot, chunk):
+        size = min(n_boot, start + chunk) - start
+        picks = rng.integers(0, n_groups, size=(size, n_groups))
+        offsets = (np.arange(size) * n_groups)[:, None]
+        multiplicity = np.bincount((picks + offsets).ravel(), minlength=size * n_groups)
+        out[start : start + size] = multiplicity.reshape(size, n_groups) @ per_group_f
+    return np.rint(out).astype(np.int64)
+
+
 def _bootstrap_confusions(
     true_idx: np.ndarray,
     pred_idx: np.ndarray,
@@ -180,36 +219,22 @@ def _bootstrap_confusions(
     rng: np.random.Generator,
     group_idx: np.ndarray | None,
 ) -> np.ndarray:
-    """(n_boot, K, K) confusion matrices of bootstrap resamples.
+    """(n_boot, K, K) confusion matrices of bootstrap resamples (see bootstrap_cell_counts)."""
+    counts = bootstrap_cell_counts(
+        true_idx * n_classes + pred_idx, n_classes * n_classes, n_boot, rng, group_idx
+    )
+    return counts.reshape(n_boot, n_classes, n_classes)
 
-    Only the confusion matrix of a resample matters, so resamples are drawn as counts:
-    - images: n draws with replacement from n predictions put Multinomial(n, cm / n) counts into
-      the K*K cells; this is the ordinary bootstrap, exactly, at O(K^2) cost per resample;
-    - groups: G draws with replacement from G groups give each group a Multinomial(G, 1/G)
-      multiplicity (drawn as G uniform picks); the resample's confusion matrix is
-      multiplicities @ per-group matrices.
-    """
-    cells = n_classes * n_classes
-    if group_idx is None:
-        observed = confusion_counts(true_idx, pred_idx, n_classes).reshape(-1)
-        n = int(observed.sum())
-        draws = rng.multinomial(n, observed / n, size=n_boot)
-        return draws.reshape(n_boot, n_classes, n_classes)
 
-    n_groups = int(group_idx.max()) + 1
-    per_group = np.zeros((n_groups, cells), dtype=np.int64)
-    np.add.at(per_group, (group_idx, true_idx * n_classes + pred_idx), 1)
-    # Float matrices so the product runs in BLAS; counts stay exact far below 2**53.
-    per_group_f = per_group.astype(np.float64)
-    chunk = max(1, _MAX_DRAW_CELLS // n_groups)
-    out = np.empty((n_boot, cells), dtype=np.float64)
-    for start in range(0, n_boot, chunk):
-        size = min(n_boot, start + chunk) - start
-        picks = rng.integers(0, n_groups, size=(size, n_groups))
-        offsets = (np.arange(size) * n_groups)[:, None]
-        multiplicity = np.bincount((picks + offsets).ravel(), minlength=size * n_groups)
-        out[start : start + size] = multiplicity.reshape(size, n_groups) @ per_group_f
-    return np.rint(out).astype(np.int64).reshape(n_boot, n_classes, n_classes)
+def encode_groups(groups: Sequence[Any], n_items: int) -> np.ndarray:
+    """Dense integer codes of one group id per prediction (the cluster-bootstrap unit)."""
+    group_values = np.asarray([str(g) for g in groups], dtype=object)
+    if len(group_values) != n_items:
+        raise LeukotypeError(
+            f"groups has {len(group_values)} entries but there are {n_items} "
+            "predictions; pass one group id per prediction"
+        )
+    return np.unique(group_values, return_inverse=True)[1]
 
 
 def bootstrap_ci(
@@ -235,15 +260,7 @@ def bootstrap_ci(
         raise LeukotypeError(f"alpha must lie strictly between 0 and 1, got {alpha}")
     classes = [str(c) for c in classes]
     true_idx, pred_idx = encode_pairs(y_true, y_pred, classes)
-    group_idx = None
-    if groups is not None:
-        group_values = np.asarray([str(g) for g in groups], dtype=object)
-        if len(group_values) != len(true_idx):
-            raise LeukotypeError(
-                f"groups has {len(group_values)} entries but there are {len(true_idx)} "
-                "predictions; pass one group id per prediction"
-            )
-        _, group_idx = np.unique(group_values, return_inverse=True)
+    group_idx = None if groups is None else encode_groups(groups, len(true_idx))
 
     rng = np.random.default_rng(seed)
     confusions = _bootstrap_confusions(true_idx, pred_idx, len(classes), n_boot, rng, group_idx)
@@ -269,22 +286,11 @@ def _json_number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def evaluate_predictions(
-    pred_df: pd.DataFrame,
-    classes: Sequence[str],
-    meta: Mapping[str, Any],
-    n_boot: int = 1000,
-    seed: int = 0,
-    groups: Mapping[str, Any] | pd.Series | None = None,
-    alpha: float = 0.05,
-) -> dict[str, Any]:
-    """The metrics JSON record of one run (task x strategy x model x fold).
+def scored_rows(pred_df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a prediction table that are scored: one per test image (``identity``).
 
-    ``pred_df`` has columns ``image_id, transform, true, pred`` (see
-    ``leukotype.classify.predict_table``); only ``identity`` rows are evaluated, so each test
-    image counts once. ``meta`` carries ``task, strategy, model, backbone, layer, fold`` (copied
-    to the top level) and optionally ``config`` (stored in the provenance only). ``groups`` maps
-    ``image_id`` to a group (patient) id and switches the bootstrap to resampling groups.
+    Every consumer that scores or compares runs per image (evaluation, paired comparisons)
+    selects rows here, so they always agree on what "a run's prediction for an image" is.
     """
     required = {"image_id", "transform", "true", "pred"}
     missing = sorted(required - set(pred_df.columns))
@@ -303,23 +309,47 @@ def evaluate_predictions(
             f"prediction table repeats image ids {duplicated[:5]} with transform 'identity'; "
             "each test image must be predicted once"
         )
+    return identity
+
+
+def groups_of(image_ids: Sequence[Any], groups: Mapping[str, Any] | pd.Series) -> list[str]:
+    """The group (patient) id of each image, from an ``image_id -> group`` mapping."""
+    lookup = pd.Series(groups).copy()  # never relabel the caller's Series
+    lookup.index = lookup.index.astype(str)
+    ids = pd.Series(image_ids).astype(str)
+    absent = sorted(set(ids) - set(lookup.index))
+    if absent:
+        raise LeukotypeError(
+            f"no group given for test images {absent[:5]} (of {len(absent)}); "
+            "the groups mapping must cover every evaluated image_id"
+        )
+    return lookup.loc[ids].astype(str).tolist()
+
+
+def evaluate_predictions(
+    pred_df: pd.DataFrame,
+    classes: Sequence[str],
+    meta: Mapping[str, Any],
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups: Mapping[str, Any] | pd.Series | None = None,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """The metrics JSON record of one run (task x strategy x model x fold).
+
+    ``pred_df`` has columns ``image_id, transform, true, pred`` (see
+    ``leukotype.classify.predict_table``); only ``identity`` rows are evaluated, so each test
+    image counts once. ``meta`` carries ``task, strategy, model, backbone, layer, fold`` (copied
+    to the top level) and optionally ``config`` (stored in the provenance only). ``groups`` maps
+    ``image_id`` to a group (patient) id and switches the bootstrap to resampling groups.
+    """
+    identity = scored_rows(pred_df)
     classes = [str(c) for c in classes]
     y_true = identity["true"].astype(str).tolist()
     y_pred = identity["pred"].astype(str).tolist()
     point = classification_metrics(y_true, y_pred, classes)
 
-    group_values = None
-    if groups is not None:
-        lookup = pd.Series(groups).copy()  # never relabel the caller's Series
-        lookup.index = lookup.index.astype(str)
-        ids = identity["image_id"].astype(str)
-        absent = sorted(set(ids) - set(lookup.index))
-        if absent:
-            raise LeukotypeError(
-                f"no group given for test images {absent[:5]} (of {len(absent)}); "
-                "the groups mapping must cover every evaluated image_id"
-            )
-        group_values = lookup.loc[ids].astype(str).tolist()
+    group_values = None if groups is None else groups_of(identity["image_id"], groups)
     intervals = bootstrap_ci(
         y_true, y_pred, classes, n_boot=n_boot, seed=seed, alpha=alpha, groups=group_values
     )
