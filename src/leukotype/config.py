@@ -159,6 +159,9 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                     f"models[{i}].finetune.policy: {backbone} cannot be fine-tuned with policy "
                     f"{policy!r}; valid policies for it: {list(allowed)}"
                 )
+    from leukotype.baselines import check_baselines
+
+    problems += check_baselines(cfg)
     if problems:
         raise LeukotypeError("invalid config:\n  " + "\n  ".join(problems))
     _sort_keys_in_place(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ _TABLE_METRICS = {
     # Kappa is a coefficient in [-1, 1], not a proportion: shown as such, with 3 decimals.
     "Kappa": ("kappa", False),
 }
+#: Table column -> (summary metric, shown as a percentage), for other table builders.
+TABLE_METRICS = _TABLE_METRICS
 
 _STRATEGY_COLOURS = {"features_svm": "#1f77b4", "finetune": "#ff7f0e", "finetune_svm": "#2ca02c"}
 
@@ -306,6 +309,16 @@ def _new_figure(width: float, height: float, constrained: bool = True) -> Figure
     return fig
 
 
+def wrap_title(text: str, width_inches: float, fontsize: float = 11.0) -> str:
+    """Wrap a title so that it fits a figure ``width_inches`` wide at ``fontsize`` points.
+
+    An average character is about half an em wide; a small margin keeps long dataset names
+    inside the image instead of running off its right edge.
+    """
+    chars = max(20, int(width_inches * 72.0 / (0.55 * fontsize)) - 4)
+    return "\n".join(textwrap.fill(line, chars) for line in str(text).splitlines())
+
+
 def save_figure(fig: Figure, path: str | os.PathLike) -> Figure:
     """Save ``fig`` as a PNG at :data:`DPI`, atomically."""
     with atomic_path(path) as tmp:
@@ -314,9 +327,17 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Figure:
 
 
 def plot_accuracy(
-    summary_df: pd.DataFrame, task: str, path: str | os.PathLike, dataset: str | None = None
+    summary_df: pd.DataFrame,
+    task: str,
+    path: str | os.PathLike,
+    dataset: str | None = None,
+    baselines: Sequence[Mapping[str, Any]] = (),
 ) -> Figure:
-    """Horizontal bars of accuracy per model x strategy with 95% CI error bars and chance level."""
+    """Horizontal bars of accuracy per model x strategy with 95% CI error bars and chance level.
+
+    ``baselines`` (published results with an accuracy) follow as hatched grey bars without an
+    interval, labelled ``[study, published]``: shown for orientation, not reproduced here.
+    """
     rows = _runs_of_task(summary_df, task)
     labels = [
         f"{name} — {technique_and_classifier(s)[0]}"
@@ -327,8 +348,10 @@ def plot_accuracy(
     high = 100 * rows["accuracy_ci_hi"].to_numpy(dtype=float)
     errors = np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0).clip(min=0.0)
     colours = [_STRATEGY_COLOURS.get(s, "#7f7f7f") for s in rows["strategy"]]
+    published = [b for b in baselines if b.get("metrics", {}).get("accuracy") is not None]
 
-    fig = _new_figure(8.0, 1.8 + 0.42 * len(rows))
+    width = 8.0
+    fig = _new_figure(width, 1.8 + 0.42 * (len(rows) + len(published)))
     ax = fig.add_subplot()
     positions = np.arange(len(rows))
     ax.barh(
@@ -344,6 +367,23 @@ def plot_accuracy(
         Patch(color=_STRATEGY_COLOURS.get(s, "#7f7f7f"), label=technique_and_classifier(s)[0])
         for s in dict.fromkeys(rows["strategy"])
     ]
+    if published:
+        from leukotype.baselines import PUBLISHED, published_label
+
+        extra = np.arange(len(rows), len(rows) + len(published))
+        values = np.array([100 * float(b["metrics"]["accuracy"]) for b in published])
+        ax.barh(extra, values, color="#d9d9d9", edgecolor="#555555", hatch="//", height=0.7)
+        for y, value, baseline in zip(extra, values, published):
+            approx = "~" if baseline.get("approximate") else ""
+            ax.text(value + 1.0, y, f"{approx}{value:.1f}", va="center", ha="left", fontsize=8)
+        labels = labels + [
+            f"{published_label(b)} — {technique_and_classifier(b['strategy'])[0]}"
+            for b in published
+        ]
+        positions = np.arange(len(labels))
+        handles.append(
+            Patch(facecolor="#d9d9d9", edgecolor="#555555", hatch="//", label=PUBLISHED)
+        )
     for y, value, upper in zip(positions, mean, high):
         if math.isfinite(value):
             inside = value > 8.0  # room for the label inside the bar, else right of the CI
@@ -374,7 +414,8 @@ def plot_accuracy(
     ax.set_xlim(0, 100)
     ax.set_xlabel("Test accuracy (%) with 95% CI")
     suffix = f" ({dataset})" if dataset else ""
-    ax.set_title(f"{task}: accuracy per model and strategy{suffix}", fontsize=11)
+    # A figure-level title wrapped to the figure's width: a long dataset name stays inside.
+    fig.suptitle(wrap_title(f"{task}: accuracy per model and strategy{suffix}", width), fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
 
@@ -499,7 +540,10 @@ def plot_confusion_grid(
         fig.delaxes(ax)
     fig.colorbar(image, ax=list(axes.flat)[:n_panels], shrink=0.6, label="fraction of true class")
     suffix = f" — {dataset}" if dataset else ""
-    fig.suptitle(f"{task}: confusion matrices (rows = true class){suffix}", fontsize=11)
+    fig.suptitle(
+        wrap_title(f"{task}: confusion matrices (rows = true class){suffix}", fig.get_figwidth()),
+        fontsize=11,
+    )
     return save_figure(fig, path)
 
 

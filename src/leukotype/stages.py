@@ -238,7 +238,23 @@ def run_summarise(
     out_accuracy_png: PathLike,
     out_confusion_png: PathLike,
     dataset: str | None = None,
+    comparisons: PathLike | None = None,
+    baselines: Sequence[Mapping[str, Any]] = (),
+    out_per_class: PathLike | None = None,
 ) -> pd.DataFrame:
+    """The paper table (with the best run and those not significantly worse marked, from the
+    ``comparisons`` table, and published ``baselines`` appended), the figures and, with
+    ``out_per_class``, the per-class table of every run (CSV + Markdown)."""
+    from leukotype.baselines import baselines_of_task
+    from leukotype.compare import standing_against_best
+    from leukotype.comparison_report import (
+        add_baselines,
+        mark_standing,
+        per_class_table,
+        run_labels,
+        table_run_keys,
+        write_per_class,
+    )
     from leukotype.metrics import fold_summary
     from leukotype.report import paper_table, plot_accuracy, plot_confusion_grid, write_tables
 
@@ -246,10 +262,130 @@ def run_summarise(
     records = [read_json(p) for p in metrics]
     summary = fold_summary(records)
     table = paper_table(summary, task.name, dataset=dataset)
+    keys = table_run_keys(summary, task.name)
+    if comparisons is not None:
+        pairs = pd.read_csv(comparisons)
+        table = mark_standing(table, keys, standing_against_best(pairs, keys))
+    published = baselines_of_task(baselines, task.name)
+    table = add_baselines(table, published)
     write_tables(table, Path(out_csv).with_suffix(""))
-    plot_accuracy(summary, task.name, out_accuracy_png, dataset=dataset)
+    plot_accuracy(summary, task.name, out_accuracy_png, dataset=dataset, baselines=published)
     plot_confusion_grid(records, task.name, out_confusion_png, dataset=dataset)
+    if out_per_class is not None:
+        per_class = per_class_table(records, run_labels(summary, task.name))
+        write_per_class(per_class, Path(out_per_class).with_suffix(""))
     return table
+
+
+def run_compare(
+    metrics: Sequence[PathLike],
+    predictions: Sequence[PathLike],
+    samples: PathLike,
+    task_cfg: Mapping[str, Any],
+    evaluation_cfg: Mapping[str, Any],
+    out_csv: PathLike,
+    out_png: PathLike,
+    dataset: str | None = None,
+    test_set: str = "internal",
+) -> pd.DataFrame:
+    """Paired comparisons of every pair of a task's runs on their common test images.
+
+    ``metrics[i]`` and ``predictions[i]`` belong to the same run and fold (the record names
+    the run). ``samples`` (the task's augmented samples table) gives the groups the bootstrap
+    resamples and the fold sizes of the Nadeau-Bengio correction. For another test set (an
+    external one) pass that set's predictions and name it in ``test_set``.
+    """
+    from leukotype.compare import compare_runs, fold_sizes_from_samples, run_key, run_predictions
+    from leukotype.comparison_report import (
+        comparison_caption,
+        plot_comparison_matrix,
+        run_labels,
+        write_comparison_tables,
+    )
+    from leukotype.metrics import fold_summary, model_id
+
+    if len(metrics) != len(predictions):
+        raise LeukotypeError(
+            f"{len(metrics)} metrics files but {len(predictions)} prediction tables; they pair up"
+        )
+    task = task_from_dict(task_cfg)
+    records = [read_json(p) for p in metrics]
+    runs = []
+    for record, path in zip(records, predictions):
+        model = record.get("model") or model_id(record["backbone"], record.get("layer"))
+        runs.append(
+            run_predictions(run_key(record["strategy"], model), record["fold"], read_tsv(path))
+        )
+    sample_table = read_tsv(samples)
+    groups = dict(zip(sample_table["image_id"].astype(str), sample_table["group"].astype(str)))
+    alpha = float(evaluation_cfg.get("alpha", 0.05))
+    table = compare_runs(
+        runs,
+        list(task.classes),
+        groups=groups,
+        fold_sizes=fold_sizes_from_samples(sample_table),
+        n_boot=max(1, int(evaluation_cfg["n_bootstrap"])),
+        seed=int(evaluation_cfg["seed"]),
+        alpha=alpha,
+        test_set=test_set,
+    )
+    table.insert(0, "task", task.name)
+    labels = run_labels(fold_summary(records), task.name)
+    write_comparison_tables(
+        table, labels, Path(out_csv).with_suffix(""), caption=comparison_caption(table, alpha)
+    )
+    suffix = f" ({dataset})" if dataset else ""
+    title = f"{task.name}: paired differences in accuracy, {test_set} test set{suffix}"
+    if len(table):
+        plot_comparison_matrix(table, labels, out_png, title)
+    else:
+        _placeholder_figure(out_png, f"{title}: fewer than two runs, nothing to compare")
+    return table
+
+
+def _placeholder_figure(path: PathLike, text: str) -> None:
+    from leukotype.report import _new_figure, save_figure, wrap_title
+
+    fig = _new_figure(6.0, 1.5)
+    fig.text(0.5, 0.5, wrap_title(text, 6.0, 10), ha="center", va="center", fontsize=10)
+    save_figure(fig, path)
+
+
+def run_feature_map(
+    feature_dir: PathLike,
+    layer: str,
+    samples: Mapping[str, PathLike],
+    out_png: PathLike,
+    settings: Mapping[str, Any],
+    seed: int = 0,
+    title: str = "",
+    classes: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """t-SNE map of one backbone layer's test features, one panel per task (``samples``: task
+    name -> augmented samples table; ``classes``: task -> class order of the legend).
+    Returns the embedding (image_id, x, y)."""
+    from leukotype.feature_map import (
+        feature_map_inputs,
+        plot_feature_map,
+        subsample,
+        tsne_embedding,
+    )
+    from leukotype.feature_store import load_features
+
+    tables = {task: read_tsv(path) for task, path in samples.items()}
+    ids, per_task = feature_map_inputs(tables)
+    first_labels = [next((m[i] for m in per_task.values() if i in m), "") for i in ids]
+    keep = subsample(first_labels, int(settings.get("max_points", 3000)), seed)
+    ids = [ids[i] for i in keep]
+    rows = pd.DataFrame({"image_id": ids, "transform": "identity"})
+    features = load_features([Path(feature_dir)], layer, rows)
+    embedding = tsne_embedding(features, seed=seed, perplexity=float(settings.get("perplexity", 30)))
+    panels = []
+    for task, labels in per_task.items():
+        order = list((classes or {}).get(task) or sorted(set(labels.values())))
+        panels.append((f"task {task}", [labels.get(i, "") for i in ids], order))
+    plot_feature_map(embedding, panels, out_png, title or f"t-SNE of {feature_dir} / {layer}")
+    return pd.DataFrame({"image_id": ids, "x": embedding[:, 0], "y": embedding[:, 1]})
 
 
 def run_collect(

@@ -45,7 +45,11 @@ rule evaluate:
         runtime=10,
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        evaluation=config["evaluation"],
+        evaluation={
+            k: v
+            for k, v in config["evaluation"].items()
+            if k not in ("baselines", "feature_map", "alpha")
+        },
         weights=weights_name,
     script:
         "../scripts/evaluate.py"

@@ -137,6 +137,27 @@ def task_metrics(wildcards):
     ]
 
 
+def task_predictions(wildcards):
+    """Prediction tables of a task's runs, in the order of task_metrics."""
+    return [
+        f"{R}/{run.path}/predictions.tsv" for run in RUNS if run.task == wildcards.task
+    ]
+
+
+def comparison_settings():
+    """The evaluation keys a comparison job reads (baselines and maps do not rerun it)."""
+    return {k: config["evaluation"][k] for k in ("n_bootstrap", "seed", "alpha")}
+
+
+def feature_map_targets():
+    """One t-SNE map per extracted backbone and layer."""
+    return [
+        f"{R}/figures/features/{backbone}-{layer}.png"
+        for backbone, layers in EXTRACT.items()
+        for layer in layers
+    ]
+
+
 def final_targets():
     targets = []
     for task in TASKS:
@@ -146,6 +167,11 @@ def final_targets():
             f"{R}/tables/{task}.tex",
             f"{R}/figures/{task}_accuracy.png",
             f"{R}/figures/{task}_confusion.png",
+            f"{R}/tables/{task}_comparisons.md",
+            f"{R}/tables/{task}_comparisons.tex",
+            f"{R}/figures/{task}_comparisons.png",
+            f"{R}/tables/{task}_per_class.md",
         ]
+    targets += feature_map_targets()
     targets.append(f"{R}/tables/all_runs.tsv")
     return targets

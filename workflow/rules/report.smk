@@ -4,6 +4,7 @@
 rule summarise_task:
     input:
         metrics=task_metrics,
+        comparisons=f"{R}/tables/{{task}}_comparisons.csv",
     output:
         csv=report(
             f"{R}/tables/{{task}}.csv",
@@ -25,6 +26,13 @@ rule summarise_task:
             category="Figures",
             labels={"task": "{task}", "figure": "confusion matrices"},
         ),
+        per_class=report(
+            f"{R}/tables/{{task}}_per_class.csv",
+            caption="../report/per_class.rst",
+            category="Tables",
+            labels={"task": "{task}", "format": "per-class CSV"},
+        ),
+        per_class_md=f"{R}/tables/{{task}}_per_class.md",
     log:
         f"{R}/logs/summarise/{{task}}.log",
     conda:
@@ -36,6 +44,7 @@ rule summarise_task:
     params:
         task=lambda wildcards: TASKS[wildcards.task],
         dataset=dataset_label(config["dataset"]),
+        baselines=config["evaluation"]["baselines"],
     script:
         "../scripts/summarise_task.py"
 
@@ -62,3 +71,68 @@ rule collect_runs:
         runtime=10,
     script:
         "../scripts/collect_runs.py"
+
+
+rule compare_runs:
+    input:
+        metrics=task_metrics,
+        predictions=task_predictions,
+        samples=rules.augment.output.samples,
+    output:
+        csv=report(
+            f"{R}/tables/{{task}}_comparisons.csv",
+            caption="../report/comparisons.rst",
+            category="Comparisons",
+            labels={"task": "{task}", "format": "CSV"},
+        ),
+        md=f"{R}/tables/{{task}}_comparisons.md",
+        tex=f"{R}/tables/{{task}}_comparisons.tex",
+        figure=report(
+            f"{R}/figures/{{task}}_comparisons.png",
+            caption="../report/comparisons_figure.rst",
+            category="Comparisons",
+            labels={"task": "{task}", "figure": "paired differences"},
+        ),
+    log:
+        f"{R}/logs/compare_runs/{{task}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        evaluation=comparison_settings(),
+        dataset=dataset_label(config["dataset"]),
+    script:
+        "../scripts/compare_runs.py"
+
+
+rule feature_map:
+    input:
+        features=f"{R}/features/{{backbone}}",
+        samples=expand(rules.augment.output.samples, task=list(TASKS)),
+    output:
+        figure=report(
+            f"{R}/figures/features/{{backbone}}-{{layer}}.png",
+            caption="../report/feature_map.rst",
+            category="Feature maps",
+            labels={"backbone": "{backbone}", "layer": "{layer}"},
+        ),
+    log:
+        f"{R}/logs/feature_map/{{backbone}}-{{layer}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        tasks=list(TASKS),
+        classes={name: list(task["classes"]) for name, task in TASKS.items()},
+        settings=config["evaluation"]["feature_map"],
+        seed=config["evaluation"]["seed"],
+        dataset=dataset_label(config["dataset"]),
+    script:
+        "../scripts/feature_map.py"

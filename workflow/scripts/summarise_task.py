@@ -11,4 +11,7 @@ with logged(snakemake):
         snakemake.output.accuracy,
         snakemake.output.confusion,
         dataset=snakemake.params.dataset,
+        comparisons=snakemake.input.comparisons,
+        baselines=snakemake.params.baselines,
+        out_per_class=snakemake.output.per_class,
     )
