@@ -136,11 +136,90 @@ def test_execution_settings_reschedule_nothing_and_result_settings_rerun(study):
         assert rule not in jobs
 
 
+def _scored(path: Path) -> pd.DataFrame:
+    table = read(path)
+    return table[table["transform"] == "identity"].set_index("image_id").sort_index()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_comparisons_recompute_from_the_runs_predictions(study, task):
+    from math import comb
+
+    results = study / "results"
+    pairs = pd.read_csv(results / f"tables/{task}_comparisons.csv")
+    assert len(pairs) == 10  # 5 runs: every pair once
+    assert set(pairs["test"]) == {"exact McNemar"} and set(pairs["test_set"]) == {"internal"}
+
+    def run_dir(key):
+        strategy, model = key.split(":")
+        backbone, layer = model.rsplit("-", 1)
+        return results / "runs" / task / strategy / backbone / layer / "holdout"
+
+    for row in pairs.itertuples():
+        a, b = _scored(run_dir(row.run_a) / "predictions.tsv"), _scored(run_dir(row.run_b) / "predictions.tsv")
+        assert list(a.index) == list(b.index)  # the same test images
+        right_a, right_b = a["pred"] == a["true"], b["pred"] == b["true"]
+        assert (row.a_only, row.b_only) == ((right_a & ~right_b).sum(), (~right_a & right_b).sum())
+        n, k = row.a_only + row.b_only, min(row.a_only, row.b_only)
+        p = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+        assert row.p_value == pytest.approx(p)
+        for side, key in (("a", row.run_a), ("b", row.run_b)):
+            record = json.loads((run_dir(key) / "metrics.json").read_text())
+            assert getattr(row, f"accuracy_{side}") == pytest.approx(record["metrics"]["accuracy"])
+        assert row.accuracy_diff == pytest.approx(row.accuracy_a - row.accuracy_b)
+        assert row.accuracy_diff >= 0  # run A is the higher-ranked
+        assert row.accuracy_ci_lo <= row.accuracy_ci_hi
+    # Holm by hand: sorted p times (m - rank), running maximum, capped at 1
+    order = pairs["p_value"].sort_values(kind="stable")
+    running, expected = 0.0, {}
+    for rank, (index, value) in enumerate(order.items()):
+        running = max(running, min(1.0, (len(order) - rank) * value))
+        expected[index] = running
+    assert pairs["p_holm"].tolist() == pytest.approx([expected[i] for i in pairs.index])
+
+    table = pd.read_csv(results / f"tables/{task}.csv", keep_default_na=False)
+    assert (table["vs best"] == "best").sum() == 1
+    best = table.loc[table["vs best"] == "best", "Accuracy"].astype(float).iloc[0]
+    assert best == table["Accuracy"].astype(float).max()
+    best_key = pairs.loc[pairs["rank_a"] == 1, "run_a"].iloc[0]
+    worse = pairs[(pairs["run_a"] == best_key) & pairs["significant"]]
+    assert (table["vs best"] == "worse").sum() == len(worse)
+
+    per_class = pd.read_csv(results / f"tables/{task}_per_class.csv", keep_default_na=False)
+    assert per_class["run"].nunique() == 5 and per_class["class"].nunique() == TASKS[task]
+    for key, rows in per_class.groupby("run"):
+        record = json.loads((run_dir(key) / "metrics.json").read_text())
+        assert rows["support"].sum() == record["n_test"]
+        for r in rows.itertuples():
+            assert r.recall == pytest.approx(record["per_class"][r[4]]["recall"])
+    assert (results / f"figures/{task}_comparisons.png").stat().st_size > 5_000
+
+
+def test_feature_map_and_published_baselines_on_the_study(study, tmp_path):
+    from leukotype.stages import run_summarise
+
+    assert (study / "results/figures/features/efficientnet_lite0-pool.png").stat().st_size > 20_000
+    results = study / "results"
+    cfg = yaml.safe_load(CONFIG.read_text())
+    task = next(t for t in cfg["tasks"] if t["name"] == "subtype")
+    metrics = sorted(results.glob("runs/subtype/*/*/*/holdout/metrics.json"))
+    baseline = {"study": "Khan & Tehsin 2022, Table 3", "task": "subtype", "model": "Inception V3",
+                "strategy": "features_svm", "metrics": {"accuracy": 0.875}, "n_images": 633,
+                "split": "75/25 hold-out", "citation": "Khan & Tehsin 2022"}
+    table = run_summarise(metrics, task, tmp_path / "subtype.csv", tmp_path / "acc.png", tmp_path / "cm.png",
+                          comparisons=results / "tables/subtype_comparisons.csv", baselines=[baseline])
+    assert len(table) == 6 and table["Source"].tolist()[:5] == ["this workflow"] * 5
+    published = table.iloc[5]
+    assert published["Accuracy"] == "87.5" and published["vs best"] == ""
+    assert published["Source"] == "Khan & Tehsin 2022, Table 3 (published, not reproduced here; 633 images)"
+
+
 def test_html_report_holds_tables_and_figures(study):
     snakemake(study, "--report", "report.html", configfile=CONFIG)
     html = (study / "report.html").read_text(errors="replace")
     assert len(html) > 50_000
-    for name in ("cellular_accuracy.png", "subtype_confusion.png", "lineage.csv"):
+    for name in ("cellular_accuracy.png", "subtype_confusion.png", "lineage.csv",
+                 "subtype_comparisons.png", "lineage_comparisons.csv", "efficientnet_lite0-pool.png"):
         assert name in html
 
 

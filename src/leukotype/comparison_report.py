@@ -218,7 +218,7 @@ def plot_comparison_matrix(
     for row in comparisons.itertuples():
         i, j = index[row.run_a], index[row.run_b]
         value = 100 * float(getattr(row, f"{metric}_diff"))
-        diff[i, j], diff[j, i] = value, -value
+        diff[i, j], diff[j, i] = value, 0.0 - value  # never a '-0.0' cell
         significant[i, j] = significant[j, i] = bool(row.significant)
 
     size = max(4.0, 2.5 + 0.55 * n)

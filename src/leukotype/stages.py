@@ -360,6 +360,7 @@ def run_feature_map(
     seed: int = 0,
     title: str = "",
     classes: Mapping[str, Sequence[str]] | None = None,
+    threads: int = 1,
 ) -> pd.DataFrame:
     """t-SNE map of one backbone layer's test features, one panel per task (``samples``: task
     name -> augmented samples table; ``classes``: task -> class order of the legend).
@@ -375,11 +376,13 @@ def run_feature_map(
     tables = {task: read_tsv(path) for task, path in samples.items()}
     ids, per_task = feature_map_inputs(tables)
     first_labels = [next((m[i] for m in per_task.values() if i in m), "") for i in ids]
-    keep = subsample(first_labels, int(settings.get("max_points", 3000)), seed)
+    keep = subsample(first_labels, int(settings.get("max_points", 2000)), seed)
     ids = [ids[i] for i in keep]
     rows = pd.DataFrame({"image_id": ids, "transform": "identity"})
     features = load_features([Path(feature_dir)], layer, rows)
-    embedding = tsne_embedding(features, seed=seed, perplexity=float(settings.get("perplexity", 30)))
+    embedding = tsne_embedding(
+        features, seed=seed, perplexity=float(settings.get("perplexity", 30)), threads=threads
+    )
     panels = []
     for task, labels in per_task.items():
         order = list((classes or {}).get(task) or sorted(set(labels.values())))

@@ -14,4 +14,5 @@ with logged(snakemake):
         seed=snakemake.params.seed,
         title=f"t-SNE of the test features: {backbone}, layer {layer} ({snakemake.params.dataset})",
         classes=snakemake.params.classes,
+        threads=snakemake.threads,
     )
