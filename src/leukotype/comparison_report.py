@@ -181,7 +181,8 @@ def comparison_caption(comparisons: pd.DataFrame, alpha: float) -> str:
         )
     return (
         f"Paired comparisons ({comparisons['test_set'].iloc[0]} test set): {method}; p-values "
-        f"Holm-corrected over {len(comparisons)} pairs, significant at {alpha:g}. Run A is the "
+        f"Holm-corrected over {len(comparisons)} pair{'s' if len(comparisons) > 1 else ''}, "
+        f"significant at {alpha:g}. Run A is the "
         "higher-ranked run of each pair."
     )
 
