@@ -111,7 +111,7 @@ rule compare_runs:
 
 rule feature_map:
     input:
-        features=f"{R}/features/{{backbone}}",
+        features=paths.features_dir(R),
         samples=expand(rules.augment.output.samples, task=list(TASKS)),
     output:
         figure=report(
