@@ -706,3 +706,53 @@ def test_scratch_cnn_fast_path_decodes_each_sample_once_and_trains_the_same_mode
     assert not runs["too_big_for_ram"][0].fast_path and runs["too_big_for_ram"][1] == 3 * n + 1
     for label in ("ordinary", "too_big_for_ram"):
         assert states_equal(runs["fast"][0].model, runs[label][0].model)
+
+
+def test_run_finetune_checks_a_user_weight_files_sha256(tmp_path: Path) -> None:
+    """A user weight file's sha256 is checked by fine-tuning as by extraction (issue 15)."""
+    from leukotype import backbones
+    from leukotype.stages import FinetuneOutputs, run_finetune
+    from leukotype.weights import file_sha256
+
+    cells = write_cells(tmp_path, n_per_class=3)
+    cells.assign(status="ok").to_csv(tmp_path / "validated.tsv", sep="\t", index=False)
+    samples = cells.assign(transform="identity", group=cells.image_id, fold="holdout")
+    samples["part"] = ["train", "train", "test", "train", "train", "test"]
+    samples.drop(columns="abspath").to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    net = backbones.build_model(backbones.get_spec("paper_cnn"), None, seed=5)
+    weights = tmp_path / "mine.pt"
+    torch.save(net.state_dict(), weights)
+
+    def run(sha256: str, out: Path) -> pd.DataFrame:
+        out.mkdir()
+        return run_finetune(
+            tmp_path / "samples.tsv",
+            tmp_path / "validated.tsv",
+            {"name": "t", "column": "label", "classes": ["a", "b"]},
+            "paper_cnn",
+            "holdout",
+            str(weights),
+            None,
+            {"policy": "all", "epochs": 1, "batch_size": 4, "lr": 1e-9, "device": "cpu"},
+            out / "ckpt",
+            FinetuneOutputs(
+                model=out / "model.pt",
+                history=out / "history.tsv",
+                curve=out / "curve.png",
+                predictions=out / "predictions.tsv",
+                features=out / "features",
+            ),
+            sha256=sha256,
+        )
+
+    with pytest.raises(LeukotypeError, match="sha256 mismatch for weights file"):
+        run("0" * 64, tmp_path / "wrong")
+    assert not (tmp_path / "wrong" / "model.pt").exists()
+    predictions = run(file_sha256(weights)[:12], tmp_path / "right")
+    assert len(predictions) == 2 and (tmp_path / "right" / "model.pt").is_file()
+    # training (lr ~ 0) started from the user's weights, not from the default initialisation
+    trained = torch.load(tmp_path / "right" / "model.pt", weights_only=True)
+    default = backbones.build_model(backbones.get_spec("paper_cnn"), None, seed=0)
+    first_conv = trained["trainable.0.0.weight"]  # paper_cnn's features.0 (the first conv)
+    assert torch.allclose(first_conv, net.state_dict()["features.0.weight"], atol=1e-6)
+    assert not torch.allclose(first_conv, default.state_dict()["features.0.weight"])

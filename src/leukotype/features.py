@@ -21,18 +21,15 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import fx, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from leukotype.augment import apply_transform, check_transform
 from leukotype.backbones import (
     FeatureExtractor,
     build_model,
@@ -42,64 +39,17 @@ from leukotype.backbones import (
 )
 from leukotype.errors import LeukotypeError
 from leukotype.feature_store import SAMPLE_KEY, _index_table, canonical_samples
-from leukotype.images import load_rgb
 from leukotype.io import atomic_path, provenance, write_json, write_tsv
+from leukotype.runtime import (  # noqa: F401 - SampleDataset, resolve_device: public here too
+    PRECISIONS,
+    SampleDataset,
+    autocast,
+    resolve_device,
+    sample_loader,
+    sequential_batches,
+    torch_threads,
+)
 from leukotype.weights import file_sha256
-
-PRECISIONS = ("fp32", "bf16")
-
-
-class SampleDataset(Dataset):
-    """(image, transform) samples -> ``(normalised tensor, index)``.
-
-    Decodes with :func:`leukotype.images.load_rgb`, applies the lossless transform to the
-    full-resolution image (before any resize, so a rotation never interpolates), then
-    ``preprocess``.
-    """
-
-    def __init__(
-        self,
-        abspaths: Sequence[str | os.PathLike],
-        transforms: Sequence[str],
-        preprocess: Callable[[Image.Image], torch.Tensor],
-    ) -> None:
-        if len(abspaths) != len(transforms):
-            raise LeukotypeError(
-                f"SampleDataset: {len(abspaths)} paths but {len(transforms)} transforms"
-            )
-        self.abspaths = [str(p) for p in abspaths]
-        self.transforms = [check_transform(str(t)) for t in transforms]
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.abspaths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = apply_transform(load_rgb(self.abspaths[index]), self.transforms[index])
-        return self.preprocess(image), index
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unavailable cuda device is an error."""
-    name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise LeukotypeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LeukotypeError(
-            f"device {device!r} requested but CUDA is not available on this machine; "
-            "use device: auto or cpu"
-        )
-    return resolved
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,11 +317,6 @@ def _progress(total: int, enabled: bool, desc: str):  # -> tqdm
     )
 
 
-def _worker_init(worker_id: int) -> None:
-    # Decoding workers must not each grab every core for intra-op parallelism.
-    torch.set_num_threads(1)
-
-
 def extract_features(
     samples: pd.DataFrame,
     backbone: str,
@@ -422,9 +367,7 @@ def extract_features(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
+    with torch_threads(max(1, int(threads))):
         model = build_model(spec, Path(weights_path) if weights_path else None, seed=seed)
         model = model.to(torch_device, memory_format=torch.channels_last)
         extractor = FeatureExtractor(spec, model, layers).eval()
@@ -436,15 +379,13 @@ def extract_features(
         dataset = SampleDataset(
             table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec)
         )
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            pin_memory=torch_device.type == "cuda",
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-        )
         n_rows = len(dataset)
+        loader = sample_loader(
+            dataset,
+            sequential_batches(n_rows, batch_size),
+            num_workers,
+            pin_memory=torch_device.type == "cuda",
+        )
         with contextlib.ExitStack() as finals:
             # Entered first, so replaced last: meta.json appears only when everything is there.
             meta_tmp = finals.enter_context(atomic_path(out_dir / "meta.json"))
@@ -462,7 +403,7 @@ def extract_features(
                 for batch, rows in loader:
                     batch = batch.to(torch_device, non_blocking=True)
                     batch = batch.to(input_dtype).contiguous(memory_format=torch.channels_last)
-                    with _autocast(torch_device, autocast_precision):
+                    with autocast(torch_device, autocast_precision):
                         outputs = extractor(batch)
                     rows = rows.numpy()
                     for layer, values in outputs.items():
@@ -503,5 +444,3 @@ def extract_features(
                 "provenance": provenance(seed=seed),
             }
             write_json(meta, meta_tmp)
-    finally:
-        torch.set_num_threads(previous_threads)

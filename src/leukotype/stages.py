@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +423,18 @@ def run_collect(
 # ----------------------------------------------------------------------------- fine-tuning
 
 
+@dataclass(frozen=True)
+class FinetuneOutputs:
+    """Where a fine-tuning job writes: model, history, learning curve, test predictions and the
+    fine-tuned features' folder."""
+
+    model: PathLike
+    history: PathLike
+    curve: PathLike
+    predictions: PathLike
+    features: PathLike
+
+
 def run_finetune(
     samples: PathLike,
     validated: PathLike,
@@ -432,7 +445,7 @@ def run_finetune(
     torch_home: str | None,
     settings: Mapping[str, Any],
     checkpoint_dir: PathLike,
-    outputs: Any,
+    outputs: FinetuneOutputs,
     feature_dirs: Sequence[PathLike] = (),
     threads: int = 1,
     sha256: str | None = None,
@@ -440,19 +453,20 @@ def run_finetune(
     """Fine-tune ``backbone`` on one task and fold; write model, history, curve, predictions
     and the fine-tuned network's features (for ``finetune_svm``).
 
-    ``outputs`` has attributes ``model, history, curve, predictions, features``. With
-    ``feature_dirs`` (the paper's policy: every pretrained layer frozen) the head trains on the
-    cached penultimate features of those folders instead of running the backbone again.
+    With ``feature_dirs`` (the paper's policy: every pretrained layer frozen) the head trains on
+    the cached penultimate features of those folders instead of running the backbone again.
+    ``sha256`` checks a user weight file (as extraction does).
     """
     from leukotype.finetune import (
         FinetuneConfig,
+        FoldSamples,
         Samples,
         build_finetune_model,
-        predict,
+        finetune_fold,
         save_finetuned,
-        train,
-        write_finetuned_features,
+        train_head_on_features,
     )
+    from leukotype.finetune.outputs import write_features
     from leukotype.report import plot_learning_curve
     from leukotype.split import carve_validation
     from leukotype.weights import resolve_weights
@@ -467,6 +481,11 @@ def run_finetune(
         is_val = carve_validation(train_rows, cfg.val_fraction, cfg.seed)
         train_rows, val_rows = train_rows[~is_val], train_rows[is_val]
         log.info("validation part for early stopping: %d of %d training samples", len(val_rows), len(is_val))
+    fold_samples = FoldSamples(
+        train=Samples.from_frame(train_rows, classes),
+        val=Samples.from_frame(val_rows, classes) if len(val_rows) else None,
+        test=Samples.from_frame(test_rows, classes),
+    )
 
     parts = list(catalog.parts(backbone))
     weight_paths = {
@@ -479,86 +498,17 @@ def run_finetune(
         weights=weight_paths if len(parts) > 1 else weight_paths[backbone],
         seed=cfg.seed,
     )
-    inference = {"batch_size": cfg.batch_size, "device": cfg.device, "precision": cfg.precision, "num_workers": cfg.num_workers}
-    # Every sample of the fold (training transforms included): finetune_svm trains on them.
-    all_rows = pd.concat([train_rows, val_rows, test_rows], ignore_index=True)
     if feature_dirs:
-        result, predictions = _finetune_head_on_cached_features(
-            model, cfg, classes, penultimate_layer(parts[0]), train_rows, val_rows, test_rows, all_rows, feature_dirs, checkpoint_dir, outputs
+        job = train_head_on_features(
+            model, fold_samples, classes, cfg, feature_dirs=feature_dirs, layer=penultimate_layer(parts[0]), checkpoint_dir=checkpoint_dir
         )
     else:
-        result = train(
-            model,
-            Samples.from_frame(train_rows, classes),
-            cfg,
-            preprocess=preprocess,
-            val_samples=Samples.from_frame(val_rows, classes) if len(val_rows) else None,
-            checkpoint_dir=checkpoint_dir,
-        )
-        predictions = predict(result.model, Samples.from_frame(test_rows, classes), preprocess, classes, **inference)
-        write_finetuned_features(outputs.features, result.model, Samples.from_frame(all_rows), preprocess, **inference)
+        job = finetune_fold(model, preprocess, fold_samples, classes, cfg, checkpoint_dir=checkpoint_dir)
+    result = job.train
     log.info("trained %d epochs (best %s, resumed from %s)", len(result.history), result.best_epoch, result.resumed_from_epoch)
     save_finetuned(model, outputs.model)
     write_tsv(result.history, outputs.history)
     plot_learning_curve(result.history, outputs.curve, title=f"{task.name} / {backbone} / {fold}")
-    write_tsv(predictions, outputs.predictions)
-    return predictions
-
-
-def _finetune_head_on_cached_features(
-    model: Any,
-    cfg: Any,
-    classes: list[str],
-    layer: str,
-    train_rows: pd.DataFrame,
-    val_rows: pd.DataFrame,
-    test_rows: pd.DataFrame,
-    all_rows: pd.DataFrame,
-    feature_dirs: Sequence[PathLike],
-    checkpoint_dir: PathLike,
-    outputs: Any,
-) -> tuple[Any, pd.DataFrame]:
-    """Train ``model.head`` on the cached ``layer`` features (the head module is shared, so
-    ``model`` is the trained network). Combined backbones: every part's penultimate is ``pool``."""
-    import torch
-    from torch import nn
-
-    from leukotype.feature_store import load_features, write_feature_matrix
-    from leukotype.finetune import FINETUNED_LAYER, FinetuneModel, Samples, fit, predict_proba, prediction_frame
-
-    dirs = [Path(d) for d in feature_dirs]
-
-    def rows_dataset(rows: pd.DataFrame) -> tuple[Any, Any]:
-        X = torch.from_numpy(load_features(dirs, layer, rows[["image_id", "transform"]]))
-        return _IndexedRows(X), Samples.from_frame(rows, classes)
-
-    head_only = FinetuneModel(nn.Identity(), nn.Sequential(), model.head)
-    (train_data, train_samples), (test_data, test_samples) = rows_dataset(train_rows), rows_dataset(test_rows)
-    val_data, val_samples = rows_dataset(val_rows) if len(val_rows) else (None, None)
-    result = fit(
-        head_only,
-        train_data,
-        train_samples.labels,
-        cfg,
-        val_data=val_data,
-        val_labels=val_samples.labels if val_samples is not None else None,
-        checkpoint_dir=checkpoint_dir,
-        data_key=f"cached:{layer}:{train_samples.key()}:{val_samples.key() if val_samples else ''}",
-    )
-    probabilities = predict_proba(head_only, test_data, len(test_samples), batch_size=cfg.batch_size, device=cfg.device)
-    index = all_rows[["image_id", "transform"]]
-    write_feature_matrix(Path(outputs.features), FINETUNED_LAYER, index, load_features(dirs, layer, index))
-    return result, prediction_frame(test_samples, probabilities, classes)
-
-
-class _IndexedRows:
-    """Rows of a feature matrix as ``(x, index)`` items, the dataset protocol of ``finetune.fit``."""
-
-    def __init__(self, X: Any) -> None:
-        self.X = X
-
-    def __len__(self) -> int:
-        return len(self.X)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        return self.X[i], i
+    write_tsv(job.predictions, outputs.predictions)
+    write_features(outputs.features, job.feature_index, job.features)
+    return job.predictions

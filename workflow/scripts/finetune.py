@@ -2,7 +2,7 @@
 
 from leukotype.config import finetune_execution_settings
 from leukotype.smk import logged
-from leukotype.stages import run_finetune
+from leukotype.stages import FinetuneOutputs, run_finetune
 
 with logged(snakemake):
     backbone = snakemake.wildcards.backbone
@@ -19,7 +19,13 @@ with logged(snakemake):
         snakemake.config["torch_home"],
         settings,
         snakemake.params.checkpoint_dir,
-        snakemake.output,
+        FinetuneOutputs(
+            model=snakemake.output.model,
+            history=snakemake.output.history,
+            curve=snakemake.output.curve,
+            predictions=snakemake.output.predictions,
+            features=snakemake.output.features,
+        ),
         feature_dirs=snakemake.input.features,
         threads=snakemake.threads,
         sha256=snakemake.params.sha256,
