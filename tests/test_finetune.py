@@ -756,3 +756,95 @@ def test_run_finetune_checks_a_user_weight_files_sha256(tmp_path: Path) -> None:
     first_conv = trained["trainable.0.0.weight"]  # paper_cnn's features.0 (the first conv)
     assert torch.allclose(first_conv, net.state_dict()["features.0.weight"], atol=1e-6)
     assert not torch.allclose(first_conv, default.state_dict()["features.0.weight"])
+
+
+# ------------------------------------------------------------------------------ one job, one pass
+
+
+def fold_of_cells(root: Path, classes: list[str]):
+    """5 training images x 3 transforms, 1 validation image x 2, 2 test images (identity)."""
+    from leukotype.finetune import FoldSamples
+
+    cells = write_cells(root, n_per_class=4)
+    train = cells.iloc[[0, 1, 4, 5, 6]]
+    train = pd.concat([train.assign(transform=t) for t in ("identity", "rot90", "rot180")])
+    val = pd.concat([cells.iloc[[2]].assign(transform=t) for t in ("identity", "flip_h")])
+    test = cells.iloc[[3, 7]].assign(transform="identity")
+    return FoldSamples(*(Samples.from_frame(part, classes) for part in (train, val, test)))
+
+
+def small_input(size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+@pytest.mark.parametrize("backbone", ["toy", "efficientnet_lite0"])
+def test_fold_job_runs_the_frozen_layers_once_with_the_two_pass_results(
+    tmp_path: Path, backbone: str
+) -> None:
+    """Frozen layers once per sample of the job; model, predictions and features bit-identical
+    to training then predicting and extracting from the images again."""
+    from leukotype.finetune import build_finetune_model, finetune_fold
+    from leukotype.finetune.job import finetune_fold_from_images
+
+    classes = ["a", "b", "c"]  # N_CLASSES outputs; no image is a "c"
+    fold = fold_of_cells(tmp_path, classes)
+    config = cfg(policy="last_block", epochs=2, batch_size=4, lr=0.01, early_stopping_patience=2)
+    n_train, n_val, n_test = len(fold.train), len(fold.val), len(fold.test)
+    jobs, calls = {}, {}
+    for name, job in (("one_pass", finetune_fold), ("two_pass", finetune_fold_from_images)):
+        if backbone == "toy":
+            model, preprocess = toy_model("last_block"), small_input(8)
+        else:  # 64 px instead of 224 keeps it fast; the convolutions accept any size
+            model, _ = build_finetune_model(backbone, N_CLASSES, "last_block", seed=0)
+            preprocess = small_input(64)
+        calls[name] = 0
+
+        def count(module, inputs, output, name=name):
+            calls[name] += len(output)
+
+        model.frozen.register_forward_hook(count)
+        jobs[name] = job(model, preprocess, fold, classes, config, checkpoint_dir=tmp_path / name)
+    one, two = jobs["one_pass"], jobs["two_pass"]
+    assert calls == {
+        "one_pass": n_train + n_val + n_test,
+        "two_pass": n_train + n_val + n_test + (n_train + n_val + n_test),  # train, predict, features
+    }
+    assert states_equal(one.train.model, two.train.model)
+    pd.testing.assert_frame_equal(one.predictions, two.predictions, check_exact=True)
+    assert one.features.shape == (n_train + n_val + n_test, one.train.model.head.in_features)
+    assert np.array_equal(one.features, two.features)
+    pd.testing.assert_frame_equal(one.feature_index, two.feature_index)
+    pd.testing.assert_frame_equal(strip_seconds(one.train.history), strip_seconds(two.train.history))
+    assert one.train.cache_seconds > 0
+    # the job's activation cache is removed when the job is done; the checkpoint stays
+    assert sorted(p.name for p in (tmp_path / "one_pass").iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_fold_activations_spill_to_memmaps_above_the_budget_and_are_reused(tmp_path: Path) -> None:
+    from leukotype.finetune.job import fold_activations
+
+    classes = ["a", "b"]
+    fold = fold_of_cells(tmp_path, classes)
+    model, preprocess = toy_model("last_block"), small_input(8)
+    runs = {"n": 0}
+    model.frozen.register_forward_hook(lambda m, i, o: runs.__setitem__("n", runs["n"] + len(o)))
+    in_ram = fold_activations(model, preprocess, fold, cfg(policy="last_block"))
+    assert runs["n"] == len(fold.all())
+    assert not any(isinstance(c.array, np.memmap) for c in in_ram.values())
+    on_disk = fold_activations(
+        model, preprocess, fold, cfg(policy="last_block", fast_path_memory_mb=0), cache_dir=tmp_path / "c"
+    )
+    assert all(isinstance(c.array, np.memmap) for c in on_disk.values())
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.npy")) == [
+        "frozen_test.npy", "frozen_train.npy", "frozen_val.npy"
+    ]
+    for name in ("train", "val", "test"):
+        assert np.array_equal(in_ram[name].array, on_disk[name].array)
+    # a resumed job finds them: the frozen layers do not run again
+    before = runs["n"]
+    again = fold_activations(
+        model, preprocess, fold, cfg(policy="last_block", fast_path_memory_mb=0), cache_dir=tmp_path / "c"
+    )
+    assert runs["n"] == before and np.array_equal(again["test"].array, in_ram["test"].array)

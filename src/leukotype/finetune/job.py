@@ -9,6 +9,8 @@ features and predicts from them: no image is decoded and no backbone runs.
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,10 @@ from torch import nn
 
 from leukotype.errors import LeukotypeError
 
-from .cache import ActivationCache
+from leukotype.runtime import deterministic_algorithms, resolve_device, torch_threads
+
+from .cache import ActivationCache, compute_activation_cache, inputs_fit_in_memory
+from .checkpoint import run_fingerprint
 from .model import FinetuneModel
 from .outputs import (
     check_classes,
@@ -30,11 +35,14 @@ from .outputs import (
     prediction_frame,
     softmax,
 )
-from .samples import FoldSamples, Samples
+from .samples import FoldSamples, Samples, digest
 from .settings import FinetuneConfig
-from .training import TrainResult, fit, train
+from .training import TrainResult, fit, samples_data_key, train
 
 log = logging.getLogger(__name__)
+
+#: Sub-folder of the checkpoint dir holding a job's frozen activations (removed when done).
+ACTIVATIONS_DIR = "activations"
 
 
 @dataclass
@@ -59,7 +67,53 @@ def finetune_fold(
     checkpoint_dir: str | Path | None = None,
 ) -> JobResult:
     """Train ``model`` on ``samples.train`` (early stopping on ``samples.val``), predict
-    ``samples.test`` and compute the fine-tuned features of every sample, from images."""
+    ``samples.test`` and compute the fine-tuned features of every sample.
+
+    The frozen part runs once per sample of the job (train, val, test, every transform):
+    training, predictions and features all read those activations and run only the trainable
+    layers (:func:`fold_activations`). The results are bit-identical on CPU to
+    :func:`finetune_fold_from_images`, which is used instead where activations are not cached
+    (``fast_path`` off; nothing frozen and the inputs above ``fast_path_memory_mb``).
+    """
+    check_classes(model, classes)
+    if not _caches_activations(cfg, model, preprocess, samples):
+        return finetune_fold_from_images(
+            model, preprocess, samples, classes, cfg, checkpoint_dir=checkpoint_dir
+        )
+    cache_dir = Path(checkpoint_dir) / ACTIVATIONS_DIR if checkpoint_dir is not None else None
+    t0 = time.perf_counter()
+    activations = fold_activations(model, preprocess, samples, cfg, cache_dir=cache_dir)
+    cache_seconds = time.perf_counter() - t0
+    log.info("frozen activations of %d samples in %.1f s", len(samples.all()), cache_seconds)
+    val = samples.val if "val" in activations else None
+    result = fit(
+        model,
+        activations["train"],
+        samples.train.labels,
+        cfg,
+        val_data=activations.get("val"),
+        val_labels=val.labels if val is not None else None,
+        checkpoint_dir=checkpoint_dir,
+        data_key=samples_data_key(samples.train, val),
+    )
+    result.cache_seconds = cache_seconds
+    job = _outputs_from_activations(result, activations, samples, classes, cfg, cfg.precision)
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # GBs; a finished job no longer needs them
+    return job
+
+
+def finetune_fold_from_images(
+    model: FinetuneModel,
+    preprocess: Callable[[Any], Any],
+    samples: FoldSamples,
+    classes: Sequence[str],
+    cfg: FinetuneConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+) -> JobResult:
+    """:func:`finetune_fold` in two passes: ``train`` (which caches only the training
+    samples' activations), then predictions and features by full forwards from the images."""
     check_classes(model, classes)
     result = train(
         model,
@@ -78,6 +132,101 @@ def finetune_fold(
     predictions = predict(result.model, samples.test, preprocess, classes, **inference)
     every = samples.all()
     features = finetuned_features(result.model, every, preprocess, **inference)
+    return JobResult(result, predictions, features, every.index_frame())
+
+
+def _caches_activations(
+    cfg: FinetuneConfig, model: FinetuneModel, preprocess: Callable[[Any], Any], samples: FoldSamples
+) -> bool:
+    """Frozen activations are cached whenever something is frozen; with nothing frozen the
+    inputs themselves are, when all of the job's fit the memory budget (RAM only)."""
+    if not cfg.fast_path:
+        return False
+    if model.has_frozen_part:
+        return True
+    every = samples.all()
+    return inputs_fit_in_memory([(every.dataset(preprocess), len(every))], cfg.memory_limit_bytes)
+
+
+def fold_activations(
+    model: FinetuneModel,
+    preprocess: Callable[[Any], Any],
+    samples: FoldSamples,
+    cfg: FinetuneConfig,
+    *,
+    cache_dir: Path | None = None,
+) -> dict[str, ActivationCache]:
+    """The frozen part's output for every sample of the job, one cache per part.
+
+    Each part is run in its own sequential batches, as training and prediction from images
+    run it, so every value equals theirs bit for bit on CPU. The parts share one memory budget
+    (``fast_path_memory_mb``): a part that no longer fits in RAM stays a memmap. With
+    ``cache_dir`` (and a frozen part) the caches are files there, fingerprinted, so a resumed
+    job reuses them; nothing-frozen caches (the inputs) stay in RAM.
+    """
+    device = resolve_device(cfg.device)
+    val = samples.val if samples.val is not None and len(samples.val) else None
+    key = digest(
+        [
+            run_fingerprint(
+                cfg,
+                model,
+                samples.train.labels or (),
+                val.labels if val is not None else None,
+                samples_data_key(samples.train, val),
+            ),
+            samples.test.key(),
+        ]
+    )
+    budget = cfg.memory_limit_bytes
+    caches: dict[str, ActivationCache] = {}
+    with torch_threads(cfg.threads), deterministic_algorithms(device):
+        model.to(device)
+        for name, part in samples.parts().items():
+            if not len(part):
+                continue
+            caches[name] = compute_activation_cache(
+                model,
+                part.dataset(preprocess),
+                len(part),
+                batch_size=cfg.batch_size,
+                device=device,
+                precision=cfg.precision,
+                num_workers=cfg.num_workers,
+                memory_limit_bytes=budget,
+                cache_dir=cache_dir if model.has_frozen_part else None,
+                name=name,
+                fingerprint=key,
+            )
+            if not isinstance(caches[name].array, np.memmap):
+                budget = max(budget - caches[name].array.nbytes, 0)
+    return caches
+
+
+def _outputs_from_activations(
+    result: TrainResult,
+    activations: dict[str, ActivationCache],
+    samples: FoldSamples,
+    classes: Sequence[str],
+    cfg: FinetuneConfig,
+    precision: str,
+) -> JobResult:
+    """Test predictions and every sample's fine-tuned features from the frozen activations,
+    in the batches a full forward over those samples would use."""
+    model = result.model
+    common = {"batch_size": cfg.batch_size, "device": cfg.device, "precision": precision}
+    with torch_threads(cfg.threads):
+        logits = collect_from_activations(
+            model.logits_from_trunk, model, [activations["test"]], **common
+        )
+        features = collect_from_activations(
+            model.features_from_trunk,
+            model,
+            [activations[name] for name in samples.parts() if name in activations],
+            **common,
+        )
+    every = samples.all()
+    predictions = prediction_frame(samples.test, softmax(logits), classes)
     return JobResult(result, predictions, features, every.index_frame())
 
 
