@@ -27,7 +27,6 @@ from .cache import (
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, model_digest, run_fingerprint
 from .job import JobResult, finetune_fold, train_head_on_features
 from .model import (
-    FROM_SCRATCH_BACKBONES,
     CombinedPreprocess,
     FinetuneModel,
     ParallelTrunks,
@@ -67,7 +66,6 @@ __all__ = [
     "CHECKPOINT_NAME",
     "EXECUTION_ONLY_FIELDS",
     "FINETUNED_LAYER",
-    "FROM_SCRATCH_BACKBONES",
     "HISTORY_COLUMNS",
     "POLICIES",
     "PRECISIONS",

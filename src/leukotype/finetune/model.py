@@ -1,6 +1,7 @@
 """The fine-tuned network: freeze policies over a backbone's stages, frozen -> trainable -> head.
 
-Freeze policies over a backbone's ordered ``stages`` (``leukotype.backbones.stages``; their
+Freeze policies (which a backbone allows: ``leukotype.catalog.valid_policies``) over a
+backbone's ordered ``stages`` (``leukotype.backbones.stages``; their
 composition maps a normalised batch to the penultimate (N, D) feature):
 
 - ``head``: the paper's setting. Every pretrained layer is frozen and only a new, randomly
@@ -24,39 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from leukotype import catalog
+from leukotype.catalog import check_policy, valid_policies  # noqa: F401 - public here too
 from leukotype.errors import LeukotypeError
 from leukotype.runtime import Inputs
 
 from .settings import POLICIES, check_choice
-
-#: Backbones trained from scratch: nothing pretrained to freeze.
-FROM_SCRATCH_BACKBONES = ("paper_cnn",)
-
-
-def valid_policies(backbone: str) -> tuple[str, ...]:
-    """Freeze policies that make sense for ``backbone``.
-
-    ``paper_cnn`` is trained from scratch (only ``all``); a combined backbone has two frozen
-    trunks feeding one shared head (only ``head``); every pretrained backbone allows all three.
-    """
-    from leukotype.backbones import get_spec
-
-    spec = get_spec(backbone)  # an unknown name raises, listing the valid backbones
-    if spec.name in FROM_SCRATCH_BACKBONES:
-        return ("all",)
-    if spec.is_combined:
-        return ("head",)
-    return POLICIES
-
-
-def check_policy(backbone: str, policy: str) -> None:
-    """Raise ``LeukotypeError`` listing the valid policies when the combination is invalid."""
-    allowed = valid_policies(backbone)
-    if policy not in allowed:
-        raise LeukotypeError(
-            f"freeze policy {policy!r} is not valid for backbone {backbone!r}; "
-            f"valid policies: {list(allowed)}"
-        )
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -209,7 +183,7 @@ def build_finetune_model(
     from leukotype import backbones
 
     check_policy(backbone, policy)
-    parts = backbones.combined_parts(backbone) or [backbone]
+    parts = list(catalog.parts(backbone))
     if not isinstance(weights, Mapping):
         if len(parts) > 1 and weights is not None:
             raise LeukotypeError(

@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from leukotype.catalog import POLICIES
 from leukotype.errors import LeukotypeError
 from leukotype.runtime import PRECISIONS
 
-POLICIES = ("head", "last_block", "all")
 SCHEDULES = ("constant", "cosine")
 #: Config fields that change how a run executes but not (beyond float noise) what it learns;
 #: they are left out of the checkpoint fingerprint so e.g. moving a run to a GPU resumes it.
