@@ -70,6 +70,19 @@ def finetune(results: Path) -> str:
                       "cache_seconds", "accuracy", "ratio", "accuracy_diff_points"]])
 
 
+def finetune_job(results: Path) -> str:
+    frame = pd.read_csv(results / "finetune_fastpath_job.csv")
+    runs = frame[frame["measurement"].isin(["two_pass", "one_pass"])]
+    stored = frame[frame["measurement"] == "store_last_block_input"]
+    return "\n\n".join([
+        _md(runs[["backbone", "policy", "measurement", "n_images", "n_job_samples", "epochs",
+                  "seconds", "cache_seconds", "frozen_samples", "ratio", "bit_identical",
+                  "load_avg_1m"]]),
+        _md(stored[["backbone", "bytes_per_sample", "penultimate_bytes_per_sample",
+                    "gb_full_pbc_rotations", "seconds_saved_per_sample_per_job"]]),
+    ])
+
+
 def workflow(results: Path) -> str:
     frame = pd.read_csv(results / "workflow_overhead.csv")
     cols = ["measurement", "config", "split", "seconds", "seconds_median", "jobs_total",
@@ -105,6 +118,7 @@ def paper_grid(results: Path) -> str:
 def main() -> None:
     results = common.RESULTS_DIR
     for title, fn in [("Extraction", extraction), ("Memory", memory), ("Fine-tuning", finetune),
+                      ("Fine-tuning job", finetune_job),
                       ("Workflow", workflow), ("Paper grid, run", paper_grid),
                       ("Grid estimate", grid)]:
         try:

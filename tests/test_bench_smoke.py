@@ -76,6 +76,20 @@ def test_finetune_fastpath_quick(tmp_path: Path, pbc: Path) -> None:
     # Same batches, same seed: both paths learn the same head up to float noise.
     assert fast["train_loss_abs_diff"] < 1e-3
     assert abs(fast["accuracy_diff_points"]) <= 100 / fast["n_test"] + 1e-9
+    # the whole last_block job: the frozen layers run once per sample, same results bit for bit
+    job = pd.read_csv(tmp_path / "finetune_fastpath_job.csv")
+    assert MACHINE_COLUMNS <= set(job.columns)
+    runs = job[job["measurement"].isin(["two_pass", "one_pass"])].set_index("measurement")
+    one, two = runs.loc["one_pass"], runs.loc["two_pass"]
+    n = one["n_job_samples"]
+    assert n == one["n_train_samples"] + one["n_test"] > 0
+    assert one["frozen_samples"] == n and two["frozen_samples"] == 2 * n
+    assert bool(one["bit_identical"]) and one["baseline"] == "two_pass"
+    assert np.isclose(one["ratio"], two["seconds"] / one["seconds"])
+    stored = job[job["measurement"] == "store_last_block_input"].set_index("backbone")
+    assert stored.loc["efficientnet_lite0", "bytes_per_sample"] == 192 * 7 * 7 * 4
+    assert stored.loc["resnet101", "bytes_per_sample"] == 2048 * 7 * 7 * 4
+    assert stored.loc["efficientnet_lite0", "seconds_saved_per_sample_per_job"] > 0
 
 
 def test_workflow_overhead_quick(tmp_path: Path) -> None:
