@@ -18,6 +18,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/models.smk"
 
 
 rule all:

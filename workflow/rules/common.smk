@@ -174,4 +174,46 @@ def final_targets():
         ]
     targets += feature_map_targets()
     targets.append(f"{R}/tables/all_runs.tsv")
+    targets += [f"{R}/models/{task}" for task in TASKS]
+    if config["predict"]["model"]:
+        targets.append(f"{R}/predictions/predictions.csv")
     return targets
+
+
+# ------------------------------------------------------------------ model bundles (models.smk)
+
+
+def _task_runs(wildcards):
+    return [run for run in RUNS if run.task == wildcards.task]
+
+
+def export_classifier_files(wildcards):
+    """The trained classifier of every run of the task (export picks the best one)."""
+    files = []
+    for run in _task_runs(wildcards):
+        if run.strategy == "finetune":
+            files.append(f"{R}/{run.path}/model.pt")
+        else:
+            files.append(f"{R}/{run.path}/svm.skops")
+    return sorted(set(files))
+
+
+def export_feature_dirs(wildcards):
+    """Training features of every run of the task: the classifiers' inputs."""
+    dirs = []
+    for run in _task_runs(wildcards):
+        if run.strategy == "features_svm":
+            dirs += [f"{R}/features/{part}" for part in run.backbone.split("+")]
+        else:
+            layer = STRATEGY_LAYER["finetune"]
+            dirs.append(
+                f"{R}/runs/{run.task}/finetune/{run.backbone}/{layer}/{run.fold}/features"
+            )
+    return sorted(set(dirs))
+
+
+def export_weight_files(wildcards):
+    """Backbone weight files the bundles reference by sha256."""
+    return sorted(
+        {f for run in _task_runs(wildcards) for f in weights_input(run.backbone)}
+    )

@@ -1,0 +1,202 @@
+"""Saliency maps: where in the cell image the predicted class's evidence lies.
+
+The maps are LayerCAM (Jiang et al. 2021) from ``pytorch_grad_cam``: the positive gradient of
+the predicted class's score times the activation, at each position of the last spatial feature
+map. LayerCAM keeps the gradient's spatial layout, which matters for the paper CNN, whose
+classifier reads the flattened map position by position (Grad-CAM would average it away).
+
+For a fine-tuned network the score is its logit. For features -> SVM it is the SVM's decision
+function for the predicted class, reached through the network by a torch module: the SVM is
+linearised at the image's own feature vector (value and gradient, the gradient by central
+differences of ``decision_function``), which is all a gradient-based map needs, and which works
+for any classifier with a ``decision_function`` (exact for a linear kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leukotype.errors import LeukotypeError
+
+log = logging.getLogger(__name__)
+
+
+def decision_gradient(decision: Callable[[np.ndarray], np.ndarray], x: np.ndarray, k: int) -> np.ndarray:
+    """Gradient of ``decision(X)[:, k]`` at ``x`` (D,) by central differences, one batched call."""
+    x = np.asarray(x, dtype=np.float64)
+    step = 1e-3 * max(float(np.sqrt(np.mean(x**2))), 1e-3)
+    eye = np.eye(len(x)) * step
+    probes = np.concatenate([x + eye, x - eye])
+    values = np.asarray(decision(probes), dtype=np.float64)[:, k]
+    return (values[: len(x)] - values[len(x):]) / (2 * step)
+
+
+class LinearisedScore(nn.Module):
+    """``features -> s(x0) + g . (f - x0)``: a classifier's score near one feature vector."""
+
+    def __init__(self, features: nn.Module, x0: np.ndarray, value: float, gradient: np.ndarray) -> None:
+        super().__init__()
+        self.features = features
+        self.register_buffer("x0", torch.as_tensor(x0, dtype=torch.float32))
+        self.register_buffer("gradient", torch.as_tensor(gradient, dtype=torch.float32))
+        self.value = float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return (self.value + (f - self.x0) @ self.gradient).unsqueeze(1)
+
+
+def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The module that last produces a 4-D (N, C, H, W) output with H, W > 1 in a forward pass."""
+    seen: list[nn.Module] = []
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[2:]) > 1:
+            seen.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise LeukotypeError("the network has no spatial feature map to explain")
+    return seen[-1]
+
+
+def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module | None = None) -> np.ndarray:
+    """LayerCAM map (H, W) in [0, 1] at input resolution for output ``target`` of ``model``."""
+    from pytorch_grad_cam import LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model.eval()
+    layer = layer if layer is not None else last_spatial_layer(model, x)
+    with torch.enable_grad(), LayerCAM(model=model, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
+    return np.asarray(maps[0], dtype=np.float64)
+
+
+def feature_network(predictor: Any) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+    """(module mapping a normalised image batch to the classifier's input, preprocess)."""
+    from leukotype.backbones import build_model, get_spec, named_stages, preprocess
+
+    spec = predictor.bundle.spec
+    source = spec["features"]
+    if source["kind"] == "finetuned_network":
+        model, prep = predictor.network()
+        if not isinstance(prep, Callable) or isinstance(prep, tuple):  # pragma: no cover
+            raise LeukotypeError("saliency needs a single-input network")
+        return _Features(model), prep
+    parts = spec["backbone"]["parts"]
+    if len(parts) != 1:
+        raise LeukotypeError(
+            f"saliency maps for combined backbones ({spec['backbone']['name']}) are not supported: "
+            "explain a run of one of its parts"
+        )
+    part = parts[0]
+    bspec = get_spec(part["name"])
+    model = build_model(bspec, predictor.weights_path(part), seed=int(part.get("seed", 0)))
+    layer = source["layers"][part["name"]]
+    chosen = []
+    for name, module in named_stages(bspec, model):
+        chosen.append(module)
+        if name == layer:
+            break
+    return nn.Sequential(*chosen).eval(), preprocess(bspec)
+
+
+class _Features(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def score_module(predictor: Any, features: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int, str]:
+    """(module whose output column ``target`` is the predicted class's score, target, class)."""
+    classes = predictor.bundle.classes
+    with torch.no_grad():
+        f = features(x).double().numpy()
+    raw, pred = predictor.scores(f)
+    k = classes.index(str(pred[0]))
+    if predictor.bundle.kind == "softmax":
+        head = nn.Linear(f.shape[1], len(classes))
+        head.weight.data = torch.from_numpy(predictor._head["weight"]).float()
+        head.bias.data = torch.from_numpy(predictor._head["bias"]).float()
+        return nn.Sequential(features, head).eval(), k, classes[k]
+    from leukotype.classify import decision_scores
+
+    svm = predictor._svm
+    gradient = decision_gradient(lambda X: decision_scores(svm, X, classes), f[0], k)
+    return LinearisedScore(features, f[0], raw[0, k], gradient).eval(), 0, classes[k]
+
+
+def overlay(image: Any, cam: np.ndarray, size: int) -> Any:
+    """RGB PIL image (resized/cropped like the network input) with the map on top."""
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from torchvision import transforms as T
+
+    shown = T.CenterCrop(size)(T.Resize(size)(image))
+    rgb = np.asarray(shown, dtype=np.float32) / 255.0
+    mask = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(shown.size, Image.BILINEAR)) / 255.0
+    return Image.fromarray(show_cam_on_image(rgb, mask.astype(np.float32), use_rgb=True))
+
+
+def explain_images(predictor: Any, abspaths: Sequence[str]) -> list[tuple[str, np.ndarray, Any]]:
+    """Per image: (predicted class, map at input resolution, overlay PIL image)."""
+    from leukotype.images import load_rgb
+
+    features, prep = feature_network(predictor)
+    results = []
+    for path in abspaths:
+        image = load_rgb(path)
+        x = prep(image).unsqueeze(0)
+        model, target, cls = score_module(predictor, features, x)
+        cam = layer_cam(model, x, target)
+        results.append((cls, cam, overlay(image, cam, x.shape[-1])))
+    return results
+
+
+def run_explain(
+    model: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    torch_home: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> list[Path]:
+    """Write ``<stem>_cam.png`` per valid input and ``explain.tsv`` (every input, with reason)."""
+    from leukotype.io import atomic_path, write_tsv
+    from leukotype.predict import Predictor, gather_inputs, validate_inputs
+
+    predictor = Predictor(model, device="cpu", batch_size=batch_size, torch_home=torch_home, threads=threads)
+    spec = predictor.bundle.spec
+    table = validate_inputs(gather_inputs(inputs), spec["validation"]["min_side"], spec["validation"]["max_pixels"], threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = table["status"] == "ok"
+    table["pred"], table["overlay"] = "", ""
+    written = []
+    torch.set_num_threads(max(1, threads))
+    for index, (cls, _cam, picture) in zip(table.index[ok], explain_images(predictor, table.loc[ok, "abspath"].tolist())):
+        name = f"{index:04d}_{Path(table.at[index, 'path']).stem}_cam.png"
+        with atomic_path(out / name) as tmp:
+            picture.save(tmp, format="PNG")
+        table.at[index, "pred"], table.at[index, "overlay"] = cls, name
+        written.append(out / name)
+    write_tsv(table.drop(columns=["abspath"]), out / "explain.tsv")
+    return written

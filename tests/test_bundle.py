@@ -1,0 +1,146 @@
+"""Model bundles, calibration, the out-of-distribution score and saliency on small synthetic data.
+
+The bundles of a real workflow run (round trip against predictions.tsv, predict on a folder
+with bad files) are tested on the end-to-end study in ``test_workflow.py``; the
+out-of-distribution flag on real cells in ``test_bundle_real.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from leukotype import bundle as fmt
+from leukotype.calibration import (
+    brier_score,
+    calibration_metrics,
+    expected_calibration_error,
+    fit_svm_calibration,
+    fit_temperature,
+    softmax,
+)
+from leukotype.errors import LeukotypeError
+from leukotype.ood import fit_ood
+
+
+def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(logits); the model reports 4x the logits (over-confident)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 4)) * 1.5
+    true_p = softmax(logits)
+    labels = np.array([rng.choice(4, p=p) for p in true_p])
+    return 4.0 * logits, labels
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model_on_held_out_data():
+    fit_scores, fit_labels = _overconfident(3000, seed=0)
+    held_scores, held_labels = _overconfident(3000, seed=1)
+    temperature = fit_temperature(fit_scores, fit_labels)
+    assert temperature == pytest.approx(4.0, rel=0.1)  # it undoes the factor of 4
+    before = expected_calibration_error(softmax(held_scores), held_labels)
+    after = expected_calibration_error(softmax(held_scores, temperature), held_labels)
+    assert before > 0.15 and after < 0.03
+    assert brier_score(softmax(held_scores, temperature), held_labels) < brier_score(softmax(held_scores), held_labels)
+    # the labels never change: temperature keeps the arg-max
+    assert (softmax(held_scores, temperature).argmax(1) == held_scores.argmax(1)).all()
+
+
+def test_ece_and_brier_match_hand_computed_values():
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    y = np.array([0, 1, 1, 0])
+    # bins of width 1/15: 0.9 -> (0.8667, 0.9333], 0.8 -> (0.7333, 0.8], 0.7 -> (0.6667, 0.7333],
+    # 0.6 -> (0.5333, 0.6]: one sample each, |acc - conf| = 0.1, 0.8, 0.3, 0.4
+    assert expected_calibration_error(p, y) == pytest.approx((0.1 + 0.8 + 0.3 + 0.4) / 4)
+    # Brier: sum over classes of squared error, averaged
+    expected = np.mean([0.01 + 0.01, 0.64 + 0.64, 0.09 + 0.09, 0.16 + 0.16])
+    assert brier_score(p, y) == pytest.approx(expected)
+    result = calibration_metrics(p, y, n_boot=200, seed=0)
+    low, high = result["ci"]["ece"]
+    assert low <= result["metrics"]["ece"] <= high
+
+
+def test_svm_calibration_uses_out_of_fold_scores_of_the_training_part():
+    from leukotype.classify import make_svm_pipeline
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 1.2
+    y = np.repeat(["a", "b", "c"], 60)
+    X = centres[np.repeat([0, 1, 2], 60)] + rng.normal(size=(180, 8))
+    groups = np.array([f"g{i // 2}" for i in range(180)])
+    pipeline = make_svm_pipeline(kernel="linear", C=1.0).fit(X, y)
+    record = fit_svm_calibration(pipeline, X, y, groups, ["a", "b", "c"], cv_folds=3, seed=0)
+    assert record["method"] == "temperature" and record["n"] == 180
+    assert record["nll_after"] <= record["nll_before"]
+    assert 0 < record["temperature"] < 100
+
+
+def test_ood_distance_flags_shifted_features_and_few_in_distribution_ones():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(5, 64))
+    train = rng.normal(size=(300, 5)) @ basis + 0.1 * rng.normal(size=(300, 64))
+    groups = [f"g{i}" for i in range(300)]
+    density = fit_ood(train, groups, quantile=0.95)
+    fresh = rng.normal(size=(400, 5)) @ basis + 0.1 * rng.normal(size=(400, 64))
+    shifted = fresh + 0.8 * rng.normal(size=(400, 64))  # varies where training never did
+    flagged_fresh = np.mean(density.distance(fresh) > density.threshold)
+    flagged_shifted = np.mean(density.distance(shifted) > density.threshold)
+    assert flagged_fresh < 0.12  # about 1 - quantile, not the in-sample optimism
+    assert flagged_shifted > 0.95
+
+
+def _tiny_bundle(tmp_path, versions=None):
+    from leukotype.backbones import get_spec
+
+    spec = {
+        "classes": ["a", "b"],
+        "preprocessing": {"paper_cnn": fmt.preprocessing_steps(get_spec("paper_cnn"))},
+        "provenance": {"versions": versions or {}},
+    }
+    writers = {fmt.OOD_FILE: lambda path: fmt.save_tensors({"mean": np.zeros(3, np.float32)}, path)}
+    return fmt.write_bundle(tmp_path / "bundle", spec, writers, "# card\n")
+
+
+def test_bundle_manifest_lists_every_file_and_loads(tmp_path):
+    from leukotype.io import package_versions
+
+    folder = _tiny_bundle(tmp_path, versions=package_versions())
+    listed = fmt.read_manifest(folder)
+    assert set(listed) == {fmt.BUNDLE_JSON, fmt.MODEL_CARD, fmt.OOD_FILE}
+    loaded = fmt.load_bundle(folder)
+    assert loaded.differences == []
+    assert loaded.tensors(fmt.OOD_FILE)["mean"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_tampered_bundle_file_fails_its_sha256_with_the_file_named(tmp_path):
+    folder = _tiny_bundle(tmp_path)
+    spec_path = folder / fmt.BUNDLE_JSON
+    spec = json.loads(spec_path.read_text())
+    spec["classes"] = ["b", "a"]  # swapping labels: the kind of change that must not pass
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(LeukotypeError, match=r"bundle\.json: sha256 mismatch") as error:
+        fmt.load_bundle(folder)
+    assert "nothing was loaded" in str(error.value)
+    (folder / "extra.py").write_text("print('hi')\n")
+    with pytest.raises(LeukotypeError, match=r"extra\.py: not listed"):
+        fmt.verify_bundle(folder)
+
+
+def test_bundle_from_another_version_states_what_differs(tmp_path):
+    from leukotype.io import package_versions
+
+    versions = {**package_versions(), "leukotype": "0.0.9", "torch": "2.0.0"}
+    loaded = fmt.load_bundle(_tiny_bundle(tmp_path, versions=versions))
+    assert f"leukotype: bundle made with 0.0.9, installed {package_versions()['leukotype']}" in loaded.differences
+    assert any(line.startswith("torch: bundle made with 2.0.0") for line in loaded.differences)
+
+
+def test_bundle_needing_an_unknown_preprocessing_step_is_refused(tmp_path):
+    folder = _tiny_bundle(tmp_path)
+    spec = json.loads((folder / fmt.BUNDLE_JSON).read_text())
+    spec["preprocessing"]["paper_cnn"].insert(1, {"op": "stain_normalise_v9"})
+    (folder / fmt.BUNDLE_JSON).write_text(json.dumps(spec))
+    fmt.write_manifest(folder)
+    with pytest.raises(LeukotypeError, match="stain_normalise_v9"):
+        fmt.load_bundle(folder)

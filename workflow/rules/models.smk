@@ -1,0 +1,48 @@
+# Trained models a lab can use: the best run of each task as a model bundle, and predictions
+# for new images with a bundle (config `predict: {model:, images:}`).
+
+
+rule export_model:
+    input:
+        metrics=task_metrics,
+        samples=rules.augment.output.samples,
+        classifiers=export_classifier_files,
+        features=export_feature_dirs,
+        weights=export_weight_files,
+    output:
+        bundle=directory(f"{R}/models/{{task}}"),
+    log:
+        f"{R}/logs/export_model/{{task}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        export=config["export"],
+    script:
+        "../scripts/export_model.py"
+
+
+rule predict:
+    input:
+        model=config["predict"]["model"] or [],
+        images=config["predict"]["images"],
+    output:
+        table=f"{R}/predictions/predictions.csv",
+    log:
+        f"{R}/logs/predict.log",
+    benchmark:
+        f"{R}/benchmarks/predict.tsv"
+    conda:
+        CONDA_ENV
+    threads: config["compute"]["threads"]
+    resources:
+        **GPU_RESOURCES,
+        mem_mb=config["compute"]["mem_mb_extract"],
+        runtime=config["compute"]["runtime_extract"],
+    params:
+        top_k=config["predict"]["top_k"],
+    script:
+        "../scripts/predict.py"
