@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -294,3 +295,102 @@ def test_offline_node_without_staged_weights_stops_before_extraction(tmp_path):
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in message
     assert "localrule extract_features" not in message and "rule extract_features" not in message
     assert not (tmp_path / "results" / "features").exists()
+
+
+# ------------------------------------------------------------------ model bundles (issue 11)
+
+
+def _round_trip(bundle_dir: Path, study: Path) -> None:
+    """A bundle, loaded fresh, reproduces its run's test predictions from the image files."""
+    from leukotype.bundle import load_bundle
+    from leukotype.calibration import softmax
+    from leukotype.predict import Predictor
+
+    bundle = load_bundle(bundle_dir)
+    run = bundle.spec["run"]
+    expected = read(study / "results" / run["path"] / "predictions.tsv")
+    validated = read(study / "results/data/validated.tsv")[["image_id", "abspath"]]
+    samples = expected[["image_id", "transform"]].merge(validated, on="image_id", how="left")
+    got = Predictor(bundle, device="cpu").predict_samples(samples)
+    classes = bundle.classes
+    assert got["pred"].tolist() == expected["pred"].tolist(), run["path"]
+    if bundle.kind == "svm":
+        reference = expected[[f"score_{c}" for c in classes]].to_numpy()
+        mine = got[[f"score_{c}" for c in classes]].to_numpy()
+    else:  # the workflow writes the head's softmax; the bundle's raw scores are its logits
+        reference = expected[[f"prob_{c}" for c in classes]].to_numpy()
+        mine = softmax(got[[f"score_{c}" for c in classes]].to_numpy())
+    np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6, err_msg=run["path"])
+    # calibrated probabilities are a proper distribution with the classifier's arg-max
+    probs = got[[f"prob_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_export_model_bundles_the_best_run_of_each_task(study):
+    for task in TASKS:
+        folder = study / "results/models" / task
+        spec = json.loads((folder / "bundle.json").read_text())
+        runs = read(study / "results/tables/all_runs.tsv")
+        best = runs[runs["task"] == task]["balanced_accuracy"].max()
+        assert spec["metrics"]["metrics"]["balanced_accuracy"] == pytest.approx(best)
+        assert spec["task"]["name"] == task and len(spec["classes"]) == TASKS[task]
+        card = (folder / "MODEL_CARD.md").read_text()
+        assert "not a medical device" in card and "SYNTHETIC" in card
+        listed = {line.split("  ", 1)[1] for line in (folder / "MANIFEST.sha256").read_text().splitlines()}
+        # (Snakemake's hidden .snakemake_timestamp in directory outputs is not part of a bundle)
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("[!.]*") if p.is_file()}
+        assert listed == files - {"MANIFEST.sha256"}
+    lineage = json.loads((study / "results/models/lineage/bundle.json").read_text())
+    assert lineage["task"]["derive"] == {"ALL": ["L1", "L2"], "AML": ["M2", "M3", "M5"]}
+    assert lineage["provenance"]["config"]["split"]["seed"] == 7
+
+
+def test_bundles_reproduce_the_workflows_test_predictions(study, tmp_path):
+    """Every kind of bundle: SVM on backbone features, softmax head on frozen features, the
+    paper CNN's network (softmax and its features -> SVM)."""
+    from leukotype.config import Run
+    from leukotype.export import export_run
+
+    for task in TASKS:
+        _round_trip(study / "results/models" / task, study)
+    for strategy, backbone, layer in [
+        ("finetune", "efficientnet_lite0", "softmax"),
+        ("finetune", "paper_cnn", "softmax"),
+        ("finetune_svm", "paper_cnn", "finetuned"),
+    ]:
+        run = Run("subtype", strategy, backbone, layer, "holdout")
+        _round_trip(export_run(study / "results", run, tmp_path / strategy / backbone), study)
+
+
+def test_predict_rule_lists_bad_files_with_reasons_and_predicts_the_rest(study):
+    inbox = study / "inbox"
+    inbox.mkdir()
+    validated = read(study / "results/data/validated.tsv")
+    good = validated["abspath"].head(3).tolist()
+    for path in good:
+        shutil.copy(path, inbox / Path(path).name)
+    (inbox / "empty.png").write_bytes(b"")
+    (inbox / "notes.txt").write_text("not an image\n")
+    (inbox / "cut.png").write_bytes(Path(good[0]).read_bytes()[:200])
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(inbox / "tiny.png")
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["predict"] = {"model": "results/models/subtype", "images": ["inbox"]}
+    path = study / "predict.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = snakemake(study, "results/predictions/predictions.csv", configfile=path)
+    assert planned_jobs(result) == {"predict": 1}  # the rest of the study is up to date
+    table = pd.read_csv(study / "results/predictions/predictions.csv", keep_default_na=False)
+    assert len(table) == 7  # nothing skipped
+    reasons = dict(zip(table["path"].map(lambda p: Path(p).name), table["reason"].str.split(":").str[0]))
+    assert reasons["empty.png"] == "zero_bytes" and reasons["notes.txt"] == "not_an_image"
+    assert reasons["cut.png"] in {"truncated", "not_an_image"} and reasons["tiny.png"] == "too_small"
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == 3 and set(ok["pred"]) <= {"L1", "L2", "M2", "M3", "M5"}
+    probs = ok[[f"prob_{c}" for c in ["L1", "L2", "M2", "M3", "M5"]]].astype(float).to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(ok["confidence"].astype(float), probs.max(axis=1))
+    assert ok["top_k"].str.split(";").str.len().eq(3).all()
+    assert set(ok["ood"].astype(str)) <= {"True", "False"}
+    assert (table.loc[table["status"] != "ok", "pred"] == "").all()

@@ -255,7 +255,7 @@ def prediction_table(
     ok = table[table["status"] == "ok"]
     transforms = spec["tta"]["transforms"] if spec["tta"]["enabled"] else ["identity"]
     columns = ["pred", "confidence", "low_confidence", "ood_distance", "ood", "top_k", *[f"prob_{c}" for c in classes]]
-    result = table.reindex(columns=[*table.columns, *columns])
+    per_image = pd.DataFrame(columns=["image_id", *columns])
     if len(ok):
         views = ok[["image_id", "abspath"]].merge(pd.DataFrame({"transform": transforms}), how="cross")
         scored = predictor.predict_samples(views)
@@ -274,12 +274,10 @@ def prediction_table(
         per_image["top_k"] = [
             ";".join(f"{classes[j]}:{row[j]:.3f}" for j in ranks[:k]) for row, ranks in zip(probs, order)
         ]
-        index = result.index[result["status"] == "ok"]
-        ids = result.loc[index, "image_id"]
-        for column in columns:
-            result.loc[index, column] = per_image.loc[ids, column].to_numpy()
-    for flag in ("low_confidence", "ood"):
-        result[flag] = result[flag].map(lambda v: "" if pd.isna(v) else bool(v))
+        per_image = per_image.reset_index()[["image_id", *columns]]
+    result = table.merge(per_image, on="image_id", how="left")
+    # Rejected rows: empty cells, not NaN or False (nothing was predicted for them).
+    result[columns] = result[columns].astype(object).where(result["status"] == "ok", "")
     return result.drop(columns=["abspath", "image_id"])
 
 
