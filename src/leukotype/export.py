@@ -20,13 +20,12 @@ import numpy as np
 import pandas as pd
 
 from leukotype import bundle as fmt
+from leukotype import catalog, paths
 from leukotype.config import (
-    SCRATCH_BACKBONES,
-    STRATEGY_LAYER,
     Run,
     finetune_settings,
-    penultimate_layer,
     study_runs,
+    svm_feature_dirs,
     task_from_dict,
     weights_setting,
 )
@@ -38,12 +37,6 @@ log = logging.getLogger(__name__)
 #: Defaults of the config's ``export`` block (the schema holds the same values).
 DEFAULT_METRIC = "balanced_accuracy"
 DEFAULT_LOW_CONFIDENCE = 0.5
-
-
-def backbone_parts(backbone: str) -> list[str]:
-    from leukotype.backbones import combined_parts
-
-    return combined_parts(backbone) or [backbone]
 
 
 def _state_digest(tensors: Mapping[str, Any]) -> str:
@@ -121,7 +114,7 @@ def export_run(
 
     results = Path(results)
     run_dir = results / run.path
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / paths.METRICS
     if not metrics_path.is_file():
         raise LeukotypeError(f"run {run.path} has no metrics.json under {results}; finish the run first")
     record = read_json(metrics_path)
@@ -133,22 +126,22 @@ def export_run(
     classes = list(task.classes)
     samples = read_tsv(results / "data" / "samples" / f"{run.task}.tsv")
     train, test = fold_parts(samples, run.fold)
-    parts = backbone_parts(run.backbone)
+    parts = list(catalog.parts(run.backbone))
     seed = int(config["split"]["seed"])
     writers: dict[str, Any] = {}
 
     # --- the classifier's input: which features, from where
-    finetune_dir = results / Run(run.task, "finetune", run.backbone, STRATEGY_LAYER["finetune"], run.fold).path
+    finetuned_model = Path(paths.finetune_file(str(results), paths.FINETUNED_MODEL, run.task, run.backbone, run.fold))
+    feature_dirs = [Path(d) for d in svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold)]
     if run.strategy == "features_svm":
-        feature_dirs = [results / "features" / part for part in parts]
         feature_layer = run.layer
         settings: dict[str, Any] = {}
     else:
-        feature_dirs = [finetune_dir / "features"]
-        feature_layer = STRATEGY_LAYER["finetune_svm"]
+        feature_layer = paths.STRATEGY_LAYER["finetune_svm"]
         settings = finetune_settings(config, run.backbone)
+    # Fine-tuning changed layers of the network (not only its head): the bundle carries them.
     trained_layers = run.strategy != "features_svm" and (
-        settings["policy"] != "head" or run.backbone in SCRATCH_BACKBONES
+        settings["policy"] != "head" or catalog.is_from_scratch(run.backbone)
     )
     X_train = load_features(feature_dirs, feature_layer, train[["image_id", "transform"]])
     y_train = train["label"].astype(str).to_numpy()
@@ -165,7 +158,7 @@ def export_run(
         writers[rel] = lambda target, source=source: shutil.copyfile(source, target)
 
     if trained_layers:
-        state = _load_finetuned_state(finetune_dir / "model.pt")
+        state = _load_finetuned_state(finetuned_model)
         trained = {k: v for k, v in state.items() if k.startswith("trainable.")}
         frozen = {k: v for k, v in state.items() if k.startswith("frozen.")}
         feature_source = {
@@ -179,8 +172,9 @@ def export_run(
         }
         writers[fmt.NETWORK_FILE] = lambda target: fmt.save_tensors(trained, target)
     else:
-        meta = _feature_meta(results / "features" / parts[0])
-        layers = {part: (run.layer if run.strategy == "features_svm" and len(parts) == 1 else penultimate_layer(part)) for part in parts}
+        meta = _feature_meta(Path(paths.features_dir(str(results), parts[0])))
+        layer = run.layer if run.strategy == "features_svm" else catalog.penultimate_layer(run.backbone)
+        layers = dict(catalog.part_layers(run.backbone, layer))
         feature_source = {
             "kind": "backbone",
             "layers": layers,
@@ -193,7 +187,7 @@ def export_run(
     # --- classifier and calibration
     technique, classifier_name = technique_and_classifier(run.strategy)
     if run.strategy in ("features_svm", "finetune_svm"):
-        model_path = run_dir / "svm.skops"
+        model_path = run_dir / paths.SVM_MODEL
         pipeline = load_model(model_path)
         svm_params = pipeline.named_steps["svm"].get_params()
         calibration_path = run_dir / "calibration.json"
@@ -213,7 +207,7 @@ def export_run(
         }
         writers[fmt.SVM_FILE] = lambda target: shutil.copyfile(model_path, target)
     else:
-        state = _load_finetuned_state(finetune_dir / "model.pt")
+        state = _load_finetuned_state(finetuned_model)
         head = {"weight": state["head.weight"], "bias": state["head.bias"]}
         calibration_path = run_dir / "calibration.json"
         calibration = (

@@ -189,27 +189,37 @@ def _task_runs(wildcards):
 
 def export_classifier_files(wildcards):
     """The trained classifier of every run of the task (export picks the best one)."""
-    files = []
-    for run in _task_runs(wildcards):
-        if run.strategy == "finetune":
-            files.append(f"{R}/{run.path}/model.pt")
-        else:
-            files.append(f"{R}/{run.path}/svm.skops")
-    return sorted(set(files))
+    return sorted(
+        {
+            paths.run_file(
+                R,
+                (
+                    paths.FINETUNED_MODEL
+                    if run.strategy == "finetune"
+                    else paths.SVM_MODEL
+                ),
+                run.task,
+                run.strategy,
+                run.backbone,
+                run.layer,
+                run.fold,
+            )
+            for run in _task_runs(wildcards)
+        }
+    )
 
 
 def export_feature_dirs(wildcards):
     """Training features of every run of the task: the classifiers' inputs."""
-    dirs = []
-    for run in _task_runs(wildcards):
-        if run.strategy == "features_svm":
-            dirs += [f"{R}/features/{part}" for part in run.backbone.split("+")]
-        else:
-            layer = STRATEGY_LAYER["finetune"]
-            dirs.append(
-                f"{R}/runs/{run.task}/finetune/{run.backbone}/{layer}/{run.fold}/features"
+    return sorted(
+        {
+            folder
+            for run in _task_runs(wildcards)
+            for folder in svm_feature_dirs(
+                R, run.strategy, run.task, run.backbone, run.fold
             )
-    return sorted(set(dirs))
+        }
+    )
 
 
 def export_weight_files(wildcards):
