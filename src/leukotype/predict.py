@@ -81,8 +81,8 @@ def validate_inputs(table: pd.DataFrame, min_side: int, max_pixels: int, threads
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             checks = list(pool.map(lambda p: check_file(p, min_side, max_pixels), table["abspath"]))
     table = table.copy()
-    table["reason"] = [c.reason for c in checks]
     table["status"] = ["rejected" if c.reason else "ok" for c in checks]
+    table["reason"] = [c.reason for c in checks]
     return table
 
 
