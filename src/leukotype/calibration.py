@@ -223,6 +223,16 @@ def calibration_metrics(
     return {"metrics": point, "ci": intervals}
 
 
+def add_probabilities(table: Any, classes: Sequence[str], temperature: float) -> Any:
+    """``table`` with ``prob_<class>`` = softmax(``score_<class>`` / temperature) appended."""
+    scores = table[[f"score_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    probabilities = softmax(scores, temperature)
+    table = table.copy()
+    for k, name in enumerate(probability_columns(classes)):
+        table[name] = probabilities[:, k]
+    return table
+
+
 def probability_columns(classes: Sequence[str]) -> list[str]:
     return [f"prob_{c}" for c in classes]
 

@@ -34,8 +34,12 @@ METRICS = (
 #: Metrics that get a bootstrap confidence interval.
 CI_METRICS = METRICS
 
+#: Calibration of a run's probabilities (leukotype.calibration), where the run has them; they
+#: are summarised over folds like METRICS (NaN for runs without probabilities).
+CALIBRATION_METRICS = ("ece", "brier")
+
 #: Range of each metric; t-intervals are clipped to it (an accuracy above 100% means nothing).
-METRIC_BOUNDS = {name: (0.0, 1.0) for name in METRICS} | {"kappa": (-1.0, 1.0)}
+METRIC_BOUNDS = {name: (0.0, 1.0) for name in METRICS} | {"kappa": (-1.0, 1.0), "ece": (0.0, 1.0), "brier": (0.0, 2.0)}
 
 #: Columns identifying one evaluated configuration.
 RECORD_KEYS = ("task", "strategy", "model")
@@ -408,7 +412,7 @@ def summarise_group(group: pd.DataFrame, confidence: float = 0.95) -> dict[str, 
     """
     n_folds = len(group)
     row: dict[str, Any] = {"n_folds": n_folds}
-    for name in METRICS:
+    for name in (*METRICS, *CALIBRATION_METRICS):
         values = group[name].to_numpy(dtype=float)
         values = values[np.isfinite(values)]  # e.g. kappa undefined in a fold
         mean = float(values.mean()) if values.size else math.nan
@@ -461,7 +465,7 @@ def fold_summary(records: Sequence[Mapping[str, Any]], confidence: float = 0.95)
         row["n_classes"] = len(record.get("classes", []))
         row["n_test"] = int(record.get("n_test", 0))
         ci = record.get("ci", {})
-        for name in METRICS:
+        for name in (*METRICS, *CALIBRATION_METRICS):
             row[name] = _metric_value(record["metrics"].get(name))
             low, high = ci.get(name, [None, None])
             row[f"{name}__ci"] = (_metric_value(low), _metric_value(high))

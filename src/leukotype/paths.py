@@ -25,6 +25,8 @@ CONFUSION = "confusion.csv"
 CONFUSION_PNG = "confusion.png"
 SVM_MODEL = "svm.skops"
 CV_RESULTS = "cv_results.tsv"
+#: Temperature of an SVM run's probabilities, fitted on its training part (calibration.py).
+CALIBRATION = "calibration.json"
 FINETUNED_MODEL = "model.pt"
 HISTORY = "history.tsv"
 LEARNING_CURVE = "learning_curve.png"

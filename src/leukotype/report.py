@@ -225,6 +225,9 @@ def paper_table(summary_df: pd.DataFrame, task: str, dataset: str | None = None)
         entry["Folds"] = "hold-out" if is_holdout else str(n_folds)
         records.append(entry)
     table = pd.DataFrame(records, columns=list(TABLE_COLUMNS))
+    if "ece_mean" in rows and rows["ece_mean"].notna().any():
+        # Calibration of the probabilities (expected calibration error, lower is better).
+        table["ECE"] = [format_metric(r["ece_mean"], r["ece_sd"], int(r["n_folds"]), True) for _, r in rows.iterrows()]
     if dataset:
         table["Data"] = dataset
     return table

@@ -160,7 +160,9 @@ def run_svm(
     seed: int = 0,
     threads: int = 1,
     memory_mb: float | None = None,
+    out_calibration: PathLike | None = None,
 ) -> pd.DataFrame:
+    from leukotype.calibration import add_probabilities, fit_svm_calibration
     from leukotype.classify import DEFAULT_GRAM_MB, fit_svm, predict_table, save_model
     from leukotype.feature_store import load_features
 
@@ -186,6 +188,16 @@ def run_svm(
     save_model(pipeline, out_model)
     write_tsv(cv_results, out_cv)
     predictions = predict_table(pipeline, X_test, test, list(task.classes))
+    if out_calibration is not None:
+        # Probabilities: a temperature on the decision scores, fitted on out-of-fold scores of
+        # the training part (the test part is never used to fit anything).
+        calibration = fit_svm_calibration(
+            pipeline, X_train, train["label"].to_numpy(), train["group"].to_numpy(),
+            list(task.classes), cv_folds=svm_cfg["cv_folds"], seed=seed,
+        )
+        log.info("calibration: temperature %.4g (%s)", calibration["temperature"], calibration["fitted_on"])
+        write_json(calibration, out_calibration)
+        predictions = add_probabilities(predictions, list(task.classes), calibration["temperature"])
     write_tsv(predictions, out_predictions)
     return predictions
 
@@ -218,10 +230,32 @@ def run_evaluate(
         seed=evaluation_cfg["seed"],
         groups=groups,
     )
+    _add_calibration_metrics(record, read_tsv(predictions), list(task.classes), groups, evaluation_cfg)
     write_json(record, out_metrics)
     confusion_csv(record, out_confusion)
     plot_confusion(record, out_confusion_png)
     return record
+
+
+def _add_calibration_metrics(
+    record: dict[str, Any], predictions: pd.DataFrame, classes: list[str], groups: Mapping[str, str],
+    evaluation_cfg: Mapping[str, Any],
+) -> None:
+    """ECE and Brier score (with bootstrap CIs) of the run's probabilities, where it has them."""
+    from leukotype.calibration import calibration_metrics, probabilities_from_table
+
+    identity = predictions[predictions["transform"].astype(str) == "identity"]
+    probabilities = probabilities_from_table(identity, classes)
+    if probabilities is None:
+        return
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = [lookup[str(v)] for v in identity["true"]]
+    result = calibration_metrics(
+        probabilities, labels, n_boot=evaluation_cfg["n_bootstrap"], seed=evaluation_cfg["seed"],
+        groups=[groups[str(i)] for i in identity["image_id"]],
+    )
+    record["metrics"].update(result["metrics"])
+    record["ci"].update(result["ci"])
 
 
 def dataset_label(dataset_cfg: Mapping[str, Any]) -> str:

@@ -10,6 +10,7 @@ rule train_svm:
         model=paths.run_file(R, paths.SVM_MODEL, strategy="{svm_strategy}"),
         predictions=paths.run_file(R, paths.PREDICTIONS, strategy="{svm_strategy}"),
         cv_results=paths.run_file(R, paths.CV_RESULTS, strategy="{svm_strategy}"),
+        calibration=paths.run_file(R, paths.CALIBRATION, strategy="{svm_strategy}"),
     log:
         f"{R}/logs/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}.log",
     benchmark:

@@ -17,4 +17,5 @@ with logged(snakemake):
         seed=snakemake.config["split"]["seed"],
         threads=snakemake.threads,
         memory_mb=snakemake.resources.get("mem_mb"),
+        out_calibration=snakemake.output.calibration,
     )
