@@ -144,3 +144,4 @@ def test_bundle_needing_an_unknown_preprocessing_step_is_refused(tmp_path):
     fmt.write_manifest(folder)
     with pytest.raises(LeukotypeError, match="stain_normalise_v9"):
         fmt.load_bundle(folder)
+

@@ -29,14 +29,22 @@ from leukotype.errors import LeukotypeError
 log = logging.getLogger(__name__)
 
 
-def decision_gradient(decision: Callable[[np.ndarray], np.ndarray], x: np.ndarray, k: int) -> np.ndarray:
-    """Gradient of ``decision(X)[:, k]`` at ``x`` (D,) by central differences, one batched call."""
+def decision_gradient(
+    decision: Callable[[np.ndarray], np.ndarray], x: np.ndarray, k: int, block: int = 256
+) -> np.ndarray:
+    """Gradient of ``decision(X)[:, k]`` at ``x`` (D,) by central differences, in batched calls
+    of ``2 * block`` probes (bounded memory for wide features)."""
     x = np.asarray(x, dtype=np.float64)
     step = 1e-3 * max(float(np.sqrt(np.mean(x**2))), 1e-3)
-    eye = np.eye(len(x)) * step
-    probes = np.concatenate([x + eye, x - eye])
-    values = np.asarray(decision(probes), dtype=np.float64)[:, k]
-    return (values[: len(x)] - values[len(x):]) / (2 * step)
+    gradient = np.empty(len(x))
+    for start in range(0, len(x), block):
+        idx = np.arange(start, min(start + block, len(x)))
+        probes = np.repeat(x[None, :], 2 * len(idx), axis=0)
+        probes[np.arange(len(idx)), idx] += step
+        probes[len(idx) + np.arange(len(idx)), idx] -= step
+        values = np.asarray(decision(probes), dtype=np.float64)[:, k]
+        gradient[idx] = (values[: len(idx)] - values[len(idx):]) / (2 * step)
+    return gradient
 
 
 class LinearisedScore(nn.Module):
