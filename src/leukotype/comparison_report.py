@@ -27,6 +27,8 @@ from leukotype.report import (
 
 #: Column added to the main table: where each run stands against the best one.
 STANDING_COLUMN = "vs best"
+#: Left-aligned columns of the comparison and per-class tables.
+_TEXT = frozenset({"Run A", "Run B", "Test", "Significant", "Class"})
 #: Column added to the main table when published baselines are shown.
 SOURCE_COLUMN = "Source"
 THIS_WORKFLOW = "this workflow"
@@ -157,9 +159,9 @@ def write_comparison_tables(
     with atomic_write(paths["md"]) as handle:
         if note:
             handle.write(note + "\n\n")
-        handle.write(markdown_table(display) if len(display) else "(fewer than two runs)\n")
+        handle.write(markdown_table(display, _TEXT) if len(display) else "(fewer than two runs)\n")
     with atomic_write(paths["tex"]) as handle:
-        handle.write(latex_table(display))
+        handle.write(latex_table(display, _TEXT))
     return paths
 
 
@@ -317,7 +319,7 @@ def write_per_class(table: pd.DataFrame, stem: str | os.PathLike) -> dict[str, P
         )
         folds = int(rows["folds"].iloc[0])
         pooled = f" (confusion summed over {folds} folds)" if folds > 1 else ""
-        sections.append(f"### {label}{pooled}\n\n{markdown_table(shown)}")
+        sections.append(f"### {label}{pooled}\n\n{markdown_table(shown, _TEXT)}")
     with atomic_write(paths["md"]) as handle:
         handle.write("\n".join(sections))
     return paths

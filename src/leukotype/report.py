@@ -233,11 +233,11 @@ def paper_table(summary_df: pd.DataFrame, task: str, dataset: str | None = None)
     return table
 
 
-def _alignments(columns: Sequence[str]) -> list[str]:
-    return ["l" if column in TEXT_COLUMNS else "r" for column in columns]
+def _alignments(columns: Sequence[str], text_columns: Any = TEXT_COLUMNS) -> list[str]:
+    return ["l" if column in text_columns else "r" for column in columns]
 
 
-def markdown_table(table: pd.DataFrame) -> str:
+def markdown_table(table: pd.DataFrame, text_columns: Any = TEXT_COLUMNS) -> str:
     """GitHub pipe table (written here: no optional ``tabulate`` dependency, stable output)."""
 
     def cell(value: Any) -> str:
@@ -245,7 +245,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
     header = "| " + " | ".join(cell(c) for c in table.columns) + " |"
     rule = (
-        "| " + " | ".join(":---" if a == "l" else "---:" for a in _alignments(table.columns)) + " |"
+        "| " + " | ".join(":---" if a == "l" else "---:" for a in _alignments(table.columns, text_columns)) + " |"
     )
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join([header, rule, *body]) + "\n"
@@ -271,9 +271,9 @@ def latex_escape(text: Any) -> str:
     return "".join(_LATEX_ESCAPES.get(char, char) for char in str(text))
 
 
-def latex_table(table: pd.DataFrame) -> str:
+def latex_table(table: pd.DataFrame, text_columns: Any = TEXT_COLUMNS) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``)."""
-    spec = "".join(_alignments(table.columns))
+    spec = "".join(_alignments(table.columns, text_columns))
     lines = [
         rf"\begin{{tabular}}{{{spec}}}",
         r"\toprule",
