@@ -220,3 +220,39 @@ def test_fold_sizes_count_images_not_augmented_samples():
         }
     )
     assert fold_sizes_from_samples(samples) == {"r0f0": (2, 1), "r0f1": (2, 1)}
+
+
+def test_run_compare_stage_on_files_including_an_external_set(tmp_path):
+    """The stage pairs metrics with predictions, names runs, and takes another test set (with
+    its own groups and an adapted variant of a run) as the same call with other inputs."""
+    import json
+
+    from leukotype.stages import run_compare
+
+    ids = [f"x{i:03d}" for i in range(40)]
+    true, better, worse = _design(n=40, common=20, a_only=8)
+    samples = pd.DataFrame({"image_id": ["t1", "t2", "t3"], "transform": "identity", "label": "L1",
+                            "group": ["g1", "g2", "g3"], "fold": "holdout", "part": ["train", "train", "test"]})
+    samples.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    metrics, predictions = [], []
+    for name, pred, adapt in (("a", worse, "none"), ("b", better, "none"), ("c", better, "bn")):
+        record = {"task": "subtype", "strategy": "features_svm", "backbone": "vgg16" if name != "b" else "alexnet",
+                  "layer": "fc6", "fold": "holdout", "adapt": adapt, "classes": CLASSES, "n_test": 40,
+                  "metrics": {"accuracy": float(np.mean(pred == true))}, "confusion": [[1, 0], [0, 1]]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+        _frame(ids, true, pred).to_csv(tmp_path / f"{name}.tsv", sep="\t", index=False)
+        metrics.append(tmp_path / f"{name}.json")
+        predictions.append(tmp_path / f"{name}.tsv")
+    task = {"name": "subtype", "column": "subtype", "classes": CLASSES}
+    table = run_compare(metrics, predictions, tmp_path / "samples.tsv", task,
+                        {"n_bootstrap": 100, "seed": 0, "alpha": 0.05}, tmp_path / "cmp.csv",
+                        tmp_path / "cmp.png", test_set="jtsc", test_groups={i: i for i in ids})
+    assert set(table["test_set"]) == {"jtsc"} and len(table) == 3
+    assert set(table["run_a"]) | set(table["run_b"]) == {
+        "features_svm:vgg16-fc6", "features_svm:alexnet-fc6", "features_svm:vgg16-fc6#bn"}
+    csv = pd.read_csv(tmp_path / "cmp.csv")
+    labels = dict(zip(csv["run_a"], csv["label_a"])) | dict(zip(csv["run_b"], csv["label_b"]))
+    assert labels["features_svm:vgg16-fc6#bn"] == "VGG16 (fc6) — Feature extraction [bn]"
+    row = table[(table["run_b"] == "features_svm:vgg16-fc6")].iloc[0]
+    assert row["accuracy_diff"] == pytest.approx(8 / 40) and row["p_value"] == pytest.approx(2 * 0.5**8)
+    assert (tmp_path / "cmp.png").stat().st_size > 5_000

@@ -322,13 +322,18 @@ def run_compare(
     out_png: PathLike,
     dataset: str | None = None,
     test_set: str = "internal",
+    test_groups: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Paired comparisons of every pair of a task's runs on their common test images.
 
     ``metrics[i]`` and ``predictions[i]`` belong to the same run and fold (the record names
-    the run). ``samples`` (the task's augmented samples table) gives the groups the bootstrap
-    resamples and the fold sizes of the Nadeau-Bengio correction. For another test set (an
-    external one) pass that set's predictions and name it in ``test_set``.
+    the run; a record's ``adapt`` other than ``none``, e.g. BatchNorm adaptation on an
+    external set, makes it a run of its own). ``samples`` (the task's augmented samples table)
+    gives the groups the bootstrap resamples and the fold sizes of the Nadeau-Bengio
+    correction. For another test set (an external one) pass that set's predictions and
+    metrics, name it in ``test_set`` and give its images' groups in ``test_groups``; with
+    k-fold its size then stands for the test size in the correction (every fold's model is
+    tested on the same external images, so the correction is approximate there).
     """
     from leukotype.compare import compare_runs, fold_sizes_from_samples, run_key, run_predictions
     from leukotype.comparison_report import (
@@ -348,24 +353,39 @@ def run_compare(
     runs = []
     for record, path in zip(records, predictions):
         model = record.get("model") or model_id(record["backbone"], record.get("layer"))
-        runs.append(
-            run_predictions(run_key(record["strategy"], model), record["fold"], read_tsv(path))
-        )
+        key = run_key(record["strategy"], model)
+        if str(record.get("adapt") or "none") != "none":
+            key = f"{key}#{record['adapt']}"  # '+' and '@' occur in backbone names
+        runs.append(run_predictions(key, record["fold"], read_tsv(path)))
     sample_table = read_tsv(samples)
-    groups = dict(zip(sample_table["image_id"].astype(str), sample_table["group"].astype(str)))
+    fold_sizes = fold_sizes_from_samples(sample_table)
+    if test_groups is None:
+        groups = dict(zip(sample_table["image_id"].astype(str), sample_table["group"].astype(str)))
+    else:
+        groups = {str(k): str(v) for k, v in test_groups.items()}
+        n_test = {r.fold: len(r.predictions) for r in runs}
+        fold_sizes = {f: (n_train, n_test.get(f, 0)) for f, (n_train, _) in fold_sizes.items()}
     alpha = float(evaluation_cfg.get("alpha", 0.05))
     table = compare_runs(
         runs,
         list(task.classes),
         groups=groups,
-        fold_sizes=fold_sizes_from_samples(sample_table),
+        fold_sizes=fold_sizes,
         n_boot=max(1, int(evaluation_cfg["n_bootstrap"])),
         seed=int(evaluation_cfg["seed"]),
         alpha=alpha,
         test_set=test_set,
     )
     table.insert(0, "task", task.name)
-    labels = run_labels(fold_summary(records), task.name)
+    # Display names come from the plain runs; an adapted variant is named after its run.
+    plain = {}
+    for record, item in zip(records, runs):
+        plain.setdefault((item.run.partition("#")[0], item.fold), record)
+    labels = run_labels(fold_summary(list(plain.values())), task.name)
+    for item in runs:
+        base, _, adapt = item.run.partition("#")
+        if adapt:
+            labels[item.run] = f"{labels.get(base, base)} [{adapt}]"
     write_comparison_tables(
         table, labels, Path(out_csv).with_suffix(""), caption=comparison_caption(table, alpha)
     )
