@@ -353,7 +353,13 @@ def plot_accuracy(
     colours = [_STRATEGY_COLOURS.get(s, "#7f7f7f") for s in rows["strategy"]]
     published = [b for b in baselines if b.get("metrics", {}).get("accuracy") is not None]
 
-    width = 8.0
+    # Long labels (published rows name their study) widen the figure instead of the bars
+    # shrinking to a sliver.
+    longest = max(
+        [len(text) for text in labels]
+        + [len(b["model"]) + len(b["study"]) + 36 for b in published]
+    )
+    width = 8.0 + 0.07 * max(0, longest - 50)
     fig = _new_figure(width, 1.8 + 0.42 * (len(rows) + len(published)))
     ax = fig.add_subplot()
     positions = np.arange(len(rows))
