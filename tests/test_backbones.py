@@ -51,7 +51,7 @@ def _reference_layers(name: str, model: nn.Module, x: torch.Tensor) -> dict[str,
         targets = {"fc6": model.classifier[1], "fc7": model.classifier[4]}
     elif name in {"inception_v3", "resnet101"}:
         targets = {"pool": model.avgpool}
-    elif name == "efficientnet_lite0":
+    elif name.startswith("efficientnet_lite"):
         targets = {"pool": model._avg_pooling}
     else:  # paper_cnn
         targets = {"flatten": model.features}

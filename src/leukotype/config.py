@@ -31,8 +31,9 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 
 #: Layer names per named backbone (the last one is the penultimate layer, the head's input),
 #: from the torch-free catalogue, so that config errors and Snakemake's DAG need no torch.
+#: (Named entries with a fixed architecture; the timm family's layers: ``catalog.layers``.)
 BACKBONE_LAYERS: dict[str, tuple[str, ...]] = {
-    name: tuple(info.layers) for name, info in catalog.named().items()
+    name: tuple(info.layers) for name, info in catalog.named().items() if info.family != "timm"
 }
 #: Backbones trained from scratch: no pretrained features to extract.
 SCRATCH_BACKBONES = frozenset(name for name, info in catalog.named().items() if info.from_scratch)
@@ -159,6 +160,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                     f"models[{i}].finetune.policy: {backbone} cannot be fine-tuned with policy "
                     f"{policy!r}; valid policies for it: {list(allowed)}"
                 )
+    if not problems:
+        problems += _weights_problems(cfg) + _timm_problems(cfg)
     from leukotype.baselines import check_baselines
 
     problems += check_baselines(cfg)
@@ -166,6 +169,39 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise LeukotypeError("invalid config:\n  " + "\n  ".join(problems))
     _sort_keys_in_place(cfg)
     return cfg
+
+
+def _weights_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Every single backbone's effective weights setting must be one it can load."""
+    problems = []
+    for i, model in enumerate(cfg["models"]):
+        for part in catalog.parts(model["backbone"]):
+            weights, _ = weights_setting(cfg, part)
+            if weights == "imagenet" and not catalog.get(part).has_imagenet_weights:
+                whose = "" if part == model["backbone"] else f" (part {part} of {model['backbone']})"
+                problems.append(
+                    f"models[{i}].weights: {part}{whose} has no ImageNet weights here; set "
+                    "weights to a staged state-dict file (safetensors or tensor-only .pth, pin "
+                    "it with sha256) or to 'none' (random init); a combination's part can have "
+                    "its own models entry with its own weights"
+                )
+    return problems
+
+
+def _timm_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """timm architecture names exist (imports timm, so only when a config names one)."""
+    problems = []
+    for i, model in enumerate(cfg["models"]):
+        for part in catalog.parts(model["backbone"]):
+            info = catalog.get(part)
+            if info.family == "timm":
+                from leukotype.timm_backbones import check_model_name
+
+                try:
+                    check_model_name(str(info.timm_model))
+                except LeukotypeError as err:
+                    problems.append(f"models[{i}].backbone: {part!r}: {err}")
+    return problems
 
 
 def _sort_keys_in_place(obj: Any) -> None:
@@ -311,10 +347,12 @@ def extraction_backbones(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
 
 
 def weights_setting(cfg: Mapping[str, Any], backbone: str) -> tuple[str, str | None]:
-    """(weights, sha256) for a backbone; a part of a combined backbone inherits its settings."""
-    for model in cfg["models"]:
-        if model["backbone"] == backbone or backbone in catalog.parts(model["backbone"]):
-            return model.get("weights", "imagenet"), model.get("sha256")
+    """(weights, sha256) for a backbone: its own models entry's, else (a part of a combined
+    backbone) the first combination's that contains it."""
+    candidates = [m for m in cfg["models"] if m["backbone"] == backbone]
+    candidates += [m for m in cfg["models"] if backbone in catalog.parts(m["backbone"])]
+    for model in candidates:
+        return model.get("weights", "imagenet"), model.get("sha256")
     raise LeukotypeError(f"backbone {backbone!r} is not configured")
 
 
@@ -357,6 +395,14 @@ def svm_feature_dirs(
     if strategy == "features_svm":
         return [paths.features_dir(results, part) for part in catalog.parts(backbone)]
     return [paths.finetuned_features_dir(results, task, backbone, fold)]
+
+
+def svm_feature_layers(strategy: str, backbone: str, layer: str) -> list[str]:
+    """The layer an SVM run reads in each of its :func:`svm_feature_dirs` (a combination reads
+    each part's penultimate layer)."""
+    if strategy == "features_svm":
+        return [part_layer for _, part_layer in catalog.part_layers(backbone, layer)]
+    return [layer]
 
 
 def finetune_feature_dirs(cfg: Mapping[str, Any], backbone: str) -> list[str]:

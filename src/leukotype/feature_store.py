@@ -102,21 +102,25 @@ def _read_folder(feature_dir: Path, layer: str) -> tuple[pd.DataFrame, np.ndarra
 
 def load_features(
     feature_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
-    layer: str,
+    layer: str | Sequence[str],
     samples: pd.DataFrame,
 ) -> np.ndarray:
     """Float32 (len(samples), D) matrix: rows for ``samples`` (image_id, transform) in order.
 
     With several folders (the parts of a combined backbone) their columns are concatenated in
-    folder order. Missing samples raise LeukotypeError naming a few of them.
+    folder order; ``layer`` is one name for all, or one per folder (parts whose penultimate
+    layers are named differently). Missing samples raise LeukotypeError naming a few of them.
     """
     if isinstance(feature_dirs, (str, os.PathLike)):
         feature_dirs = [feature_dirs]
     if not feature_dirs:
         raise LeukotypeError("load_features needs at least one feature folder")
+    layers = [layer] * len(feature_dirs) if isinstance(layer, str) else list(layer)
+    if len(layers) != len(feature_dirs):
+        raise LeukotypeError(f"load_features: {len(layers)} layers for {len(feature_dirs)} folders")
     wanted = samples[SAMPLE_KEY].astype(str).reset_index(drop=True)
     blocks = []
-    for feature_dir in map(Path, feature_dirs):
+    for feature_dir, layer in zip(map(Path, feature_dirs), layers):
         index, matrix = _read_folder(feature_dir, layer)
         located = wanted.merge(index[INDEX_COLUMNS], on=SAMPLE_KEY, how="left", validate="m:1")
         absent = located["row"].isna()

@@ -152,7 +152,7 @@ def run_svm(
     task_cfg: Mapping[str, Any],
     fold: str,
     feature_dirs: Sequence[PathLike],
-    layer: str,
+    layer: str | Sequence[str],
     svm_cfg: Mapping[str, Any],
     out_model: PathLike,
     out_predictions: PathLike,
@@ -495,14 +495,14 @@ def run_finetune(
     task_cfg: Mapping[str, Any],
     backbone: str,
     fold: str,
-    weights: str,
+    weights: str | Mapping[str, str],
     torch_home: str | None,
     settings: Mapping[str, Any],
     checkpoint_dir: PathLike,
     outputs: FinetuneOutputs,
     feature_dirs: Sequence[PathLike] = (),
     threads: int = 1,
-    sha256: str | None = None,
+    sha256: str | None | Mapping[str, str | None] = None,
 ) -> pd.DataFrame:
     """Fine-tune ``backbone`` on one task and fold; write model, history, curve, predictions
     and the fine-tuned network's features (for ``finetune_svm``).
@@ -542,8 +542,13 @@ def run_finetune(
     )
 
     parts = list(catalog.parts(backbone))
+    # one setting for every part, or (a combination of differently weighted parts) one each
+    per_part = lambda value, part: value[part] if isinstance(value, Mapping) else value  # noqa: E731
     weight_paths = {
-        part: resolve_weights(part, weights, sha256=sha256, torch_home=torch_home) for part in parts
+        part: resolve_weights(
+            part, per_part(weights, part), sha256=per_part(sha256, part), torch_home=torch_home
+        )
+        for part in parts
     }
     model, preprocess = build_finetune_model(
         backbone,
@@ -553,8 +558,11 @@ def run_finetune(
         seed=cfg.seed,
     )
     if feature_dirs:
+        # each part's penultimate layer (one name when the parts share it, as the paper's do)
+        penultimates = [penultimate_layer(part) for part in parts]
+        cached_layer = penultimates[0] if len(set(penultimates)) == 1 else penultimates
         job = train_head_on_features(
-            model, fold_samples, classes, cfg, feature_dirs=feature_dirs, layer=penultimate_layer(parts[0]), checkpoint_dir=checkpoint_dir
+            model, fold_samples, classes, cfg, feature_dirs=feature_dirs, layer=cached_layer, checkpoint_dir=checkpoint_dir
         )
     else:
         job = finetune_fold(model, preprocess, fold_samples, classes, cfg, checkpoint_dir=checkpoint_dir)

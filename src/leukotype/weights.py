@@ -250,24 +250,48 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> str:
     return actual
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict with ``torch.load(map_location="cpu", weights_only=True)``.
+#: Keys under which training checkpoints keep the weights, in the order they are preferred
+#: (a DINOv2/DinoBloom checkpoint holds ``teacher``; its teacher is what DINOv2 evaluates).
+CHECKPOINT_KEYS = ("state_dict", "model", "teacher", "model_state_dict", "module")
 
-    A checkpoint dict holding the weights under ``state_dict`` is unwrapped.
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing code from the file.
+
+    ``.safetensors`` files are read with safetensors (a tensor format, no code at all); any
+    other file with ``torch.load(map_location="cpu", weights_only=True)``, which unpickles
+    tensors and plain containers only and refuses everything else. A checkpoint dict holding
+    the weights under one of :data:`CHECKPOINT_KEYS` is unwrapped.
     """
     import torch
 
+    path = Path(path)
+    if not path.is_file():
+        raise LeukotypeError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as error:  # SafetensorError: a corrupt or non-safetensors file
+            raise LeukotypeError(f"cannot read weights file {path} as safetensors: {error}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LeukotypeError(f"weights file not found: {path}") from None
     except Exception as error:  # UnpicklingError and friends: not a plain tensor file
+        reason = str(error).strip().splitlines()
+        detail = next((line for line in reason if "Unsupported global" in line), reason[-1] if reason else "")
         raise LeukotypeError(
-            f"cannot read weights file {path} as a tensors-only state dict "
-            f"(torch.load weights_only=True): {error}"
+            f"refused weights file {path}: it is not a tensors-only state dict, loading it "
+            f"would unpickle Python objects ({detail.strip()}). Only safetensors files and "
+            "tensor-only .pth files are read (torch.load weights_only=True), so no code from a "
+            "weights file ever runs; convert it once where you trust it, e.g. "
+            "safetensors.torch.save_file(state_dict, 'weights.safetensors')"
         ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    if isinstance(obj, dict):
+        for key in CHECKPOINT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LeukotypeError(
             f"weights file {path} does not hold a state dict (a mapping of names to tensors)"

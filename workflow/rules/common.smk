@@ -121,14 +121,20 @@ def finetune_result_settings(backbone):
     return _finetune_result_settings(config, backbone)
 
 
-def weights_sha256(wildcards):
-    """The sha256 a user pinned for the backbone's weights file (None when not pinned)."""
-    return weights_setting(config, wildcards.backbone)[1]
-
-
 def weights_name(wildcards):
-    """The weights setting of the backbone (of its first part, for a combination)."""
-    return weights_setting(config, catalog.parts(wildcards.backbone)[0])[0]
+    """The weights setting of a backbone; for a combination whose parts differ, part -> setting."""
+    return _per_part(wildcards.backbone, 0)
+
+
+def weights_sha256(wildcards):
+    """The sha256 pinned for the backbone's weights file (None when not pinned), like above."""
+    return _per_part(wildcards.backbone, 1)
+
+
+def _per_part(backbone, index):
+    values = {part: weights_setting(config, part)[index] for part in catalog.parts(backbone)}
+    distinct = set(values.values())
+    return distinct.pop() if len(distinct) == 1 else values
 
 
 def task_metrics(wildcards):

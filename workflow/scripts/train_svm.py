@@ -1,5 +1,6 @@
 """Snakemake adapter: SVM on frozen or fine-tuned features for one run."""
 
+from leukotype.config import svm_feature_layers
 from leukotype.smk import logged
 from leukotype.stages import run_svm
 
@@ -9,7 +10,9 @@ with logged(snakemake):
         snakemake.params.task,
         snakemake.wildcards.fold,
         snakemake.input.features,
-        snakemake.wildcards.layer,
+        svm_feature_layers(
+            snakemake.wildcards.svm_strategy, snakemake.wildcards.backbone, snakemake.wildcards.layer
+        ),
         snakemake.params.svm,
         snakemake.output.model,
         snakemake.output.predictions,

@@ -237,7 +237,7 @@ def train_head_on_features(
     cfg: FinetuneConfig,
     *,
     feature_dirs: Sequence[str | Path],
-    layer: str,
+    layer: str | Sequence[str],
     checkpoint_dir: str | Path | None = None,
 ) -> JobResult:
     """Train ``model.head`` on the stored ``layer`` features of ``feature_dirs`` (one folder per
