@@ -372,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in _expand_parts(args.backbones):
             name = _single_name(name)
             if not catalog.get(name).has_imagenet_weights:
-                print(f"{name}: no ImageNet weights (trained from scratch)", file=sys.stderr)
+                print(
+                    f"{name}: no ImageNet weights to stage (trained from scratch, or a file)",
+                    file=sys.stderr,
+                )
                 continue
             if args.command == "fetch":
                 print(stage_weights(name, args.torch_home))

@@ -132,7 +132,9 @@ def weights_sha256(wildcards):
 
 
 def _per_part(backbone, index):
-    values = {part: weights_setting(config, part)[index] for part in catalog.parts(backbone)}
+    values = {
+        part: weights_setting(config, part)[index] for part in catalog.parts(backbone)
+    }
     distinct = set(values.values())
     return distinct.pop() if len(distinct) == 1 else values
 
