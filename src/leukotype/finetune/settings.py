@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from leukotype.catalog import POLICIES
+from leukotype.config import FINETUNE_EXECUTION_FIELDS
 from leukotype.errors import LeukotypeError
 from leukotype.runtime import PRECISIONS
 
 SCHEDULES = ("constant", "cosine")
 #: Config fields that change how a run executes but not (beyond float noise) what it learns;
-#: they are left out of the checkpoint fingerprint so e.g. moving a run to a GPU resumes it.
-EXECUTION_ONLY_FIELDS = ("device", "num_workers", "threads", "fast_path", "fast_path_memory_mb")
+#: they are left out of the checkpoint fingerprint so e.g. moving a run to a GPU resumes it
+#: (the same fields the rule keeps out of its params: one list, in leukotype.config).
+EXECUTION_ONLY_FIELDS = FINETUNE_EXECUTION_FIELDS
 
 __all__ = ["EXECUTION_ONLY_FIELDS", "POLICIES", "PRECISIONS", "SCHEDULES", "FinetuneConfig"]
 
