@@ -145,3 +145,23 @@ def test_bundle_needing_an_unknown_preprocessing_step_is_refused(tmp_path):
     with pytest.raises(LeukotypeError, match="stain_normalise_v9"):
         fmt.load_bundle(folder)
 
+
+
+def test_reliability_diagram_from_metrics_records(tmp_path):
+    from leukotype.calibration import reliability_bins
+    from leukotype.calibration_plots import plot_reliability
+
+    scores, labels = _overconfident(400, seed=2)
+    records = []
+    for strategy, temperature in (("features_svm", 1.0), ("finetune", 4.0)):
+        p = softmax(scores, temperature)
+        bins = {k: v.tolist() for k, v in reliability_bins(p, labels).items()}
+        records.append({"strategy": strategy, "backbone": "efficientnet_lite0", "layer": "pool",
+                        "metrics": {"ece": expected_calibration_error(p, labels)}, "reliability": bins})
+    # the over-confident run's curve lies below the diagonal, the calibrated one on it
+    over, calibrated = (np.asarray(r["reliability"]["accuracy"]) - np.asarray(r["reliability"]["confidence"]) for r in records)
+    assert np.nanmean(over) < -0.1 and abs(np.nanmean(calibrated[np.asarray(records[1]["reliability"]["count"]) > 20])) < 0.1
+    fig = plot_reliability(records, "subtype", tmp_path / "rel.png", dataset="SYNTHETIC: demo")
+    assert (tmp_path / "rel.png").stat().st_size > 5_000
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("Fine tuning" in t and "ECE" in t for t in legend) and "perfectly calibrated" in legend

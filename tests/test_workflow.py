@@ -303,7 +303,6 @@ def test_offline_node_without_staged_weights_stops_before_extraction(tmp_path):
 def _round_trip(bundle_dir: Path, study: Path) -> None:
     """A bundle, loaded fresh, reproduces its run's test predictions from the image files."""
     from leukotype.bundle import load_bundle
-    from leukotype.calibration import softmax
     from leukotype.predict import Predictor
 
     bundle = load_bundle(bundle_dir)
@@ -314,16 +313,16 @@ def _round_trip(bundle_dir: Path, study: Path) -> None:
     got = Predictor(bundle, device="cpu").predict_samples(samples)
     classes = bundle.classes
     assert got["pred"].tolist() == expected["pred"].tolist(), run["path"]
-    if bundle.kind == "svm":
+    if bundle.kind == "svm":  # raw decision scores as the workflow wrote them
         reference = expected[[f"score_{c}" for c in classes]].to_numpy()
         mine = got[[f"score_{c}" for c in classes]].to_numpy()
-    else:  # the workflow writes the head's softmax; the bundle's raw scores are its logits
-        reference = expected[[f"prob_{c}" for c in classes]].to_numpy()
-        mine = softmax(got[[f"score_{c}" for c in classes]].to_numpy())
-    np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6, err_msg=run["path"])
-    # calibrated probabilities are a proper distribution with the classifier's arg-max
+        np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6, err_msg=run["path"])
+    # probabilities: the workflow's (calibrated) prob_ columns, with the run's temperature
     probs = got[[f"prob_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(probs, expected[[f"prob_{c}" for c in classes]].to_numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    calibration = json.loads((study / "results" / run["path"] / "calibration.json").read_text())
+    assert bundle.temperature == calibration["temperature"]
 
 
 def test_export_model_bundles_the_best_run_of_each_task(study):
@@ -393,3 +392,23 @@ def test_predict_rule_lists_bad_files_with_reasons_and_predicts_the_rest(study):
     assert ok["top_k"].str.split(";").str.len().eq(3).all()
     assert set(ok["ood"].astype(str)) <= {"True", "False"}
     assert (table.loc[table["status"] != "ok", "pred"] == "").all()
+
+
+def test_explain_writes_an_overlay_per_valid_image_and_lists_bad_ones(study, tmp_path):
+    from PIL import Image
+
+    from leukotype.cli import main
+
+    validated = read(study / "results/data/validated.tsv")
+    good = validated["abspath"].head(2).tolist()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    out = tmp_path / "maps"
+    assert main(["explain", "--model", str(study / "results/models/subtype"), *good, str(bad), "--out", str(out)]) == 0
+    listed = read(out / "explain.tsv")
+    assert listed["status"].tolist() == ["ok", "ok", "rejected"]
+    assert listed["reason"].iloc[2].startswith("not_an_image")
+    for name in listed["overlay"].iloc[:2]:
+        with Image.open(out / name) as overlay:
+            assert overlay.size == (224, 224) and overlay.mode == "RGB"  # EfficientNet-Lite0's input
+    assert set(listed["pred"].iloc[:2]) <= {"L1", "L2", "M2", "M3", "M5"}

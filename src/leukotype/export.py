@@ -190,7 +190,7 @@ def export_run(
         model_path = run_dir / paths.SVM_MODEL
         pipeline = load_model(model_path)
         svm_params = pipeline.named_steps["svm"].get_params()
-        calibration_path = run_dir / "calibration.json"
+        calibration_path = run_dir / paths.CALIBRATION
         if calibration_path.is_file():
             calibration = read_json(calibration_path)
         else:
@@ -209,7 +209,7 @@ def export_run(
     else:
         state = _load_finetuned_state(finetuned_model)
         head = {"weight": state["head.weight"], "bias": state["head.bias"]}
-        calibration_path = run_dir / "calibration.json"
+        calibration_path = run_dir / paths.CALIBRATION
         calibration = (
             read_json(calibration_path)
             if calibration_path.is_file()

@@ -256,6 +256,18 @@ def _add_calibration_metrics(
     )
     record["metrics"].update(result["metrics"])
     record["ci"].update(result["ci"])
+    from leukotype.calibration import reliability_bins
+
+    record["reliability"] = {k: v.tolist() for k, v in reliability_bins(probabilities, labels).items()}
+
+
+def run_reliability(
+    metrics: Sequence[PathLike], task_cfg: Mapping[str, Any], out_png: PathLike, dataset: str | None = None
+) -> None:
+    """The task's reliability diagram from its runs' metrics records."""
+    from leukotype.calibration_plots import plot_reliability
+
+    plot_reliability([read_json(p) for p in metrics], task_from_dict(task_cfg).name, out_png, dataset=dataset)
 
 
 def dataset_label(dataset_cfg: Mapping[str, Any]) -> str:
@@ -487,6 +499,8 @@ class FinetuneOutputs:
     curve: PathLike
     predictions: PathLike
     features: PathLike
+    #: Temperature of the head's probabilities (leukotype.head_calibration); None: not written.
+    calibration: PathLike | None = None
 
 
 def run_finetune(
@@ -571,6 +585,17 @@ def run_finetune(
     save_finetuned(model, outputs.model)
     write_tsv(result.history, outputs.history)
     plot_learning_curve(result.history, outputs.curve, title=f"{task.name} / {backbone} / {fold}")
-    write_tsv(job.predictions, outputs.predictions)
+    predictions = job.predictions
+    if outputs.calibration is not None:
+        from leukotype.head_calibration import calibrate_prediction_table, fit_head_calibration
+
+        calibration = fit_head_calibration(
+            model.head, cfg, job.features, job.feature_index, fold_samples,
+            train_rows["group"].astype(str).tolist(), frozen_features=not any(True for _ in model.trainable.parameters()),
+        )
+        log.info("calibration: temperature %.4g (%s)", calibration["temperature"], calibration["fitted_on"])
+        write_json(calibration, outputs.calibration)
+        predictions = calibrate_prediction_table(predictions, classes, calibration["temperature"])
+    write_tsv(predictions, outputs.predictions)
     write_features(outputs.features, job.feature_index, job.features)
-    return job.predictions
+    return predictions

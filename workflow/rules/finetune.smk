@@ -15,6 +15,7 @@ rule finetune:
         history=paths.finetune_file(R, paths.HISTORY),
         curve=paths.finetune_file(R, paths.LEARNING_CURVE),
         predictions=paths.finetune_file(R, paths.PREDICTIONS),
+        calibration=paths.finetune_file(R, paths.CALIBRATION),
         features=directory(paths.finetuned_features_dir(R)),
     log:
         f"{R}/logs/finetune/{{task}}/{{backbone}}/{{fold}}.log",

@@ -25,6 +25,31 @@ rule export_model:
         "../scripts/export_model.py"
 
 
+rule reliability_diagram:
+    input:
+        metrics=task_metrics,
+    output:
+        figure=report(
+            f"{R}/figures/{{task}}_reliability.png",
+            caption="../report/reliability.rst",
+            category="Figures",
+            labels={"task": "{task}", "figure": "reliability"},
+        ),
+    log:
+        f"{R}/logs/reliability/{{task}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        dataset=dataset_label(config["dataset"]),
+    script:
+        "../scripts/reliability_diagram.py"
+
+
 rule predict:
     input:
         model=config["predict"]["model"] or [],

@@ -25,6 +25,7 @@ with logged(snakemake):
             curve=snakemake.output.curve,
             predictions=snakemake.output.predictions,
             features=snakemake.output.features,
+            calibration=snakemake.output.calibration,
         ),
         feature_dirs=snakemake.input.features,
         threads=snakemake.threads,
