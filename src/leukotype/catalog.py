@@ -110,6 +110,17 @@ class BackboneInfo:
         return f"{text}; cite: {self.citation}" if self.citation else text
 
     @property
+    def has_hub_weights(self) -> bool:
+        """Whether ``weights: hub`` is meaningful: a ``timm:<model>`` (timm's pretrained config
+        names where its weights are published). DinoBloom's are files from Zenodo, not a hub."""
+        return self.family == "timm" and self.name.startswith(TIMM_PREFIX)
+
+    @property
+    def weights_by_hand(self) -> bool:
+        """Whether the weights are a file the user downloads (DinoBloom's published ``.pth``)."""
+        return self.checkpoint_layout == "dinov2" and not self.has_hub_weights
+
+    @property
     def has_imagenet_weights(self) -> bool:
         """Whether ``weights: imagenet`` means a file (download or packaged)."""
         return self.imagenet_url is not None or self.packaged_weights is not None

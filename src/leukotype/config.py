@@ -181,16 +181,15 @@ def _weights_problems(cfg: Mapping[str, Any]) -> list[str]:
             weights, _ = weights_setting(cfg, part)
             whose = "" if part == model["backbone"] else f" (part {part} of {model['backbone']})"
             info = catalog.get(part)
-            is_timm_model = part.startswith(catalog.TIMM_PREFIX)
             # DinoBloom's weights are files from Zenodo: say which and how to configure them
-            by_hand = f". {dinobloom_message(part)}" if info.checkpoint_layout == "dinov2" and not is_timm_model else ""
-            if weights == "hub" and not is_timm_model:
+            by_hand = f". {dinobloom_message(part)}" if info.weights_by_hand else ""
+            if weights == "hub" and not info.has_hub_weights:
                 problems.append(
                     f"models[{i}].weights: {part}{whose}: 'hub' (timm's published weights) is "
                     f"for timm:<model> backbones only{by_hand}"
                 )
             elif weights == "imagenet" and not info.has_imagenet_weights:
-                hub = "'hub' (timm's published weights, staged by fetch_weights), " if is_timm_model else ""
+                hub = "'hub' (timm's published weights, staged by fetch_weights), " if info.has_hub_weights else ""
                 problems.append(
                     f"models[{i}].weights: {part}{whose} has no ImageNet weights here; set "
                     f"weights to {hub}a staged state-dict file (safetensors or tensor-only .pth, pin "

@@ -60,9 +60,9 @@ def hub_source(backbone: str) -> HubSource:
     from leukotype.timm_backbones import check_model_name
 
     info = catalog.get(backbone)
-    if info.checkpoint_layout == "dinov2" and not backbone.startswith(catalog.TIMM_PREFIX):
+    if info.weights_by_hand:
         raise LeukotypeError(weights.dinobloom_message(backbone))
-    if info.family != "timm" or not backbone.startswith(catalog.TIMM_PREFIX):
+    if not info.has_hub_weights:
         raise LeukotypeError(
             f"backbone {backbone!r}: 'weights: hub' is for timm:<model> backbones only"
         )

@@ -409,7 +409,7 @@ def stage(backbone: str, weights: str, torch_home: str | os.PathLike | None = No
     """
     name = _single_name(backbone)
     info = catalog.get(name)
-    if info.checkpoint_layout == "dinov2" and not name.startswith(catalog.TIMM_PREFIX):
+    if info.weights_by_hand:
         if weights == "none" or weights not in WEIGHT_KEYWORDS:
             return None
         raise LeukotypeError(dinobloom_message(name))
@@ -448,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in _expand_parts(args.backbones):
             name = _single_name(name)
-            setting = "hub" if name.startswith(catalog.TIMM_PREFIX) else "imagenet"
-            if args.command == "fetch" and catalog.get(name).checkpoint_layout == "dinov2":
+            setting = "hub" if catalog.get(name).has_hub_weights else "imagenet"
+            if args.command == "fetch" and catalog.get(name).weights_by_hand:
                 stage(name, setting, args.torch_home)  # raises: what to download by hand
             if setting == "imagenet" and not catalog.get(name).has_imagenet_weights:
                 print(
