@@ -39,6 +39,7 @@ from leukotype.backbones import (
 )
 from leukotype.errors import LeukotypeError
 from leukotype.feature_store import SAMPLE_KEY, _index_table, canonical_samples
+from leukotype.hardware import resolve_precision
 from leukotype.io import atomic_path, provenance, write_json, write_tsv
 from leukotype.runtime import (  # noqa: F401 - SampleDataset, resolve_device: public here too
     PRECISIONS,
@@ -366,6 +367,8 @@ def extract_features(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
+    precision_choice = resolve_precision(precision, torch_device)  # bf16 only where native
+    precision = precision_choice.effective
 
     with torch_threads(max(1, int(threads))):
         model = build_model(spec, Path(weights_path) if weights_path else None, seed=seed)
@@ -437,7 +440,7 @@ def extract_features(
                     "mean": list(spec.mean),
                     "std": list(spec.std),
                 },
-                "precision": precision,
+                **precision_choice.meta(),
                 "optimized": bool(optimize),
                 "device": str(torch_device),
                 "batch_size": batch_size,

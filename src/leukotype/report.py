@@ -228,9 +228,23 @@ def paper_table(summary_df: pd.DataFrame, task: str, dataset: str | None = None)
     if "ece_mean" in rows and rows["ece_mean"].notna().any():
         # Calibration of the probabilities (expected calibration error, lower is better).
         table["ECE"] = [format_metric(r["ece_mean"], r["ece_sd"], int(r["n_folds"]), True) for _, r in rows.iterrows()]
+    table = _with_precision_column(table, rows)
     if dataset:
         table["Data"] = dataset
     return table
+
+
+#: Column added by :func:`_with_precision_column` (``Precision`` is the metric).
+PRECISION_COLUMN = "Compute precision"
+
+
+def _with_precision_column(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Add the numeric precision of each run where any run is not plain fp32 (bf16, or bf16
+    requested and fp32 substituted on hardware without native bf16: see leukotype.hardware)."""
+    values = [str(v) for v in rows.get("precision", pd.Series([""] * len(rows)))]
+    if all(v in ("", "fp32") for v in values):
+        return table
+    return table.assign(**{PRECISION_COLUMN: [v or "fp32" for v in values]})
 
 
 def _alignments(columns: Sequence[str], text_columns: Any = TEXT_COLUMNS) -> list[str]:

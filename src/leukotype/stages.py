@@ -5,6 +5,7 @@ Workflow scripts call these (and nothing else), so every stage is testable witho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -214,10 +215,15 @@ def run_evaluate(
     out_metrics: PathLike,
     out_confusion: PathLike,
     out_confusion_png: PathLike,
+    feature_dirs: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
+    """Metrics of one run; ``feature_dirs`` (the features it ran on) give its precision."""
+    from leukotype.hardware import run_precision
     from leukotype.metrics import confusion_csv, evaluate_predictions
     from leukotype.report import plot_confusion
 
+    if feature_dirs:
+        meta = {**meta, "precision": run_precision(feature_dirs)}
     task = task_from_dict(task_cfg)
     # Bootstrap whole groups (patients, duplicates): images of one patient are not independent.
     sample_table = read_tsv(samples)
@@ -544,6 +550,8 @@ def run_finetune(
     paths = read_tsv(validated)[["image_id", "abspath"]]
     train_rows, test_rows = (part.merge(paths, on="image_id", how="left") for part in fold_parts(read_tsv(samples), fold))
     cfg = FinetuneConfig.from_mapping({**settings, "threads": threads})
+    precision = _native_precision(cfg)
+    cfg = dataclasses.replace(cfg, precision=precision.effective)
     val_rows = train_rows.iloc[0:0]
     if cfg.val_fraction > 0:
         is_val = carve_validation(train_rows, cfg.val_fraction, cfg.seed)
@@ -598,4 +606,13 @@ def run_finetune(
         predictions = calibrate_prediction_table(predictions, classes, calibration["temperature"])
     write_tsv(predictions, outputs.predictions)
     write_features(outputs.features, job.feature_index, job.features)
+    write_json({**precision.meta(), "provenance": provenance()}, Path(outputs.features) / "meta.json")
     return predictions
+
+
+def _native_precision(cfg: Any) -> Any:
+    """Fine-tuning runs bf16 only where the device has it natively (see leukotype.hardware)."""
+    from leukotype.hardware import resolve_precision
+    from leukotype.runtime import resolve_device
+
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))

@@ -32,6 +32,7 @@ rule evaluate:
     input:
         predictions=paths.run_file(R, paths.PREDICTIONS),
         samples=rules.augment.output.samples,
+        features=run_feature_dirs,
     output:
         metrics=paths.run_file(R, paths.METRICS),
         confusion=paths.run_file(R, paths.CONFUSION),

@@ -111,6 +111,16 @@ def feature_dirs(wildcards):
     )
 
 
+def run_feature_dirs(wildcards):
+    """Feature folders behind a run (their meta.json records its precision)."""
+    if wildcards.strategy == "features_svm":
+        return [f"{R}/features/{part}" for part in wildcards.backbone.split("+")]
+    layer = STRATEGY_LAYER["finetune"]
+    return [
+        f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/features"
+    ]
+
+
 def finetune_feature_dirs(wildcards):
     """Cached backbone features the head trains on (paper policy), else nothing."""
     return _finetune_feature_dirs(config, wildcards.backbone)

@@ -14,4 +14,5 @@ with logged(snakemake):
         snakemake.output.metrics,
         snakemake.output.confusion,
         snakemake.output.confusion_png,
+        feature_dirs=snakemake.input.features,
     )
