@@ -220,3 +220,41 @@ def test_resolving_weight_paths_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_config_torch_home_wins_over_the_environment(tmp_path, monkeypatch):
+    """One rule (weights.torch_home): config key, else $TORCH_HOME, else torch's default."""
+    env_home, cfg_home = tmp_path / "exported", tmp_path / "configured"
+    monkeypatch.setenv("TORCH_HOME", str(env_home))
+    assert weights.torch_home(str(cfg_home)) == cfg_home
+    assert weights.torch_home(None) == env_home
+    expected = weights.expected_weights_path("resnet101", "imagenet", str(cfg_home))
+    assert expected.parent == cfg_home / "hub" / "checkpoints"
+    assert "overrides $TORCH_HOME" in weights.torch_home_conflict(str(cfg_home))
+    assert weights.torch_home_conflict(str(env_home)) is None
+
+
+@pytest.mark.e2e
+def test_fetch_declared_outputs_and_extraction_use_one_torch_home(tmp_path):
+    """$TORCH_HOME exported AND a different config torch_home: the declared weight file, the
+    folder fetch_weights stages into and the file extraction would read are all the config's."""
+    import yaml
+
+    from workflow_helpers import REPO, snakemake
+
+    cfg = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    cfg["models"] = [{"backbone": "alexnet", "weights": "imagenet"}]
+    cfg["torch_home"] = str(tmp_path / "configured")
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    staged = tmp_path / "configured" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    env = {"TORCH_HOME": str(tmp_path / "exported")}
+    offline = {key: "http://127.0.0.1:9" for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    result = snakemake(tmp_path, "fetch_weights", configfile=path, check=False, env={**env, **offline})
+    message = result.stdout + result.stderr
+    assert result.returncode != 0  # no internet here: what matters is where it would stage
+    assert f"copy the file to {staged}" in message  # fetch_weights stages into the config's folder
+    assert "overrides $TORCH_HOME" in message
+    dry = snakemake(tmp_path, "-n", "--forceall", configfile=path, env=env)
+    assert str(staged) in dry.stdout  # the declared output / extraction input
+    assert "exported" not in dry.stdout

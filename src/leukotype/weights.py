@@ -75,10 +75,30 @@ def default_torch_home() -> Path:
     return Path(cache) / "torch"
 
 
-def hub_checkpoints_dir(torch_home: str | os.PathLike | None = None) -> Path:
-    """``<torch_home>/hub/checkpoints``; without ``torch_home`` torch.hub's own ($TORCH_HOME)."""
-    home = Path(torch_home).expanduser() if torch_home else default_torch_home()
-    return home / "hub" / "checkpoints"
+def torch_home(configured: str | os.PathLike | None = None) -> Path:
+    """THE rule for where staged weights live, used by fetch_weights, the workflow's declared
+    weight files and every job that loads weights: the config key ``torch_home`` when set
+    (the config is the study's recorded statement), else ``$TORCH_HOME``, else torch.hub's
+    default (:func:`default_torch_home`)."""
+    return Path(configured).expanduser() if configured else default_torch_home()
+
+
+def torch_home_conflict(configured: str | os.PathLike | None) -> str | None:
+    """A note when the config's ``torch_home`` and an exported ``$TORCH_HOME`` differ."""
+    exported = os.environ.get("TORCH_HOME")
+    if not configured or not exported:
+        return None
+    if Path(exported).expanduser().resolve() == Path(configured).expanduser().resolve():
+        return None
+    return (
+        f"config torch_home {str(configured)!r} is used for weights; it overrides "
+        f"$TORCH_HOME={exported!r} (remove the config key to use $TORCH_HOME)"
+    )
+
+
+def hub_checkpoints_dir(torch_home_dir: str | os.PathLike | None = None) -> Path:
+    """``<torch_home>/hub/checkpoints`` with the home chosen by :func:`torch_home`."""
+    return torch_home(torch_home_dir) / "hub" / "checkpoints"
 
 
 def downloadable(backbone: str) -> bool:

@@ -50,12 +50,15 @@ CONDA_ENV = (
 # GPU jobs request one GPU only when the config asks for it; CPU jobs never do (SLURM: --gpus).
 GPU_RESOURCES = {"gpu": 1} if config["compute"]["gpu"] else {}
 
-# Weights are staged under $TORCH_HOME (login node with internet: `snakemake fetch_weights`);
-# compute jobs, also on SLURM nodes without internet, read them from there.
-os.environ.setdefault(
-    "TORCH_HOME",
-    str(Path(config["torch_home"] or Path.home() / ".cache" / "torch").expanduser()),
-)
+# Weights are staged under one folder (login node with internet: `snakemake fetch_weights`);
+# compute jobs, also on SLURM nodes without internet, read them from there. One rule decides
+# it (config torch_home, else $TORCH_HOME, else torch's default), and every job sees the result.
+from leukotype.weights import torch_home, torch_home_conflict  # noqa: E402
+
+if torch_home_conflict(config["torch_home"]):
+    print(f"note: {torch_home_conflict(config['torch_home'])}", file=sys.stderr)
+TORCH_HOME = str(torch_home(config["torch_home"]))
+os.environ["TORCH_HOME"] = TORCH_HOME
 
 
 envvars:

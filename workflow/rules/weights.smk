@@ -17,6 +17,6 @@ rule fetch_weights:
         mem_mb=1000,
         runtime=60,
     params:
-        torch_home=os.environ["TORCH_HOME"],
+        torch_home=TORCH_HOME,
     script:
         "../scripts/fetch_weights.py"
