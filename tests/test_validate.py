@@ -168,6 +168,7 @@ def test_columns_ids_and_order(zoo: pd.DataFrame) -> None:
         "height",
         "mode",
         "converted",
+        "orientation",
         "status",
         "reason",
     ]
@@ -309,3 +310,117 @@ def test_real_pbc_subset_is_all_ok_rgb(shared_data: Path) -> None:
     assert validated["md5"].is_unique
     assert validated["width"].between(360, 366).all()
     check_class_counts(validated, [task], min_per_class=5)
+
+
+# ------------------------------------------------------------------ not regular files, paths
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) if validation blocks on a FIFO or /dev/zero."""
+    import signal
+
+    def timeout(signum, frame):
+        raise TimeoutError("validation blocked reading a non-regular file")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _codes(validated: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(validated["path"], validated["reason"].str.split(":").str[0]))
+
+
+def test_only_regular_files_are_read_others_get_a_reason(tmp_path, no_hang):
+    import os
+
+    _save(_noise_image(0), tmp_path / "L1" / "good.png")
+    os.mkfifo(tmp_path / "L1" / "pipe.png")
+    (tmp_path / "L1" / "folder.png").mkdir()
+    (tmp_path / "L1" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "L1" / "loop.png").symlink_to(tmp_path / "L1" / "loop.png")
+    names = ["good.png", "pipe.png", "folder.png", "dangling.png", "loop.png"]
+    df = _table(tmp_path, [(f"L1/{n}", "L1") for n in names] + [("/dev/zero", "L1")])
+    df.loc[df["path"] == "/dev/zero", "abspath"] = "/dev/zero"
+    validated = validate_images(df, [SUBTYPE])
+    assert _codes(validated) == {
+        "L1/good.png": "",
+        "L1/pipe.png": "not_a_regular_file",
+        "L1/folder.png": "not_a_regular_file",
+        "L1/dangling.png": "broken_link",
+        "L1/loop.png": "broken_link",
+        "/dev/zero": "not_a_regular_file",
+    }
+    reasons = dict(zip(validated["path"], validated["reason"]))
+    assert "is a FIFO" in reasons["L1/pipe.png"] and "is a character device" in reasons["/dev/zero"]
+    assert "is a folder" in reasons["L1/folder.png"] and "symlink loop" in reasons["L1/loop.png"]
+    assert "nowhere.png" in reasons["L1/dangling.png"]
+
+
+def test_class_folder_dataset_lists_broken_symlinks_with_a_reason(tmp_path, no_hang):
+    _save(_noise_image(0), tmp_path / "L1" / "good.png")
+    (tmp_path / "L1" / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "L1" / "loop.png").symlink_to(tmp_path / "L1" / "loop.png")
+    (tmp_path / "L1" / "deeper").mkdir()  # a real sub-folder stays ignored
+    validated = validate_images(read_dataset(tmp_path), [SUBTYPE])
+    assert _codes(validated) == {"L1/dangling.png": "broken_link", "L1/good.png": "", "L1/loop.png": "broken_link"}
+
+
+def test_manifest_rows_outside_its_folder_need_the_config_switch(tmp_path):
+    from leukotype.stages import run_validation
+
+    data = tmp_path / "data"
+    _save(_noise_image(1), tmp_path / "elsewhere" / "far.png")
+    elsewhere = _save(_noise_image(2), tmp_path / "elsewhere" / "absolute.png")
+    for i in range(2):
+        _save(_noise_image(10 + i), data / "L1" / f"c{i}.png")
+    manifest = data / "manifest.csv"
+    manifest.write_text(
+        f"path,label\nL1/c0.png,L1\n{data / 'L1' / 'c1.png'},L1\n../elsewhere/far.png,L1\n{elsewhere},L1\n"
+    )
+    tasks = [{"name": "subtype", "column": "label", "classes": ["L1"]}]
+    cfg = {"min_side": 32, "max_pixels": 10**7, "min_images_per_class": 1, "max_aspect_ratio": 5}
+    table = run_validation(manifest, tasks, {**cfg, "allow_outside_paths": False}, tmp_path / "v.tsv", tmp_path / "v.json")
+    codes = _codes(table)
+    assert codes["../elsewhere/far.png"] == "outside_dataset" and codes[str(elsewhere)] == "outside_dataset"
+    assert codes["L1/c0.png"] == codes[str(data / "L1" / "c1.png")] == ""  # absolute but inside
+    assert "validation.allow_outside_paths: true" in table.set_index("path").at[str(elsewhere), "reason"]
+    table = run_validation(manifest, tasks, {**cfg, "allow_outside_paths": True}, tmp_path / "v.tsv", tmp_path / "v.json")
+    assert (table["status"] == "ok").all()
+
+
+# ------------------------------------------------------------------ images that are not cells
+
+
+def test_extreme_aspect_ratio_is_rejected_with_a_reason(tmp_path):
+    _save(_noise_image(0, size=(1200, 40)), tmp_path / "L1" / "strip.png")
+    _save(_noise_image(1, size=(60, 40)), tmp_path / "L1" / "cell.png")
+    df = _table(tmp_path, [("L1/strip.png", "L1"), ("L1/cell.png", "L1")])
+    validated = validate_images(df, [SUBTYPE], max_aspect_ratio=5)
+    reasons = dict(zip(validated["path"], validated["reason"]))
+    assert reasons["L1/cell.png"] == ""
+    assert reasons["L1/strip.png"].startswith("extreme_aspect_ratio: 1200x40 is 30.0:1 > 5:1")
+    assert "validation.max_aspect_ratio" in reasons["L1/strip.png"]
+
+
+def test_exif_orientation_is_applied_on_decoding_and_recorded(tmp_path):
+    from PIL import ImageOps
+
+    stored = _noise_image(3, size=(60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    _save(stored, tmp_path / "L1" / "turned.jpg", exif=exif.tobytes(), quality=95)
+    _save(stored, tmp_path / "L1" / "plain.jpg", quality=95)
+    decoded = load_rgb(tmp_path / "L1" / "turned.jpg")
+    assert decoded.size == (40, 60)  # upright: the camera's orientation applied
+    with Image.open(tmp_path / "L1" / "turned.jpg") as raw:
+        expected = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(decoded), expected)
+    df = _table(tmp_path, [("L1/turned.jpg", "L1"), ("L1/plain.jpg", "L1")])
+    validated = validate_images(df, [SUBTYPE])
+    assert dict(zip(validated["path"], validated["orientation"])) == {"L1/plain.jpg": 1, "L1/turned.jpg": 6}
+    write_tsv(validated, tmp_path / "validated.tsv")
+    assert read_tsv(tmp_path / "validated.tsv")["orientation"].astype(int).tolist() == [1, 6]

@@ -44,7 +44,8 @@ def read_dataset(source: str | os.PathLike) -> pd.DataFrame:
     ``source`` is either
     - a folder ``<root>/<class>/<file>``: label column ``label`` = the sub-folder name; hidden
       files/folders, files directly in ``<root>`` (e.g. ``manifest.csv``, a README) and deeper
-      sub-folders are ignored; every other file is listed (validation rejects non-images), or
+      sub-folders are ignored; every other entry is listed, broken symlinks and FIFOs included
+      (validation rejects non-images and non-regular files with a reason), or
     - a CSV/TSV manifest ``path,label[,group][,more label columns]`` with paths relative to
       the manifest's folder (absolute paths allowed). Columns ``md5``/``bytes`` are dropped
       because validation recomputes them.
@@ -69,13 +70,19 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _is_real_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _read_folder(root: Path) -> pd.DataFrame:
     root = root.resolve()
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
     rows: list[dict[str, str]] = []
     for class_dir in class_dirs:
         for file in sorted(class_dir.iterdir()):
-            if _is_hidden(file) or not file.is_file() or file.name in MANIFEST_NAMES:
+            # Deeper real folders are ignored; anything else (a dangling or looping symlink, a
+            # FIFO, a link to a folder) is listed so that validation rejects it with a reason.
+            if _is_hidden(file) or file.name in MANIFEST_NAMES or _is_real_folder(file):
                 continue
             rel = f"{class_dir.name}/{file.name}"
             rows.append(

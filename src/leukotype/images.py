@@ -1,11 +1,15 @@
-"""The one image-decoding path used by validation, extraction and training."""
+"""The one image-decoding path used by validation, extraction and training (EXIF orientation
+applied, any mode converted to RGB deliberately)."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+#: The EXIF tag that says how a camera held the image (1 = as stored; 2-8 flips/rotations).
+EXIF_ORIENTATION = 0x0112
 
 #: Modes that decode to RGB without a decision worth recording.
 NATIVE_MODES = frozenset({"RGB"})
@@ -34,8 +38,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1 when absent or invalid: shown as stored)."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block means "no orientation"
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned the way the camera's EXIF orientation says it is viewed."""
+    return ImageOps.exif_transpose(img) if exif_orientation(img) != 1 else img
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully and return an RGB image (raises on unreadable/truncated files)."""
+    """Decode ``path`` fully, apply its EXIF orientation, and return an RGB image (raises on
+    unreadable/truncated files)."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(upright(img))

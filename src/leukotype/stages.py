@@ -42,7 +42,7 @@ def run_validation(
     out_summary: PathLike,
     threads: int = 1,
 ) -> pd.DataFrame:
-    from leukotype.dataset import read_dataset
+    from leukotype.dataset import dataset_root, read_dataset
     from leukotype.validate import check_class_counts, summarise_validation, validate_images
 
     tasks = [task_from_dict(t) for t in tasks_cfg]
@@ -52,6 +52,8 @@ def run_validation(
         min_side=validation_cfg["min_side"],
         max_pixels=validation_cfg["max_pixels"],
         threads=threads,
+        max_aspect_ratio=validation_cfg.get("max_aspect_ratio"),
+        inside=None if validation_cfg.get("allow_outside_paths") else dataset_root(dataset),
     )
     rejected = table[table["status"] != "ok"]
     for row in rejected.itertuples():

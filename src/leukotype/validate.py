@@ -7,9 +7,11 @@ dropped, so the user sees exactly which files were left out and why.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,16 +24,20 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from leukotype.tasks import Task
 from leukotype.errors import LeukotypeError
-from leukotype.images import NATIVE_MODES, to_rgb
+from leukotype.images import NATIVE_MODES, exif_orientation, to_rgb, upright
 
 #: Reason codes, in the order the checks run (the first failing check names the reason).
 REASONS = (
+    "outside_dataset",
     "missing_file",
+    "broken_link",
+    "not_a_regular_file",
     "zero_bytes",
     "not_an_image",
     "too_large",
     "truncated",
     "too_small",
+    "extreme_aspect_ratio",
     "label_not_in_classes",
     "conflicting_duplicate",
 )
@@ -44,6 +50,7 @@ COMPUTED_COLUMNS = (
     "height",
     "mode",
     "converted",
+    "orientation",
     "status",
     "reason",
 )
@@ -58,25 +65,71 @@ class FileCheck:
     width: int | None = None
     height: int | None = None
     mode: str = ""
+    orientation: int | None = None
     reason: str = ""
 
 
-def check_file(path: str | os.PathLike, min_side: int, max_pixels: int) -> FileCheck:
-    """Read ``path`` once, hash it, and decode it once (unless the header already rejects it).
+#: What a path that is not a regular file is, in words (``stat`` mode test -> description).
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
-    The header is checked against ``max_pixels`` before any pixel is decoded, so a
-    decompression bomb costs nothing. The decode goes through ``images.to_rgb`` so that a file
-    that passes here is one that extraction can load.
+
+def read_regular_file(path: str | os.PathLike) -> bytes | str:
+    """The bytes of ``path`` if it is a regular file, else the rejection reason (a str).
+
+    The file is opened non-blocking and checked with ``fstat`` on that very descriptor before
+    any byte is read, so a FIFO, ``/dev/zero`` or a folder is rejected at once (never read
+    forever), and a dangling or looping symlink gets its own reason.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        return FileCheck(reason=f"missing_file: {path}")
+        if path.is_symlink():
+            return f"broken_link: {path} -> {os.readlink(path)} (the link's target does not exist)"
+        return f"missing_file: {path}"
     except IsADirectoryError:
-        return FileCheck(reason=f"missing_file: {path} is a folder")
+        return f"not_a_regular_file: {path} is a folder; only regular files are read"
     except OSError as exc:
-        return FileCheck(reason=f"missing_file: cannot read {path}: {exc.strerror or exc}")
+        if exc.errno == errno.ELOOP:
+            return f"broken_link: {path} is a symlink loop"
+        return f"missing_file: cannot read {path}: {exc.strerror or exc}"
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((words for test, words in _FILE_KINDS if test(mode)), "not a regular file")
+        return f"not_a_regular_file: {path} is {kind}; only regular files are read"
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            return handle.read()
+        except OSError as exc:
+            return f"missing_file: cannot read {path}: {exc.strerror or exc}"
+
+
+def check_file(
+    path: str | os.PathLike,
+    min_side: int,
+    max_pixels: int,
+    max_aspect_ratio: float | None = None,
+) -> FileCheck:
+    """Read ``path`` once, hash it, and decode it once (unless the header already rejects it).
+
+    Only regular files are read (:func:`read_regular_file`). The header is checked against
+    ``max_pixels`` before any pixel is decoded, so a decompression bomb costs nothing. The
+    decode goes through ``images.upright`` and ``images.to_rgb`` (the EXIF orientation is
+    applied and recorded) so that a file that passes here is one that extraction can load.
+    ``max_aspect_ratio`` rejects strips (long side / short side above it) that a cell-sized
+    input would squash.
+    """
+    path = Path(path)
+    data = read_regular_file(path)
+    if isinstance(data, str):
+        return FileCheck(reason=data)
     md5, size = hashlib.md5(data).hexdigest(), len(data)
     if size == 0:
         return FileCheck(md5=md5, bytes=0, reason="zero_bytes: empty file")
@@ -98,12 +151,32 @@ def check_file(path: str | os.PathLike, min_side: int, max_pixels: int) -> FileC
             return _with(header, reason=f"too_large: {width}x{height} > {max_pixels} pixels")
         try:
             img.load()
-            to_rgb(img)
+            header = _with(header, orientation=exif_orientation(img))
+            to_rgb(upright(img))
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "cannot be read"
             return _with(header, reason=f"truncated: {type(exc).__name__}: {exc}")
     if min(width, height) < min_side:
         return _with(header, reason=f"too_small: {width}x{height} < {min_side}")
+    ratio = max(width, height) / max(1, min(width, height))
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        return _with(
+            header,
+            reason=f"extreme_aspect_ratio: {width}x{height} is {ratio:.1f}:1 > {max_aspect_ratio:g}:1 "
+            "(not a single-cell crop; raise validation.max_aspect_ratio if it is one)",
+        )
     return header
+
+
+def outside_reason(abspath: str, root: str | os.PathLike) -> str:
+    """``outside_dataset`` reason when ``abspath`` does not lie under ``root``, else ''."""
+    root = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.abspath(abspath))
+    if os.path.commonpath([root, path]) == root:
+        return ""
+    return (
+        f"outside_dataset: {path} is outside the dataset folder {root}; set "
+        "validation.allow_outside_paths: true to read it"
+    )
 
 
 def validate_images(
@@ -112,8 +185,14 @@ def validate_images(
     min_side: int = 32,
     max_pixels: int = 50_000_000,
     threads: int = 1,
+    max_aspect_ratio: float | None = None,
+    inside: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Validated table of ``df`` (from ``dataset.read_dataset``), one row per input row.
+
+    ``inside``: the dataset folder; a row whose path lies outside it (``../..``, an absolute
+    path elsewhere) is rejected as ``outside_dataset`` without being opened. None allows any
+    path. ``orientation`` is the EXIF orientation applied when decoding (1 = as stored).
 
     Columns: ``image_id, path, abspath, <label columns>, group, md5, bytes, width, height,
     mode, converted, status, reason``, rows in sorted-``path`` order; ``image_id`` is ``img``
@@ -134,7 +213,7 @@ def validate_images(
     with warnings.catch_warnings():
         # Headers above max_pixels are rejected before decoding; PIL's bomb warning is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        checks = _check_all(table["abspath"].tolist(), min_side, max_pixels, threads)
+        checks = _check_all(table["abspath"].tolist(), min_side, max_pixels, threads, max_aspect_ratio, inside)
 
     table["md5"] = pd.array([c.md5 for c in checks], dtype="str")
     table["bytes"] = pd.array([c.bytes for c in checks], dtype="Int64")
@@ -142,6 +221,7 @@ def validate_images(
     table["height"] = pd.array([c.height for c in checks], dtype="Int64")
     table["mode"] = [c.mode for c in checks]
     table["converted"] = [bool(c.mode) and c.mode not in NATIVE_MODES for c in checks]
+    table["orientation"] = pd.array([c.orientation for c in checks], dtype="Int64")
     reasons = pd.Series([c.reason for c in checks], index=table.index, dtype=object)
     reasons = _label_reasons(table, tasks, reasons)
     reasons = _duplicate_reasons(table, tasks, reasons)
@@ -186,12 +266,23 @@ def _prepare(df: pd.DataFrame, tasks: Sequence[Task]) -> pd.DataFrame:
     return table[["image_id", "path", "abspath", *labels, "group"]]
 
 
-def _check_all(paths: list[str], min_side: int, max_pixels: int, threads: int) -> list[FileCheck]:
+def _check_all(
+    paths: list[str],
+    min_side: int,
+    max_pixels: int,
+    threads: int,
+    max_aspect_ratio: float | None = None,
+    inside: str | os.PathLike | None = None,
+) -> list[FileCheck]:
+    def check(path: str) -> FileCheck:
+        outside = outside_reason(path, inside) if inside is not None else ""
+        return FileCheck(reason=outside) if outside else check_file(path, min_side, max_pixels, max_aspect_ratio)
+
     if threads <= 1 or len(paths) < 2:
-        return [check_file(p, min_side, max_pixels) for p in paths]
+        return [check(p) for p in paths]
     # PIL releases the GIL while decoding, so threads overlap file reads and decodes.
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda p: check_file(p, min_side, max_pixels), paths))
+        return list(pool.map(check, paths))
 
 
 def _label_reasons(table: pd.DataFrame, tasks: Sequence[Task], reasons: pd.Series) -> pd.Series:
