@@ -81,6 +81,14 @@ def write_feature_matrix(
     write_tsv(index, existing_path)
 
 
+def feature_dim(feature_dir: str | os.PathLike, layer: str) -> int:
+    """Columns of ``layer`` in a feature folder, from the ``.npy`` header (nothing is loaded)."""
+    path = Path(feature_dir) / f"{layer}.npy"
+    if not path.is_file():
+        raise LeukotypeError(f"no features for layer {layer!r} in {feature_dir} (missing {path.name})")
+    return int(np.load(path, mmap_mode="r").shape[1])
+
+
 def _read_folder(feature_dir: Path, layer: str) -> tuple[pd.DataFrame, np.ndarray]:
     index_path, matrix_path = feature_dir / "index.tsv", feature_dir / f"{layer}.npy"
     if not index_path.is_file():

@@ -115,10 +115,19 @@ def run_extract(
     features_cfg: Mapping[str, Any],
     out_dir: PathLike,
     threads: int = 1,
+    memory_mb: float | None = None,
 ) -> None:
     from leukotype.features import extract_features
+    from leukotype.memory import extraction_memory_parts, require_memory
     from leukotype.weights import resolve_weights
 
+    # Before any weight is loaded: stop with a message if the job's mem_mb cannot hold it.
+    require_memory(
+        "extract_features",
+        extraction_memory_parts(backbone, features_cfg["batch_size"], features_cfg["num_workers"], features_cfg["precision"]),
+        memory_mb,
+        hint="or lower features.batch_size",
+    )
     samples = extraction_samples(read_tsv(validated), augmentation_cfg)
     weights_path = resolve_weights(backbone, weights, sha256=sha256, torch_home=torch_home)
     log.info("extracting %s %s for %d samples (weights: %s)", backbone, list(layers), len(samples), weights_path)
@@ -169,9 +178,15 @@ def run_svm(
     from leukotype.classify import DEFAULT_GRAM_MB, fit_svm, predict_table, save_model
     from leukotype.feature_store import load_features
 
+    from leukotype.feature_store import feature_dim
+    from leukotype.memory import require_memory, svm_memory_parts
+
     task = task_from_dict(task_cfg)
     train, test = fold_parts(read_tsv(samples), fold)
     dirs = [Path(d) for d in feature_dirs]
+    # Before the features are loaded: stop with a message if the job's mem_mb cannot hold them.
+    dim = sum(feature_dim(d, layer) for d in dirs)
+    require_memory("train_svm", svm_memory_parts(len(train), len(test), dim, memory_mb / 2 if memory_mb else 0.0), memory_mb)
     X_train = load_features(dirs, layer, train[["image_id", "transform"]])
     X_test = load_features(dirs, layer, test[["image_id", "transform"]])
     grid = {k: svm_cfg[k] for k in ("C", "kernel", "gamma")}

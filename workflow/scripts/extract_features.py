@@ -17,4 +17,5 @@ with logged(snakemake):
         {**snakemake.config["features"], **snakemake.params.features},
         snakemake.output[0],
         threads=snakemake.threads,
+        memory_mb=snakemake.resources.get("mem_mb"),
     )
