@@ -112,3 +112,13 @@ def test_tables_show_the_substitution():
     }
     plain = paper_table(fold_summary([_record("alexnet", "fp32")]), "t")
     assert PRECISION_COLUMN not in plain.columns  # the default table keeps its shape
+
+
+@pytest.mark.parametrize("cpuinfo, effective", [(AVX2_ONLY, "fp32"), (ZEN4, "bf16")])
+def test_finetuning_precision_follows_native_support(cpu, cpuinfo, effective):
+    from leukotype.finetune import FinetuneConfig
+    from leukotype.stages import _native_precision
+
+    cpu(cpuinfo)
+    choice = _native_precision(FinetuneConfig(precision="bf16", device="cpu"))
+    assert (choice.requested, choice.effective) == ("bf16", effective)

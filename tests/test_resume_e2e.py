@@ -242,8 +242,10 @@ def test_kfold_tables_show_mean_sd_and_interval_over_folds(interrupted_study):
     assert (table["Folds"].astype(str) == "4").all()
     for technique, strategy, model in (("Feature extraction", "features_svm", "efficientnet_lite0/pool"),
                                        ("Fine tuning", "finetune", "paper_cnn/softmax")):
-        values = [json.loads((workdir / f"results/runs/cellular/{strategy}/{model}/{fold}/metrics.json").read_text())
-                  ["metrics"]["accuracy"] for fold in FOLDS]
+        records = [json.loads((workdir / f"results/runs/cellular/{strategy}/{model}/{fold}/metrics.json").read_text())
+                   for fold in FOLDS]
+        assert {r["precision"] for r in records} == {"fp32"}  # from the features' meta.json
+        values = [r["metrics"]["accuracy"] for r in records]
         mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
         assert table.at[technique, "Accuracy"] == f"{100 * mean:.1f} ± {100 * sd:.1f}"
         half = stats.t.ppf(0.975, 3) * sd / math.sqrt(4)

@@ -3,8 +3,10 @@
 - ``index.tsv`` — ``row, image_id, transform``: which sample each matrix row belongs to, rows in
   canonical order (sorted by image_id, then transform);
 - ``<layer>.npy`` — float32 (N, D) matrix per layer, rows as in the index;
-- ``meta.json`` — backbone, layers and dims, weights file and sha256, precision, device,
-  provenance (written only by :func:`leukotype.features.extract_features`).
+- ``meta.json`` — backbone, layers and dims, weights file and sha256, precision (requested,
+  effective, reason: :mod:`leukotype.hardware`), device, provenance (written by
+  :func:`leukotype.features.extract_features`; a fine-tuned network's folder records only its
+  precision and provenance).
 
 numpy and pandas only: the SVM jobs read features without importing torch.
 """
