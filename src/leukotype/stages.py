@@ -176,9 +176,7 @@ def run_svm(
 ) -> pd.DataFrame:
     from leukotype.calibration import add_probabilities, fit_svm_calibration
     from leukotype.classify import DEFAULT_GRAM_MB, fit_svm, predict_table, save_model
-    from leukotype.feature_store import load_features
-
-    from leukotype.feature_store import feature_dim
+    from leukotype.feature_store import feature_dim, load_features
     from leukotype.memory import require_memory, svm_memory_parts
 
     task = task_from_dict(task_cfg)

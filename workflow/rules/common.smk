@@ -115,13 +115,10 @@ def feature_dirs(wildcards):
 
 
 def run_feature_dirs(wildcards):
-    """Feature folders behind a run (their meta.json records its precision)."""
-    if wildcards.strategy == "features_svm":
-        return [f"{R}/features/{part}" for part in wildcards.backbone.split("+")]
-    layer = STRATEGY_LAYER["finetune"]
-    return [
-        f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/features"
-    ]
+    """Feature folders behind any run (their meta.json records its precision)."""
+    return svm_feature_dirs(
+        R, wildcards.strategy, wildcards.task, wildcards.backbone, wildcards.fold
+    )
 
 
 def finetune_feature_dirs(wildcards):
