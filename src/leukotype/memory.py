@@ -13,12 +13,15 @@ padded: a false stop costs more than a late one, which the retry with more memor
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from leukotype.errors import LeukotypeError
+
+log = logging.getLogger("leukotype")
 
 MIB = 1 << 20
 
@@ -110,6 +113,9 @@ def extraction_memory_parts(
         extractor = FeatureExtractor(spec, model, [spec.default_layer]).eval()
         with torch.inference_mode():
             extractor(torch.empty(1, 3, spec.input_size, spec.input_size, device="meta"))
+    except Exception as error:  # noqa: BLE001 - an op without a meta kernel: estimate without
+        log.warning("memory estimate of %s without activations (meta forward failed: %s)", backbone, error)
+        largest = 0
     finally:
         for hook in hooks:
             hook.remove()
