@@ -84,6 +84,8 @@ def timing_config(manifest_path: Path, out: Path, quick: bool, precision: str = 
     cfg = yaml.safe_load((common.REPO_ROOT / "configs" / "paper.yaml").read_text())
     cfg["results"] = "results"
     cfg["dataset"] = {"source": str(manifest_path), "name": "timing run: PBC cells, stand-in labels"}
+    # the manifest lists the PBC images where they lie, outside the scratch folder it is in
+    cfg["validation"] = {**cfg.get("validation", {}), "allow_outside_paths": True}
     # bf16 for the ImageNet networks only; fine-tuning takes the features' precision so that the
     # head still trains on the extracted features. The paper CNN trains in fp32 either way.
     cfg.setdefault("features", {})["precision"] = precision
