@@ -183,7 +183,8 @@ def run_svm(
     train, test = fold_parts(read_tsv(samples), fold)
     dirs = [Path(d) for d in feature_dirs]
     # Before the features are loaded: stop with a message if the job's mem_mb cannot hold them.
-    dim = sum(feature_dim(d, layer) for d in dirs)
+    layers = [layer] * len(dirs) if isinstance(layer, str) else list(layer)
+    dim = sum(feature_dim(d, name) for d, name in zip(dirs, layers, strict=True))
     require_memory("train_svm", svm_memory_parts(len(train), len(test), dim, memory_mb / 2 if memory_mb else 0.0), memory_mb)
     X_train = load_features(dirs, layer, train[["image_id", "transform"]])
     X_test = load_features(dirs, layer, test[["image_id", "transform"]])
