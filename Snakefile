@@ -17,6 +17,7 @@ include: "workflow/rules/weights.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/classify.smk"
+include: "workflow/rules/external.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/models.smk"
 

@@ -13,6 +13,7 @@ from workflow_helpers import REPO, snakemake
 
 pytestmark = [pytest.mark.e2e, pytest.mark.shared_data]
 
+JTSC = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 
 
@@ -65,7 +66,9 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
         models=[{"backbone": "efficientnet_lite0", "weights": "imagenet",
                  "strategies": ["features_svm", "finetune", "finetune_svm"]}],
         finetune={"policy": "head", "epochs": 20, "batch_size": 30, "lr": 0.01},
-        evaluation={"n_bootstrap": 500},
+        evaluation={"n_bootstrap": 500, "external": [
+            {"name": "jtsc", "source": str(shared_data / "jtsc"), "labels": {"cell_type": {c: c for c in JTSC}}}
+        ]},
     )
     snakemake(tmp_path, configfile=config)
 
@@ -85,3 +88,32 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
     assert record["n_test"] == 200
     meta = json.loads((tmp_path / "results/features/efficientnet_lite0/meta.json").read_text())
     assert meta["n_rows"] == 800
+
+    # The external set (another lab), scored on the classes it shares with PBC.
+    external = pd.read_csv(tmp_path / "results/tables/cell_type_external.csv")
+    assert external["Technique"].tolist() == ["Feature extraction", "Fine tuning", "Fine tuning + SVM"]
+    assert set(external["Shared classes"]) == {"4: eosinophil, lymphocyte, monocyte, neutrophil"}
+    assert set(external["External n"]) == {299}  # 300 minus the basophil; no duplicate conflicts
+    ext = json.loads(
+        (tmp_path / "results/runs/cell_type/features_svm/efficientnet_lite0/pool/holdout/external/jtsc/none/metrics.json").read_text()
+    )
+    assert ext["excluded_classes"] == {"basophil": "too_few_images: 1 < min_images_per_class 5"}
+    assert ext["n_internal"] == 100  # PBC test cells of the 4 shared classes
+    acc, internal = ext["external_metrics"]["accuracy"], ext["internal_metrics"]["accuracy"]
+    print("PBC -> JTSC accuracy (shared classes):", acc, "internal:", internal)
+    assert internal >= 0.85 and 0.05 < acc < internal  # the lab shift
+    assert ext["drop"]["accuracy"] == pytest.approx(internal - acc)
+    low, high = ext["external_ci"]["accuracy"]
+    assert low < acc < high
+    assert external["Drop"].iloc[0] == f"{100 * (internal - acc):.1f}"
+    # No training job read the external set: not in the training data, not in their logs.
+    assert not read(tmp_path / "results/data/validated.tsv")["abspath"].str.contains("jtsc").any()
+    logs = tmp_path / "results/logs"
+    training_logs = [logs / "validate_images.log"]
+    for rule in ("split", "augment", "extract_features", "train_svm", "finetune"):
+        training_logs += sorted((logs / rule).rglob("*.log"))
+    assert len(training_logs) == 7
+    for log in training_logs:
+        assert "jtsc" not in log.read_text(), log
+    external_meta = json.loads((tmp_path / "results/external/jtsc/features/none/efficientnet_lite0/meta.json").read_text())
+    assert external_meta["n_rows"] == 300 and meta["n_rows"] == 800  # own folder; training's unchanged

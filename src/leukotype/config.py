@@ -165,6 +165,9 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from leukotype.baselines import check_baselines
 
     problems += check_baselines(cfg)
+    from leukotype.external import check_external_config
+
+    problems += check_external_config(cfg)
     if problems:
         raise LeukotypeError("invalid config:\n  " + "\n  ".join(problems))
     _sort_keys_in_place(cfg)

@@ -496,12 +496,18 @@ class CellImages:
 
 
 def render_cell(
-    subtype: str, stain: Stain, rng: np.random.Generator, image_size: int
+    subtype: str, stain: Stain, rng: np.random.Generator, image_size: int, zoom: float = 1.0
 ) -> CellImages:
-    """Draw one synthetic cell: whole-cell image and the segmented-nucleus image."""
+    """Draw one synthetic cell: whole-cell image and the segmented-nucleus image.
+
+    ``zoom`` > 1 magnifies: the whole-cell image frames the cell more tightly (another lab's
+    microscope and cropping)."""
     plan = plan_cell(subtype, stain, rng)
     pixels = image_size * SUPERSAMPLE
     whole_view = View(-0.5, -0.5, 1.0, pixels)
+    if zoom != 1.0:
+        cx, cy = plan.centre
+        whole_view = View(cx - 0.5 / zoom, cy - 0.5 / zoom, 1.0 / zoom, pixels)
     whole_od, nucleus = paint(plan, stain, whole_view)
     nucleus_od, _ = paint(plan, stain, nucleus_view(whole_view, nucleus, pixels), nucleus_only=True)
     return CellImages(
@@ -593,6 +599,51 @@ def make_demo_dataset(
                 seed=seed, patients=n_patients_per_subtype, cells=cells_per_patient, size=image_size
             )
         )
+    with atomic_write(manifest, newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["path", "subtype", "element", "group"])
+        writer.writerows(rows)
+    return manifest
+
+
+#: The external demo lab: another stain (redder chromatin, darker yellowish background) and
+#: magnification (cells framed tightly, as many labs crop them).
+EXTERNAL_STAIN = Stain(
+    intensity=1.15,
+    channel_gain=np.array([0.8, 1.05, 1.15], dtype=np.float32),
+    background_gain=3.0,
+    size_factor=1.0,
+)
+EXTERNAL_ZOOM = 1.6
+
+
+def make_demo_external(
+    out_dir: str | os.PathLike, cells_per_subtype: int = 4, image_size: int = 96, seed: int = 0
+) -> Path:
+    """Write the demo's SYNTHETIC external test set under ``out_dir``; return its manifest.
+
+    The same FAB-like classes as :func:`make_demo_dataset` (manifest columns ``path, subtype,
+    element, group``), drawn with :data:`EXTERNAL_STAIN` at :data:`EXTERNAL_ZOOM`: a model
+    trained on the demo data meets a stain and scale shift, as with another lab's images.
+    """
+    if cells_per_subtype < 1:
+        raise LeukotypeError(f"need at least one cell per subtype (got {cells_per_subtype})")
+    out_dir = Path(out_dir)
+    manifest = out_dir / "manifest.csv"
+    manifest.unlink(missing_ok=True)
+    rows: list[tuple[str, str, str, str]] = []
+    for s_index, subtype in enumerate(SUBTYPES):
+        folder = out_dir / "images" / subtype
+        folder.mkdir(parents=True, exist_ok=True)
+        for cell in range(cells_per_subtype):
+            rng = np.random.default_rng([seed, 3, s_index, cell])
+            images = render_cell(subtype, EXTERNAL_STAIN, rng, image_size, zoom=EXTERNAL_ZOOM)
+            for element in ELEMENTS:
+                name = f"external_{subtype}_c{cell:02d}_{element}.png"
+                getattr(images, element).save(folder / name, format="PNG", compress_level=1)
+                rows.append((f"images/{subtype}/{name}", subtype, element, f"external-{subtype}-c{cell:02d}"))
+    with atomic_write(out_dir / "README.txt") as handle:
+        handle.write("SYNTHETIC external demo set (another stain and magnification) - NOT REAL CELLS.\n")
     with atomic_write(manifest, newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["path", "subtype", "element", "group"])

@@ -332,6 +332,7 @@ def extract_features(
     progress: bool = True,
     seed: int = 0,
     optimize: bool = True,
+    adapt_batchnorm: bool = False,
 ) -> None:
     """Extract ``layers`` of ``backbone`` for every sample into ``out_dir`` (see module doc).
 
@@ -346,6 +347,8 @@ def extract_features(
             ``optimize`` the bf16 model holds bf16 weights, otherwise bf16 is autocast.
         optimize: run :func:`optimize_for_inference`'s version of the extractor (same features
             up to float rounding); False runs the plain eager extractor.
+        adapt_batchnorm: first re-estimate every BatchNorm's statistics on these samples
+            (unlabelled; :func:`leukotype.adaptation.adapt_batchnorm`), then extract.
     """
     spec = get_spec(backbone)
     if spec.is_combined:
@@ -374,6 +377,11 @@ def extract_features(
         model = build_model(spec, Path(weights_path) if weights_path else None, seed=seed)
         model = model.to(torch_device, memory_format=torch.channels_last)
         extractor = FeatureExtractor(spec, model, layers).eval()
+        if adapt_batchnorm:
+            from leukotype.adaptation import adapt_batchnorm as _adapt
+
+            adapt_data = SampleDataset(table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec))
+            _adapt(extractor, DataLoader(adapt_data, batch_size=batch_size, num_workers=num_workers), torch_device)
         input_dtype = torch.float32
         if optimize:
             input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -442,6 +450,7 @@ def extract_features(
                 },
                 **precision_choice.meta(),
                 "optimized": bool(optimize),
+                "adapted_batchnorm": bool(adapt_batchnorm),
                 "device": str(torch_device),
                 "batch_size": batch_size,
                 "provenance": provenance(seed=seed),

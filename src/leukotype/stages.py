@@ -143,6 +143,7 @@ def run_extract(
         threads=threads,
         precision=features_cfg["precision"],
         optimize=features_cfg["optimize"],
+        adapt_batchnorm=features_cfg.get("adapt_batchnorm", False),
     )
 
 

@@ -50,7 +50,8 @@ rule evaluate:
         evaluation={
             k: v
             for k, v in config["evaluation"].items()
-            if k not in ("baselines", "feature_map", "alpha")
+            # nor the external sets: adding one must not re-evaluate the internal runs
+            if k not in ("baselines", "feature_map", "alpha", "external", "adapt_batchnorm")
         },
         weights=weights_name,
     script:

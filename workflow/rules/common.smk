@@ -76,6 +76,8 @@ wildcard_constraints:
     strategy=_alternatives(STRATEGIES),
     svm_strategy="features_svm|finetune_svm",
     layer=r"[A-Za-z0-9_]+",
+    ext=_alternatives([e["name"] for e in config["evaluation"]["external"]] or ["-"]),
+    adapt="none|bn",
 
 
 def dataset_input(wildcards):
@@ -196,7 +198,7 @@ def final_targets():
     targets += [f"{R}/figures/{task}_reliability.png" for task in TASKS]
     if config["predict"]["model"]:
         targets.append(f"{R}/predictions/predictions.csv")
-    return targets
+    return targets + external_targets()
 
 
 # ------------------------------------------------------------------ model bundles (models.smk)
@@ -246,3 +248,87 @@ def export_weight_files(wildcards):
     return sorted(
         {f for run in _task_runs(wildcards) for f in weights_input(run.backbone)}
     )
+
+
+# External test sets (leukotype.external): their own validation, features and predictions,
+# read by no training job.
+from leukotype.external import NO_BATCHNORM, external_sets  # noqa: E402
+
+EXTERNAL = {ext.name: ext for ext in external_sets(config)}
+EXTERNAL_CFG = {e["name"]: e for e in config["evaluation"]["external"]}
+ADAPT = ["none", "bn"] if config["evaluation"]["adapt_batchnorm"] else ["none"]
+
+
+def has_batchnorm(backbone):
+    return not any(part in NO_BATCHNORM for part in backbone.split("+"))
+
+
+def external_runs():
+    """(run, external set, adaptation) triples: every trained run on every set it scores."""
+    return [
+        (run, name, adapt)
+        for run in RUNS
+        for name, ext in EXTERNAL.items()
+        if ext.evaluates(run.task)
+        for adapt in ADAPT
+        if adapt == "none" or has_batchnorm(run.backbone)
+    ]
+
+
+def external_run_dir(run, name, adapt):
+    return f"{R}/{run.path}/external/{name}/{adapt}"
+
+
+def external_source(wildcards):
+    """The external set's class folder or manifest (the demo's is generated)."""
+    source = EXTERNAL[wildcards.ext].source
+    if source == "demo":
+        return f"{R}/demo_external/manifest.csv"
+    if not os.path.exists(source):
+        raise WorkflowError(
+            f"evaluation.external {wildcards.ext!r}: source {source!r} does not exist "
+            f"(relative to {os.getcwd()})"
+        )
+    return source
+
+
+def external_feature_dirs(wildcards):
+    """External features an SVM run reads: the backbone parts', or its fine-tuned network's."""
+    where = f"{wildcards.ext}/{wildcards.adapt}"
+    if wildcards.svm_strategy == "features_svm":
+        return [
+            f"{R}/external/{wildcards.ext}/features/{wildcards.adapt}/{part}"
+            for part in wildcards.backbone.split("+")
+        ]
+    layer = STRATEGY_LAYER["finetune"]
+    return [
+        f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/external/{where}/features"
+    ]
+
+
+def external_finetune_feature_dirs(wildcards):
+    """Frozen external features the fine-tuned head reads (paper policy), else nothing."""
+    if finetune_reuses_features(config, wildcards.backbone):
+        return [
+            f"{R}/external/{wildcards.ext}/features/{wildcards.adapt}/{part}"
+            for part in wildcards.backbone.split("+")
+        ]
+    return []
+
+
+def external_task_metrics(wildcards):
+    return [
+        f"{external_run_dir(run, name, adapt)}/metrics.json"
+        for run, name, adapt in external_runs()
+        if run.task == wildcards.task
+    ]
+
+
+def external_targets():
+    targets = []
+    for task in TASKS:
+        if any(ext.evaluates(task) for ext in EXTERNAL.values()):
+            targets += [
+                f"{R}/tables/{task}_external.csv",
+                f"{R}/figures/{task}_external.png",
+            ]

@@ -1,0 +1,261 @@
+"""External test sets: another lab's images, scored on the classes they share with a task.
+
+An external set (``evaluation.external`` in the config) is validated like the training data
+(:mod:`leukotype.validate`) but read only by the external jobs: it never enters a split, a
+training job, a model selection or a calibration. Its labels are mapped onto each task's
+classes (``labels: {task: {external label: task class}}``; without a mapping, labels equal to a
+task class, or to a source label of a derived task, map onto it). Classes of the task that
+the set has fewer than ``min_images_per_class`` images of are left out and listed with the
+reason; images whose label maps to no task class are counted, not scored.
+
+The model answers over all of its task's classes (it does not know which ones the lab has),
+so a prediction of a class the set lacks counts as wrong. Balanced accuracy averages recall
+over the shared classes. Internal accuracy is restricted to the same classes for the drop.
+
+Pure Python and pandas: config checks and Snakemake's DAG building never import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from leukotype.errors import LeukotypeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from leukotype.config import Task
+
+#: Test-time adaptations an external set is scored with: ``none`` (the trained run as it is)
+#: and ``bn`` (BatchNorm statistics re-estimated on the unlabelled external images).
+ADAPTATIONS = ("none", "bn")
+#: Backbones without BatchNorm layers: re-estimating statistics would change nothing.
+NO_BATCHNORM = frozenset({"alexnet", "vgg16", "paper_cnn"})
+#: Column of the external sample tables holding the task class.
+LABEL = "label"
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """One ``evaluation.external`` entry."""
+
+    name: str
+    source: str
+    labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    column: str | None = None
+    tasks: tuple[str, ...] | None = None
+    min_images_per_class: int = 5
+    display: str = ""
+    synthetic: bool = False
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> ExternalSet:
+        return cls(
+            name=str(entry["name"]),
+            source=str(entry["source"]),
+            labels={str(t): {str(k): str(v) for k, v in m.items()} for t, m in (entry.get("labels") or {}).items()},
+            column=entry.get("column"),
+            tasks=tuple(entry["tasks"]) if entry.get("tasks") else None,
+            min_images_per_class=int(entry.get("min_images_per_class", 5)),
+            display=str(entry.get("display") or entry["name"]),
+            synthetic=bool(entry.get("synthetic", False)) or entry["source"] == "demo",
+        )
+
+    @property
+    def label_display(self) -> str:
+        return f"SYNTHETIC: {self.display}" if self.synthetic else self.display
+
+    def evaluates(self, task_name: str) -> bool:
+        return self.tasks is None or task_name in self.tasks
+
+    def column_for(self, task: Task) -> str:
+        """The external table's column holding labels for ``task`` (default: the task's own)."""
+        return self.column or task.column
+
+    def mapping(self, task: Task) -> dict[str, str]:
+        """External label -> task class. Explicit mapping, else identity on the task's classes
+        (and a derived task's source labels map onto their class, L1 -> ALL)."""
+        if task.name in self.labels:
+            return dict(self.labels[task.name])
+        identity = {c: c for c in task.classes}
+        if task.derive:
+            identity.update({label: cls for cls, labels in task.derive.items() for label in labels})
+        return identity
+
+
+def external_sets(cfg: Mapping[str, Any]) -> list[ExternalSet]:
+    return [ExternalSet.from_dict(e) for e in cfg.get("evaluation", {}).get("external", [])]
+
+
+def check_external_config(cfg: Mapping[str, Any]) -> list[str]:
+    """Problems of ``evaluation.external`` (empty when fine): unknown tasks, mapped classes
+    that are not the task's (with the valid choices), duplicate names."""
+    from leukotype.config import task_from_dict
+
+    problems: list[str] = []
+    tasks = {}
+    for entry in cfg["tasks"]:
+        try:
+            tasks[entry["name"]] = task_from_dict(entry)
+        except LeukotypeError:
+            pass  # reported by the task checks
+    names = [e["name"] for e in cfg.get("evaluation", {}).get("external", [])]
+    for duplicate in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"evaluation.external: name {duplicate!r} is used twice")
+    for i, ext in enumerate(external_sets(cfg)):
+        where = f"evaluation.external[{i}] ({ext.name})"
+        for task_name in [*ext.labels, *(ext.tasks or ())]:
+            if task_name not in tasks:
+                problems.append(
+                    f"{where}: unknown task {task_name!r}; configured tasks: {sorted(tasks)}"
+                )
+        for task_name, mapping in ext.labels.items():
+            task = tasks.get(task_name)
+            if task is None:
+                continue
+            for label, cls in mapping.items():
+                if cls not in task.classes:
+                    problems.append(
+                        f"{where}.labels.{task_name}: {label!r} maps to unknown class {cls!r}; "
+                        f"valid classes of task {task_name!r}: {list(task.classes)}"
+                    )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# validation and sample tables
+
+
+def label_columns(validated: pd.DataFrame) -> list[str]:
+    from leukotype.validate import COMPUTED_COLUMNS
+
+    return [c for c in validated.columns if c not in (*COMPUTED_COLUMNS, "path", "abspath", "group")]
+
+
+def validation_tasks(table: pd.DataFrame) -> list[Task]:
+    """Pseudo-tasks accepting every label of each label column, so that validation rejects
+    unreadable files and conflicting duplicates exactly as for training data, but no label
+    (the mapping decides which labels are scored, per task)."""
+    from leukotype.config import Task
+
+    columns = [c for c in table.columns if c not in ("path", "abspath", "group")]
+    return [
+        Task(name=f"external:{column}", column=column, classes=tuple(sorted({str(v) for v in table[column].dropna() if str(v)})))
+        for column in columns
+    ]
+
+
+def external_samples(validated: pd.DataFrame, task: Task, ext: ExternalSet) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Scored samples of ``ext`` for ``task``, and a summary of what was (not) scored.
+
+    Samples: ``image_id, abspath, transform (identity), label (task class), group``; only
+    ``ok`` images whose label maps onto a class with at least ``min_images_per_class`` images.
+    Summary: ``shared_classes``, ``excluded_classes`` ({class: reason}), ``unmapped_labels``
+    ({label: count}), ``n_rejected``.
+    """
+    import pandas as pd
+
+    column = ext.column_for(task)
+    if column not in validated.columns:
+        raise LeukotypeError(
+            f"external set {ext.name!r} has no label column {column!r} for task {task.name!r}; "
+            f"columns: {label_columns(validated)} (set 'column' in its evaluation.external entry)"
+        )
+    ok = validated[validated["status"] == "ok"]
+    mapping = ext.mapping(task)
+    raw = ok[column].fillna("").astype(str)
+    mapped = raw.map(lambda v: mapping.get(v, ""))
+    unmapped = raw[(mapped == "") & (raw != "")].value_counts()
+    counts = mapped[mapped != ""].value_counts()
+    shared, excluded = [], {}
+    for cls in task.classes:
+        n = int(counts.get(cls, 0))
+        if n == 0:
+            continue
+        if n < ext.min_images_per_class:
+            excluded[cls] = f"too_few_images: {n} < min_images_per_class {ext.min_images_per_class}"
+        else:
+            shared.append(cls)
+    keep = mapped.isin(shared)
+    samples = pd.DataFrame(
+        {
+            "image_id": ok["image_id"][keep].to_numpy(),
+            "abspath": ok["abspath"][keep].to_numpy(),
+            "transform": "identity",
+            LABEL: mapped[keep].to_numpy(),
+            "group": ok["group"][keep].to_numpy(),
+        }
+    )
+    summary = {
+        "external": ext.name,
+        "shared_classes": shared,
+        "excluded_classes": excluded,
+        "unmapped_labels": {str(k): int(v) for k, v in unmapped.items()},
+        "n_rejected": int((validated["status"] != "ok").sum()),
+        "n_scored": int(keep.sum()),
+    }
+    return samples.reset_index(drop=True), summary
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def restrict_to_classes(predictions: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """Identity rows whose true class is one of ``classes`` (predictions stay unrestricted)."""
+    rows = predictions[predictions["transform"].astype(str) == "identity"]
+    return rows[rows["true"].astype(str).isin(list(classes))].reset_index(drop=True)
+
+
+def evaluate_external(
+    predictions: pd.DataFrame,
+    internal_predictions: pd.DataFrame,
+    samples: pd.DataFrame,
+    internal_groups: Mapping[str, str],
+    summary: Mapping[str, Any],
+    classes: Sequence[str],
+    meta: Mapping[str, Any],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Metrics of one run on one external set, next to the same run's internal test metrics on
+    the shared classes, and the drop (internal - external) of each metric.
+
+    Bootstrap CIs as :func:`leukotype.metrics.evaluate_predictions` (groups resampled).
+    """
+    from leukotype.io import provenance
+    from leukotype.metrics import evaluate_predictions
+
+    shared = list(summary["shared_classes"])
+    record: dict[str, Any] = {k: v for k, v in meta.items() if k != "config"}
+    record.update({k: summary[k] for k in ("external", "shared_classes", "excluded_classes", "unmapped_labels", "n_rejected")})
+    record["classes"] = list(classes)
+    record["provenance"] = provenance(config=meta.get("config"), seed=seed)
+    ext_rows = restrict_to_classes(predictions, shared)
+    int_rows = restrict_to_classes(internal_predictions, shared)
+    if ext_rows.empty or int_rows.empty:
+        record.update({"n_external": int(len(ext_rows)), "n_internal": int(len(int_rows)), "external_metrics": None, "internal_metrics": None, "drop": None})
+        return record
+    groups = dict(zip(samples["image_id"].astype(str), samples["group"].astype(str)))
+    ext = evaluate_predictions(ext_rows, list(classes), {}, n_boot=n_boot, seed=seed, groups=groups)
+    internal = evaluate_predictions(int_rows, list(classes), {}, n_boot=n_boot, seed=seed, groups=dict(internal_groups))
+    record.update(
+        {
+            "n_external": ext["n_test"],
+            "n_internal": internal["n_test"],
+            "external_metrics": ext["metrics"],
+            "external_ci": ext["ci"],
+            "external_per_class": {c: ext["per_class"][c] for c in shared},
+            "external_confusion": ext["confusion"],
+            "internal_metrics": internal["metrics"],
+            "internal_ci": internal["ci"],
+            "ci_method": ext["ci_method"],
+            "drop": {
+                name: (None if internal["metrics"][name] is None or ext["metrics"][name] is None else internal["metrics"][name] - ext["metrics"][name])
+                for name in ext["metrics"]
+            },
+        }
+    )
+    return record

@@ -1,0 +1,254 @@
+"""Workflow stages of the external test sets: paths and plain config in, files out.
+
+Validate an external set, extract its features (in folders of its own, so no training job's
+inputs change), predict it with every trained run, score it next to the internal test part,
+and tabulate internal vs external. Training jobs never read any of these files: the job graph
+shows it (``tests/test_external.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from leukotype.config import penultimate_layer, task_from_dict
+from leukotype.errors import LeukotypeError
+from leukotype.external import ExternalSet, evaluate_external, external_samples, validation_tasks
+from leukotype.io import provenance, read_json, read_tsv, write_json, write_tsv
+
+log = logging.getLogger("leukotype")
+
+PathLike = str | Path
+
+
+def run_validate_external(
+    source: PathLike,
+    ext_cfg: Mapping[str, Any],
+    validation_cfg: Mapping[str, Any],
+    out_table: PathLike,
+    out_summary: PathLike,
+    threads: int = 1,
+) -> pd.DataFrame:
+    """Validate an external set as training data is validated (same checks and reasons)."""
+    from leukotype.dataset import read_dataset
+    from leukotype.validate import summarise_validation, validate_images
+
+    ext = ExternalSet.from_dict(ext_cfg)
+    table = read_dataset(source)
+    validated = validate_images(
+        table,
+        validation_tasks(table),
+        min_side=validation_cfg["min_side"],
+        max_pixels=validation_cfg["max_pixels"],
+        threads=threads,
+    )
+    for row in validated[validated["status"] != "ok"].itertuples():
+        log.warning("external %s: rejected %s: %s", ext.name, row.path, row.reason)
+    summary = summarise_validation(validated)
+    log.info("external %s validation: %s", ext.name, summary)
+    write_tsv(validated, out_table)
+    write_json({"external": ext.name, "dataset": str(source), **summary, "provenance": provenance()}, out_summary)
+    return validated
+
+
+def run_extract_external(
+    validated: PathLike,
+    backbone: str,
+    layers: Sequence[str],
+    weights: str,
+    sha256: str | None,
+    torch_home: str | None,
+    features_cfg: Mapping[str, Any],
+    out_dir: PathLike,
+    adapt: str = "none",
+    threads: int = 1,
+) -> None:
+    """Features of every valid external image (identity only: external images are test images).
+
+    ``adapt: bn`` re-estimates BatchNorm statistics on these (unlabelled) images first.
+    """
+    from leukotype.stages import run_extract
+
+    run_extract(
+        validated,
+        backbone,
+        layers,
+        weights,
+        sha256,
+        torch_home,
+        {"rotations": [], "reflection": False},
+        {**features_cfg, "adapt_batchnorm": adapt == "bn"},
+        out_dir,
+        threads=threads,
+    )
+
+
+def _scored(validated: PathLike, task_cfg: Mapping[str, Any], ext_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    task = task_from_dict(task_cfg)
+    samples, summary = external_samples(read_tsv(validated), task, ExternalSet.from_dict(ext_cfg))
+    log.info("external %s, task %s: %s", summary["external"], task.name, {k: v for k, v in summary.items() if k != "external"})
+    return samples, summary
+
+
+def run_predict_external_svm(
+    model: PathLike,
+    validated: PathLike,
+    task_cfg: Mapping[str, Any],
+    ext_cfg: Mapping[str, Any],
+    feature_dirs: Sequence[PathLike],
+    layer: str,
+    out_predictions: PathLike,
+) -> pd.DataFrame:
+    """A trained SVM run's predictions for the scored external images."""
+    from leukotype.classify import load_model, predict_table
+    from leukotype.feature_store import load_features
+
+    task = task_from_dict(task_cfg)
+    samples, _ = _scored(validated, task_cfg, ext_cfg)
+    pipeline = load_model(model)
+    columns = ["image_id", "transform", "true", "pred", *(f"score_{c}" for c in task.classes)]
+    if samples.empty:
+        predictions = pd.DataFrame(columns=columns)
+    else:
+        X = load_features([Path(d) for d in feature_dirs], layer, samples[["image_id", "transform"]])
+        predictions = predict_table(pipeline, X, samples, list(task.classes))
+    write_tsv(predictions, out_predictions)
+    return predictions
+
+
+def run_predict_external_finetune(
+    model_file: PathLike,
+    validated: PathLike,
+    task_cfg: Mapping[str, Any],
+    ext_cfg: Mapping[str, Any],
+    backbone: str,
+    settings: Mapping[str, Any],
+    out_predictions: PathLike,
+    out_features: PathLike,
+    feature_dirs: Sequence[PathLike] = (),
+    adapt: str = "none",
+    threads: int = 1,
+) -> pd.DataFrame:
+    """A fine-tuned network's predictions (and its features, for ``finetune_svm``) for the
+    scored external images.
+
+    With ``feature_dirs`` (the paper's policy: the head trained on cached frozen features) the
+    head runs on the external images' frozen features (BatchNorm-adapted ones for ``bn``);
+    otherwise the network runs on the images, its BatchNorm statistics first re-estimated on
+    them for ``adapt: bn``.
+    """
+    import torch
+
+    from leukotype.feature_store import load_features, write_feature_matrix
+    from leukotype.finetune import (
+        FINETUNED_LAYER,
+        FinetuneConfig,
+        Samples,
+        build_finetune_model,
+        load_finetuned,
+        predict,
+        prediction_frame,
+        write_finetuned_features,
+    )
+
+    task = task_from_dict(task_cfg)
+    classes = list(task.classes)
+    samples, _ = _scored(validated, task_cfg, ext_cfg)
+    if samples.empty:
+        raise LeukotypeError(f"external set {ext_cfg['name']!r} has no scored image for task {task.name!r}")
+    cfg = FinetuneConfig.from_mapping({**settings, "threads": threads})
+    torch.set_num_threads(max(1, threads))
+    # Architecture only: every tensor comes from the fine-tuned model file.
+    model, preprocess = build_finetune_model(backbone, len(classes), cfg.policy, weights=None, seed=cfg.seed)
+    load_finetuned(model, model_file)
+    model.eval()
+    image_samples = Samples.from_frame(samples, classes)
+    index = samples[["image_id", "transform"]]
+    if feature_dirs:
+        X = load_features([Path(d) for d in feature_dirs], penultimate_layer(backbone.split("+")[0]), index)
+        with torch.inference_mode():
+            probabilities = torch.softmax(model.head(torch.from_numpy(X)), dim=1).numpy()
+        predictions = prediction_frame(image_samples, probabilities, classes)
+        write_feature_matrix(Path(out_features), FINETUNED_LAYER, index, X)
+    else:
+        inference = {"batch_size": cfg.batch_size, "device": cfg.device, "precision": cfg.precision, "num_workers": cfg.num_workers}
+        if adapt == "bn":
+            from torch.utils.data import DataLoader
+
+            from leukotype.adaptation import adapt_batchnorm
+            from leukotype.features import resolve_device
+
+            device = resolve_device(cfg.device)
+            model.to(device)
+            loader = DataLoader(image_samples.dataset(preprocess), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+            seen = adapt_batchnorm(model, loader, device)
+            log.info("BatchNorm statistics re-estimated on %d external images (labels unused)", seen)
+        predictions = predict(model, image_samples, preprocess, classes, **inference)
+        write_finetuned_features(out_features, model, Samples.from_frame(samples), preprocess, **inference)
+    write_tsv(predictions, out_predictions)
+    return predictions
+
+
+def run_evaluate_external(
+    predictions: PathLike,
+    internal_predictions: PathLike,
+    internal_samples: PathLike,
+    validated: PathLike,
+    task_cfg: Mapping[str, Any],
+    ext_cfg: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    evaluation_cfg: Mapping[str, Any],
+    out_metrics: PathLike,
+) -> dict[str, Any]:
+    task = task_from_dict(task_cfg)
+    samples, summary = _scored(validated, task_cfg, ext_cfg)
+    internal = read_tsv(internal_samples)
+    record = evaluate_external(
+        read_tsv(predictions),
+        read_tsv(internal_predictions),
+        samples,
+        dict(zip(internal["image_id"].astype(str), internal["group"].astype(str))),
+        summary,
+        list(task.classes),
+        dict(meta),
+        n_boot=evaluation_cfg["n_bootstrap"],
+        seed=evaluation_cfg["seed"],
+    )
+    write_json(record, out_metrics)
+    return record
+
+
+def run_external_table(
+    external_metrics: Sequence[PathLike],
+    internal_metrics: Sequence[PathLike],
+    task_cfg: Mapping[str, Any],
+    externals_cfg: Sequence[Mapping[str, Any]],
+    out_csv: PathLike,
+    out_png: PathLike,
+    dataset: str | None = None,
+) -> pd.DataFrame:
+    """``tables/<task>_external.{csv,md,tex}`` and ``figures/<task>_external.png``."""
+    from leukotype.report import write_tables
+    from leukotype.report_external import external_table, plot_external
+
+    task = task_from_dict(task_cfg)
+    displays = {e["name"]: ExternalSet.from_dict(e).label_display for e in externals_cfg}
+    records = [read_json(p) for p in external_metrics]
+    internal = [read_json(p) for p in internal_metrics]
+    table = external_table(records, internal, task.name, displays, dataset=dataset)
+    write_tables(table, Path(out_csv).with_suffix(""))
+    plot_external(records, internal, task.name, out_png, displays, dataset=dataset)
+    return table
+
+
+def run_demo_external(out_manifest: PathLike, demo_cfg: Mapping[str, Any]) -> Path:
+    """The synthetic demo's external set, at the demo's image size and seed."""
+    from leukotype.demo import make_demo_external
+
+    return make_demo_external(
+        Path(out_manifest).parent, cells_per_subtype=4, image_size=demo_cfg["image_size"], seed=demo_cfg["seed"]
+    )

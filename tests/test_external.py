@@ -1,0 +1,170 @@
+"""External test sets: config checks, label mapping, scoring, and isolation from training."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from leukotype.config import task_from_dict, validate_config
+from leukotype.errors import LeukotypeError
+from leukotype.external import ExternalSet, evaluate_external, external_samples
+from workflow_helpers import REPO, snakemake
+
+TEST_CONFIG = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+
+
+def config_with(external):
+    cfg = copy.deepcopy(TEST_CONFIG)
+    cfg.setdefault("evaluation", {})["external"] = external
+    return cfg
+
+
+def test_label_mapping_to_an_unknown_class_fails_at_validation_listing_the_choices():
+    cfg = config_with([{"name": "lab2", "source": "x", "labels": {"subtype": {"blast": "M9"}}}])
+    with pytest.raises(LeukotypeError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert "'blast' maps to unknown class 'M9'" in message
+    assert "['L1', 'L2', 'M2', 'M3', 'M5']" in message
+
+
+def test_unknown_task_and_duplicate_names_fail_at_validation():
+    cfg = config_with([
+        {"name": "lab2", "source": "x", "labels": {"subtyp": {"a": "L1"}}},
+        {"name": "lab2", "source": "y"},
+    ])
+    with pytest.raises(LeukotypeError) as err:
+        validate_config(cfg)
+    assert "unknown task 'subtyp'; configured tasks: ['cellular', 'lineage', 'subtype']" in str(err.value)
+    assert "name 'lab2' is used twice" in str(err.value)
+
+
+def test_valid_external_entry_gets_its_defaults():
+    cfg = validate_config(config_with([{"name": "lab2", "source": "x"}]))
+    (entry,) = cfg["evaluation"]["external"]
+    assert entry["min_images_per_class"] == 5 and entry["labels"] == {} and entry["column"] is None
+    assert cfg["evaluation"]["adapt_batchnorm"] is False
+
+
+def _validated(labels, status=None):
+    n = len(labels)
+    return pd.DataFrame({
+        "image_id": [f"img{i:06d}" for i in range(n)],
+        "path": [f"{lab}/{i}.bmp" for i, lab in enumerate(labels)],
+        "abspath": [f"/x/{lab}/{i}.bmp" for i, lab in enumerate(labels)],
+        "label": labels,
+        "group": [f"g{i}" for i in range(n)],
+        "status": status or ["ok"] * n,
+    })
+
+
+def test_external_samples_map_labels_and_list_what_is_not_scored():
+    task = task_from_dict({"name": "cell_type", "column": "label", "classes": ["basophil", "lymphocyte", "neutrophil", "platelet"]})
+    labels = ["neutrophil"] * 6 + ["lymph"] * 5 + ["basophil"] + ["smudge"] * 2 + ["neutrophil"]
+    status = ["ok"] * 14 + ["rejected"]
+    ext = ExternalSet.from_dict({"name": "lab2", "source": "x", "labels": {"cell_type": {"neutrophil": "neutrophil", "lymph": "lymphocyte", "basophil": "basophil"}}})
+    samples, summary = external_samples(_validated(labels, status), task, ext)
+    assert summary["shared_classes"] == ["lymphocyte", "neutrophil"]
+    assert summary["excluded_classes"] == {"basophil": "too_few_images: 1 < min_images_per_class 5"}
+    assert summary["unmapped_labels"] == {"smudge": 2}
+    assert summary["n_rejected"] == 1 and summary["n_scored"] == 11
+    assert samples["label"].value_counts().to_dict() == {"neutrophil": 6, "lymphocyte": 5}
+    assert set(samples["transform"]) == {"identity"}
+    # identity mapping without labels: only labels equal to a task class
+    samples, summary = external_samples(_validated(labels, status), task, ExternalSet.from_dict({"name": "l", "source": "x"}))
+    assert summary["shared_classes"] == ["neutrophil"] and summary["unmapped_labels"] == {"lymph": 5, "smudge": 2}
+
+
+def test_derived_task_maps_source_labels_by_default():
+    task = task_from_dict({"name": "lineage", "column": "subtype", "classes": ["ALL", "AML"], "derive": {"ALL": ["L1", "L2"], "AML": ["M2", "M3", "M5"]}})
+    ext = ExternalSet.from_dict({"name": "l", "source": "x", "min_images_per_class": 1})
+    frame = _validated(["L1", "M3", "M5"]).rename(columns={"label": "subtype"})
+    samples, summary = external_samples(frame, task, ext)
+    assert samples["label"].tolist() == ["ALL", "AML", "AML"] and summary["shared_classes"] == ["ALL", "AML"]
+
+
+def _predictions(true, pred, prefix="e"):
+    return pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(len(true))], "transform": "identity", "true": true, "pred": pred})
+
+
+def test_external_metrics_on_shared_classes_next_to_internal_and_the_drop():
+    classes = ["a", "b", "c"]
+    # external set shares a and b; one of its images is predicted as c (a class it lacks): wrong
+    ext_pred = _predictions(["a"] * 4 + ["b"] * 4, ["a", "a", "a", "c", "b", "b", "a", "a"])
+    internal = _predictions(["a"] * 2 + ["b"] * 2 + ["c"] * 4, ["a", "a", "b", "b", "a", "c", "c", "c"], prefix="i")
+    samples = ext_pred[["image_id"]].assign(group=[f"g{i}" for i in range(8)])
+    summary = {"external": "lab2", "shared_classes": ["a", "b"], "excluded_classes": {}, "unmapped_labels": {}, "n_rejected": 0}
+    record = evaluate_external(ext_pred, internal, samples, {f"i{i}": f"i{i}" for i in range(8)}, summary, classes, {"task": "t"}, n_boot=200, seed=0)
+    assert record["n_external"] == 8 and record["n_internal"] == 4  # internal restricted to a, b
+    assert record["external_metrics"]["accuracy"] == pytest.approx(5 / 8)
+    assert record["external_metrics"]["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+    assert record["internal_metrics"]["accuracy"] == pytest.approx(1.0)
+    assert record["drop"]["accuracy"] == pytest.approx(3 / 8)
+    low, high = record["external_ci"]["accuracy"]
+    assert low <= 5 / 8 <= high and high - low > 0
+
+
+def _jobs(dry_run_text):
+    """{rule: [input paths of each job]} from a dry run's job listing."""
+    jobs: dict[str, list[list[str]]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_text):
+        head = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if not head:
+            continue
+        inputs = re.search(r"^\s+input: (.*)$", block, flags=re.M)
+        jobs.setdefault(head.group(1), []).append(inputs.group(1).split(", ") if inputs else [])
+    return jobs
+
+
+TRAINING_RULES = ("demo_data", "validate_images", "split", "augment", "extract_features", "train_svm", "finetune")
+
+
+def test_no_training_job_reads_an_external_file_in_the_job_graph(tmp_path):
+    """From the planned DAG: every job upstream of a trained model (and the models' jobs
+    themselves) has inputs only among the training data's files, never the external set's."""
+    source = tmp_path / "lab2_manifest.csv"  # a real external source path (the demo's is generated)
+    cfg = {
+        "results": "results",
+        "evaluation": {"adapt_batchnorm": True, "external": [
+            {"name": "lab2", "source": "demo", "tasks": ["subtype"]},
+            {"name": "lab3", "source": str(source), "tasks": ["subtype"]},
+        ]},
+    }
+    source.write_text("path,subtype,element\n")
+    overlay = tmp_path / "ext.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "configs" / "test.yaml"), str(overlay))
+    jobs = _jobs(result.stdout)
+    external_marks = ("results/external/", "results/demo_external/", str(source), "/external/")
+    for rule in TRAINING_RULES:
+        assert rule in jobs, rule
+        for inputs in jobs[rule]:
+            assert not [p for p in inputs if any(m in p for m in external_marks)], (rule, inputs)
+    # the external jobs do read them (the check above looks at the right paths)
+    assert any(str(source) in p for inputs in jobs["validate_external"] for p in inputs)
+    assert all(any("results/external/" in p for p in inputs) for inputs in jobs["predict_external_svm"])
+    # every run on every set, the BatchNorm-adapted one too (paper_cnn has no BatchNorm)
+    assert len(jobs["evaluate_external"]) == 2 * (3 + 2 + 3)
+    assert len(jobs["extract_external_features"]) == 2 * 2
+
+
+def test_demo_external_set_differs_in_stain_and_scale(tmp_path):
+    from PIL import Image
+
+    from leukotype.demo import make_demo_dataset, make_demo_external
+
+    internal = pd.read_csv(make_demo_dataset(tmp_path / "int", 1, 2, 64, 0))
+    external = pd.read_csv(make_demo_external(tmp_path / "ext", 2, 64, 0))
+    assert set(external["subtype"]) == set(internal["subtype"]) and len(external) == 5 * 2 * 2
+
+    def mean_colour(root, table):
+        rows = table[table["element"] == "cellula"]
+        return np.mean([np.asarray(Image.open(root / p), dtype=float).reshape(-1, 3).mean(0) for p in rows["path"]], axis=0)
+
+    shift = mean_colour(tmp_path / "ext", external) - mean_colour(tmp_path / "int", internal)
+    assert np.abs(shift).max() > 15  # another stain: mean colour moves by > 15 grey levels

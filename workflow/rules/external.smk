@@ -1,0 +1,179 @@
+# External test sets: validated, extracted and predicted in folders of their own. No training
+# job (split, augment, train_svm, finetune) has any of these files among its inputs.
+
+
+rule demo_external_data:
+    output:
+        manifest=f"{R}/demo_external/manifest.csv",
+    log:
+        f"{R}/logs/demo_external_data.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        demo=config["dataset"]["demo"],
+    script:
+        "../scripts/demo_external_data.py"
+
+
+rule validate_external:
+    input:
+        dataset=external_source,
+    output:
+        table=f"{R}/external/{{ext}}/validated.tsv",
+        summary=f"{R}/external/{{ext}}/validation.json",
+    log:
+        f"{R}/logs/validate_external/{{ext}}.log",
+    benchmark:
+        f"{R}/benchmarks/validate_external/{{ext}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        validation=config["validation"],
+    script:
+        "../scripts/validate_external.py"
+
+
+rule extract_external_features:
+    input:
+        validated=rules.validate_external.output.table,
+        weights=lambda wildcards: weights_input(wildcards.backbone),
+    output:
+        directory(f"{R}/external/{{ext}}/features/{{adapt}}/{{backbone}}"),
+    log:
+        f"{R}/logs/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}.log",
+    benchmark:
+        f"{R}/benchmarks/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: config["compute"]["threads"]
+    resources:
+        **GPU_RESOURCES,
+        mem_mb=config["compute"]["mem_mb_extract"],
+        runtime=config["compute"]["runtime_extract"],
+    params:
+        layers=lambda wildcards: EXTRACT[wildcards.backbone],
+        weights=lambda wildcards: weights_setting(config, wildcards.backbone)[0],
+        sha256=lambda wildcards: weights_setting(config, wildcards.backbone)[1],
+        precision=config["features"]["precision"],
+    script:
+        "../scripts/extract_external_features.py"
+
+
+rule predict_external_svm:
+    input:
+        model=rules.train_svm.output.model,
+        validated=rules.validate_external.output.table,
+        features=external_feature_dirs,
+    output:
+        predictions=f"{R}/runs/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/external/{{ext}}/{{adapt}}/predictions.tsv",
+    log:
+        f"{R}/logs/predict_external/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+    script:
+        "../scripts/predict_external_svm.py"
+
+
+rule predict_external_finetune:
+    input:
+        model=rules.finetune.output.model,
+        validated=rules.validate_external.output.table,
+        weights=lambda wildcards: weights_input(wildcards.backbone),
+        features=external_finetune_feature_dirs,
+    output:
+        predictions=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/external/{{ext}}/{{adapt}}/predictions.tsv",
+        features=directory(
+            f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/external/{{ext}}/{{adapt}}/features"
+        ),
+    log:
+        f"{R}/logs/predict_external/{{task}}/finetune/{{backbone}}/{{fold}}/{{ext}}/{{adapt}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict_external/{{task}}/finetune/{{backbone}}/{{fold}}/{{ext}}/{{adapt}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: config["compute"]["threads"]
+    resources:
+        **GPU_RESOURCES,
+        mem_mb=config["compute"]["mem_mb_finetune"],
+        runtime=config["compute"]["runtime_finetune"],
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        settings=lambda wildcards: finetune_settings(config, wildcards.backbone),
+    script:
+        "../scripts/predict_external_finetune.py"
+
+
+rule evaluate_external:
+    input:
+        predictions=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/external/{{ext}}/{{adapt}}/predictions.tsv",
+        internal=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/predictions.tsv",
+        samples=rules.augment.output.samples,
+        validated=rules.validate_external.output.table,
+    output:
+        metrics=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/external/{{ext}}/{{adapt}}/metrics.json",
+    log:
+        f"{R}/logs/evaluate_external/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        evaluation={k: config["evaluation"][k] for k in ("n_bootstrap", "seed")},
+    script:
+        "../scripts/evaluate_external.py"
+
+
+rule summarise_external:
+    input:
+        external=external_task_metrics,
+        internal=task_metrics,
+    output:
+        csv=report(
+            f"{R}/tables/{{task}}_external.csv",
+            caption="../report/external.rst",
+            category="Tables",
+            labels={"task": "{task}", "format": "CSV, internal vs external"},
+        ),
+        md=f"{R}/tables/{{task}}_external.md",
+        tex=f"{R}/tables/{{task}}_external.tex",
+        figure=report(
+            f"{R}/figures/{{task}}_external.png",
+            caption="../report/external_figure.rst",
+            category="Figures",
+            labels={"task": "{task}", "figure": "internal vs external"},
+        ),
+    log:
+        f"{R}/logs/summarise_external/{{task}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        externals=config["evaluation"]["external"],
+        dataset=dataset_label(config["dataset"]),
+    script:
+        "../scripts/summarise_external.py"
