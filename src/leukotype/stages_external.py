@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from leukotype import catalog
 from leukotype.config import penultimate_layer, task_from_dict
 from leukotype.errors import LeukotypeError
 from leukotype.external import ExternalSet, evaluate_external, external_samples, validation_tasks
@@ -169,7 +170,7 @@ def run_predict_external_finetune(
     image_samples = Samples.from_frame(samples, classes)
     index = samples[["image_id", "transform"]]
     if feature_dirs:
-        X = load_features([Path(d) for d in feature_dirs], penultimate_layer(backbone.split("+")[0]), index)
+        X = load_features([Path(d) for d in feature_dirs], penultimate_layer(catalog.parts(backbone)[0]), index)
         with torch.inference_mode():
             probabilities = torch.softmax(model.head(torch.from_numpy(X)), dim=1).numpy()
         predictions = prediction_frame(image_samples, probabilities, classes)

@@ -260,7 +260,7 @@ ADAPT = ["none", "bn"] if config["evaluation"]["adapt_batchnorm"] else ["none"]
 
 
 def has_batchnorm(backbone):
-    return not any(part in NO_BATCHNORM for part in backbone.split("+"))
+    return not any(part in NO_BATCHNORM for part in catalog.parts(backbone))
 
 
 def external_runs():
@@ -298,9 +298,9 @@ def external_feature_dirs(wildcards):
     if wildcards.svm_strategy == "features_svm":
         return [
             f"{R}/external/{wildcards.ext}/features/{wildcards.adapt}/{part}"
-            for part in wildcards.backbone.split("+")
+            for part in catalog.parts(wildcards.backbone)
         ]
-    layer = STRATEGY_LAYER["finetune"]
+    layer = paths.STRATEGY_LAYER["finetune"]
     return [
         f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/external/{where}/features"
     ]
@@ -308,10 +308,10 @@ def external_feature_dirs(wildcards):
 
 def external_finetune_feature_dirs(wildcards):
     """Frozen external features the fine-tuned head reads (paper policy), else nothing."""
-    if finetune_reuses_features(config, wildcards.backbone):
+    if _finetune_feature_dirs(config, wildcards.backbone):
         return [
             f"{R}/external/{wildcards.ext}/features/{wildcards.adapt}/{part}"
-            for part in wildcards.backbone.split("+")
+            for part in catalog.parts(wildcards.backbone)
         ]
     return []
 
@@ -332,3 +332,4 @@ def external_targets():
                 f"{R}/tables/{task}_external.csv",
                 f"{R}/figures/{task}_external.png",
             ]
+    return targets

@@ -115,7 +115,7 @@ rule predict_external_finetune:
     params:
         task=lambda wildcards: TASKS[wildcards.task],
         external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
-        settings=lambda wildcards: finetune_settings(config, wildcards.backbone),
+        settings=lambda wildcards: finetune_result_settings(wildcards.backbone),
     script:
         "../scripts/predict_external_finetune.py"
 

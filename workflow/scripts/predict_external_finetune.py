@@ -1,5 +1,6 @@
 """Snakemake adapter: a fine-tuned network's predictions and features for an external set."""
 
+from leukotype.config import finetune_execution_settings
 from leukotype.smk import logged
 from leukotype.stages_external import run_predict_external_finetune
 
@@ -10,7 +11,7 @@ with logged(snakemake):
         snakemake.params.task,
         snakemake.params.external,
         snakemake.wildcards.backbone,
-        snakemake.params.settings,
+        {**finetune_execution_settings(snakemake.config, snakemake.wildcards.backbone), **snakemake.params.settings},
         snakemake.output.predictions,
         snakemake.output.features,
         feature_dirs=snakemake.input.features,
