@@ -51,7 +51,8 @@ rule evaluate:
             k: v
             for k, v in config["evaluation"].items()
             # nor the external sets: adding one must not re-evaluate the internal runs
-            if k not in ("baselines", "feature_map", "alpha", "external", "adapt_batchnorm")
+            if k
+            not in ("baselines", "feature_map", "alpha", "external", "adapt_batchnorm")
         },
         weights=weights_name,
     script:

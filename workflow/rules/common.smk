@@ -160,7 +160,9 @@ def task_metrics(wildcards):
 def task_predictions(wildcards):
     """Prediction tables of a task's runs, in the order of task_metrics."""
     return [
-        f"{R}/{run.path}/{paths.PREDICTIONS}" for run in RUNS if run.task == wildcards.task
+        f"{R}/{run.path}/{paths.PREDICTIONS}"
+        for run in RUNS
+        if run.task == wildcards.task
     ]
 
 
