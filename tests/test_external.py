@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import numpy as np
@@ -168,3 +169,29 @@ def test_demo_external_set_differs_in_stain_and_scale(tmp_path):
 
     shift = mean_colour(tmp_path / "ext", external) - mean_colour(tmp_path / "int", internal)
     assert np.abs(shift).max() > 15  # another stain: mean colour moves by > 15 grey levels
+
+
+def test_batchnorm_adaptation_uses_the_new_images_statistics_and_no_labels(tmp_path):
+    import torch
+    from torch import nn
+
+    from leukotype.adaptation import adapt_batchnorm
+    from leukotype.demo import make_demo_external
+    from leukotype.features import extract_features
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    batches = [torch.randn(5, 3, 6, 6) * 3 + 2 for _ in range(3)]
+    seen = adapt_batchnorm(model, [(b, None) for b in batches])  # labels slot ignored
+    conv_out = torch.cat([model[0](b) for b in batches]).detach()
+    assert seen == 15 and not model.training
+    assert torch.allclose(model[1].running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-5)
+    # through extraction: same images, different features, recorded in meta.json
+    manifest = make_demo_external(tmp_path / "ext", 1, 48, 0)
+    table = pd.read_csv(manifest).head(4)
+    table = table.assign(abspath=[str(tmp_path / "ext" / p) for p in table["path"]], image_id=[f"i{i}" for i in range(4)], transform="identity")
+    for name, adapt in (("plain", False), ("bn", True)):
+        extract_features(table, "efficientnet_lite0", None, ["pool"], tmp_path / name, batch_size=4, progress=False, adapt_batchnorm=adapt)
+    plain, adapted = np.load(tmp_path / "plain/pool.npy"), np.load(tmp_path / "bn/pool.npy")
+    assert np.abs(plain - adapted).mean() > 1e-3
+    assert json.loads((tmp_path / "bn/meta.json").read_text())["adapted_batchnorm"] is True

@@ -378,6 +378,8 @@ def extract_features(
         model = model.to(torch_device, memory_format=torch.channels_last)
         extractor = FeatureExtractor(spec, model, layers).eval()
         if adapt_batchnorm:
+            from torch.utils.data import DataLoader
+
             from leukotype.adaptation import adapt_batchnorm as _adapt
 
             adapt_data = SampleDataset(table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec))
