@@ -57,12 +57,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The CPU flags that decide matrix-product speed (recorded in every result row).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_bf16", "amx_tile")
+
+
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 GEMMs are
+    emulated and no bf16 ceiling is measured."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def machine_info() -> dict[str, Any]:
     """Columns every result row carries (where and with what it was measured)."""
     flags = cpu_flags()
     return {
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
+        "cpu_flags": " ".join(f for f in SIMD_FLAGS if f in flags),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -280,12 +293,39 @@ def gemm_gflops(
         return 2.0 * m * k * n / best_of(lambda: a @ b, repeats) / 1e9
 
 
-class RateMonitor:
-    """Samples a reference rate (e.g. :func:`gemm_gflops`) between measurements.
+#: GEMM shapes the hardware ceiling is the best of: two square products, the conv-shaped one
+#: above, and a wide one (many output channels, as in VGG's late convs and FC layers at a
+#: larger batch). Different shapes reach the peak on different cache/blocking regimes.
+CEILING_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), CONV_GEMM_SHAPE, (1568, 4608, 512))
 
-    Call :meth:`sample` before and after each measured run; :attr:`value` is the median of
-    the samples, so one sample taken while a neighbour was busy (or idle) does not set the
-    ceiling alone, and the ceiling describes the same minutes as the runs it is compared to.
+
+def ceiling_gflops(
+    threads: int,
+    dtype=torch.float32,
+    shapes: Sequence[tuple[int, int, int]] = CEILING_SHAPES,
+    repeats: int = 3,
+    seconds: float = 0.3,
+) -> tuple[float, dict[str, float]]:
+    """The machine's matrix-product ceiling: the MAXIMUM GFLOP/s over ``shapes`` and
+    ``repeats`` (each itself the best of short bursts), with the best rate per shape.
+
+    A ceiling is what the hardware did at its best; a neighbour's load can only lower a sample,
+    so the maximum (not a median) is the honest estimate. A measured rate above 100 % of it
+    means the ceiling was taken too low, and shows as such in the results.
+    """
+    per_shape: dict[str, float] = {}
+    for shape in shapes:
+        best = max(gemm_gflops(threads, shape, seconds, dtype) for _ in range(max(1, repeats)))
+        per_shape["x".join(map(str, shape))] = best
+    return max(per_shape.values()), per_shape
+
+
+class RateMonitor:
+    """Samples a reference rate (e.g. :func:`ceiling_gflops`) between measurements.
+
+    Call :meth:`sample` before and after each measured run; :attr:`value` is the MAXIMUM of
+    the samples: the best rate the machine reached in the same minutes as the runs compared
+    to it (load from neighbours only lowers samples, so a median would understate the ceiling).
     """
 
     def __init__(self, measure: Callable[[], float]) -> None:
@@ -299,7 +339,7 @@ class RateMonitor:
 
     @property
     def value(self) -> float:
-        return median(self.samples)
+        return max(self.samples)
 
     def describe(self) -> str:
         return ";".join(f"{v:.1f}" for v in self.samples)

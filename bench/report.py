@@ -115,12 +115,44 @@ def paper_grid(results: Path) -> str:
     return "\n\n".join([_md(rules), _md(totals)])
 
 
+def svm_scaling(results: Path) -> str:
+    frame = pd.read_csv(results / "svm_scaling.csv")
+    acc = frame[frame["measurement"] == "accuracy_real"]
+    size = frame[frame["measurement"] == "size"]
+    parts = []
+    if len(acc):
+        parts.append(_md(acc[[c for c in ["solver", "n_train_rows", "n_test", "accuracy",
+                                          "accuracy_diff_points", "diff_ci_lo_points",
+                                          "diff_ci_hi_points", "fit_seconds", "selected",
+                                          "load_avg_1m"] if c in acc.columns]]))
+    if len(size):
+        parts.append(_md(size[["solver", "n_train_rows", "fit_seconds", "peak_rss_mib",
+                               "rss_with_data_mib", "accuracy", "kernel", "C", "solver_reason",
+                               "load_avg_1m"]]))
+    return "\n\n".join(parts)
+
+
+def systime(results: Path) -> str:
+    frame = pd.read_csv(results / "extraction_systime.csv")
+    return _md(frame[["setting", "n_samples", "samples_per_s", "user_s", "sys_s", "sys_share",
+                      "faults_per_sample", "involuntary_switches", "load_avg_1m"]])
+
+
+def gpu_check(results: Path) -> str:
+    frame = pd.read_csv(results / "gpu_check.csv")
+    cols = ["measurement", "backbone", "device", "precision", "max_rel_diff", "images_per_s",
+            "ratio", "ok", "train_loss_abs_diff", "accuracy", "cpu_accuracy", "gpu_name",
+            "nvidia_smi_used_mib", "dry_run"]
+    return _md(frame[[c for c in cols if c in frame.columns]])
+
+
 def main() -> None:
     results = common.RESULTS_DIR
     for title, fn in [("Extraction", extraction), ("Memory", memory), ("Fine-tuning", finetune),
                       ("Fine-tuning job", finetune_job),
                       ("Workflow", workflow), ("Paper grid, run", paper_grid),
-                      ("Grid estimate", grid)]:
+                      ("Grid estimate", grid), ("SVM scaling", svm_scaling),
+                      ("Extraction sys time", systime), ("GPU check", gpu_check)]:
         try:
             print(f"### {title}\n\n{fn(results)}\n")
         except FileNotFoundError as err:

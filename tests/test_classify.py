@@ -303,10 +303,138 @@ def test_above_the_memory_budget_svc_computes_its_own_kernels_with_the_same_resu
     assert classify.gram_fits(len(X), classify.DEFAULT_GRAM_MB)
     assert not classify.gram_fits(len(X), tiny)
     with caplog.at_level(logging.INFO, logger="leukotype.classify"):
-        bounded, cv_bounded = fit_svm(X, y, groups, grid, cv_folds=3, seed=0, gram_mb=tiny)
+        bounded, cv_bounded = fit_svm(
+            X, y, groups, grid, cv_folds=3, seed=0, gram_mb=tiny, solver="exact"
+        )
     assert "libsvm computes the kernels itself" in caplog.text
     assert bounded.named_steps["svm"].support_vectors_ is None
     np.testing.assert_allclose(cv_bounded["mean_test_score"], cv_shared["mean_test_score"])
     assert cv_bounded["selected"].tolist() == cv_shared["selected"].tolist()
     np.testing.assert_array_equal(bounded.predict(X), shared.predict(X))
     np.testing.assert_allclose(bounded.decision_function(X), shared.decision_function(X), atol=5e-3)
+
+
+# ------------------------------------------------------------------ solver by problem size
+
+
+def test_choose_solver_follows_the_kernel_memory_budget():
+    # 1,000 rows: an 8 MB (7.6 MiB) kernel matrix
+    assert classify.choose_solver("auto", 1000, 8.0)[0] == "exact"
+    solver, reason = classify.choose_solver("auto", 1000, 7.0)
+    assert solver == "scalable"
+    assert "1000 training rows" in reason and "8 MiB" in reason and "budget 7 MiB" in reason
+    assert classify.choose_solver("exact", 10**6, 1.0)[0] == "exact"
+    assert classify.choose_solver("scalable", 10, 1e6)[0] == "scalable"
+    with pytest.raises(LeukotypeError, match=r"auto.*exact.*scalable"):
+        classify.choose_solver("fast", 10, 1.0)
+    # the budget is a share of the job's memory; a job without a stated memory gets the default
+    assert classify.kernel_budget_mb(8000) == 2000
+    assert classify.kernel_budget_mb(16000, 0.5) == 8000
+    assert classify.kernel_budget_mb(None) == classify.DEFAULT_GRAM_MB
+    with pytest.raises(LeukotypeError, match="kernel_memory_fraction"):
+        classify.kernel_budget_mb(8000, 0)
+
+
+def _four_class_problem(n_images=240, copies=3, seed=0):
+    X, y = make_classification(
+        n_samples=n_images, n_features=30, n_informative=8, n_redundant=0, n_classes=4,
+        n_clusters_per_class=1, class_sep=1.5, random_state=seed,
+    )
+    rng = np.random.default_rng(seed)
+    X_aug = np.repeat(X, copies, axis=0) + 0.05 * rng.normal(size=(n_images * copies, X.shape[1]))
+    labels = np.array(["a", "b", "c", "d"])[np.repeat(y, copies)]
+    groups = np.repeat([f"g{i:03d}" for i in range(n_images)], copies)
+    return X_aug.astype(np.float32), labels, groups
+
+
+def test_above_the_budget_auto_switches_to_the_scalable_solver_with_grouped_folds(tmp_path):
+    X, y, groups = _four_class_problem()
+    image = np.array([int(g[1:]) for g in groups])
+    train, test = image < 180, (image >= 180) & (np.arange(len(X)) % 3 == 0)
+    grid = {"kernel": ["linear", "rbf"], "C": [0.1, 1, 10]}
+    exact, cv_exact = fit_svm(X[train], y[train], groups[train], grid, seed=0)
+    budget = 0.5  # MiB: 540 rows need 2.2 MiB
+    scalable, cv = fit_svm(
+        X[train], y[train], groups[train], grid, seed=0, gram_mb=budget, n_components=200
+    )
+    assert isinstance(exact.named_steps["svm"], classify.GramSVC)
+    assert isinstance(scalable.named_steps["svm"], classify.ScalableSVC)
+    assert (cv_exact["solver"] == "exact").all() and (cv["solver"] == "scalable").all()
+    assert cv["solver_reason"].iloc[0].startswith("auto: 540 training rows")
+    assert (cv["kernel_budget_mb"] == budget).all() and (cv["n_components"] == 200).all()
+    # the same grouped inner folds (StratifiedGroupKFold on the groups), the same grid
+    assert (cv["n_splits"] == 3).all() and cv[["kernel", "C"]].equals(cv_exact[["kernel", "C"]])
+    # on this well-separated problem both paths generalise alike
+    acc = {name: (model.predict(X[test]) == y[test]).mean() for name, model in
+           [("exact", exact), ("scalable", scalable)]}
+    assert acc["exact"] > 0.85 and abs(acc["scalable"] - acc["exact"]) <= 0.05
+    # the workflow's API works unchanged: one-vs-rest scores in class order, predict agrees
+    classes = ["d", "c", "b", "a"]
+    samples = pd.DataFrame({"image_id": groups[test], "transform": "identity", "label": y[test]})
+    table = predict_table(scalable, X[test], samples, classes)
+    scores = table[[f"score_{c}" for c in classes]].to_numpy()
+    assert (np.array(classes)[scores.argmax(axis=1)] == table["pred"]).all()
+    # skops round trip without untrusted types beyond the allowed ones, identical scores
+    path = tmp_path / "svm.skops"
+    save_model(scalable, path)
+    assert set(skops.io.get_untrusted_types(file=path)) <= classify.ALLOWED_MODEL_TYPES
+    loaded = load_model(path)
+    np.testing.assert_array_equal(loaded.decision_function(X[test]),
+                                  scalable.decision_function(X[test]))
+
+
+def test_scalable_rbf_uses_a_nystroem_map_shared_by_the_c_values():
+    X, y, groups = _four_class_problem(n_images=120, seed=3)
+    pipeline, cv = fit_svm(X, y, groups, {"kernel": ["rbf"], "C": [1.0]}, solver="scalable",
+                           n_components=64, seed=0)
+    svm = pipeline.named_steps["svm"]
+    assert svm.map_.n_components == 64 and svm.map_.components_.shape == (64, X.shape[1])
+    # gamma "scale" resolves as SVC resolves it, on the scaled training rows
+    scaled = pipeline.named_steps["scale"].transform(X)
+    assert svm.gamma_ == pytest.approx(1.0 / (X.shape[1] * scaled.var()), rel=1e-5)
+    assert cv[["n_splits", "solver"]].values.tolist() == [[0, "scalable"]]
+    # binary problems: one score column, decision_scores makes it two (-d, d)
+    binary = y != "a"
+    two, _ = fit_svm(X[binary], np.where(y[binary] == "b", "b", "other"), groups[binary],
+                     {"kernel": ["linear"], "C": [1.0]}, solver="scalable")
+    scores = classify.decision_scores(two, X[binary], ["b", "other"])
+    np.testing.assert_allclose(scores[:, 0], -scores[:, 1])
+
+
+def test_the_scalable_solver_refuses_kernels_it_cannot_approximate():
+    X, y, groups = _four_class_problem(n_images=60)
+    with pytest.raises(LeukotypeError, match=r"supports kernels \['linear', 'rbf'\].*svm.solver: exact"):
+        fit_svm(X, y, groups, {"kernel": ["poly"], "C": [1.0]}, solver="scalable")
+
+
+def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
+    """run_svm (the train_svm job): the budget is svm.kernel_memory_fraction of the job's
+    mem_mb, the solver follows it, and evaluate records the choice for metrics.json."""
+    from leukotype.feature_store import write_feature_matrix
+    from leukotype.io import read_tsv, write_tsv
+    from leukotype.stages import run_svm, svm_choice
+
+    X, y, groups = _four_class_problem(n_images=80, copies=2, seed=4)
+    transforms = np.tile(["identity", "rot90"], 80)
+    index = pd.DataFrame({"image_id": groups, "transform": transforms})
+    write_feature_matrix(tmp_path / "features", "pool", index, X)
+    test_image = np.array([int(g[1:]) % 4 == 0 for g in groups])
+    samples = index.assign(label=y, group=groups, fold="holdout",
+                           part=np.where(test_image, "test", "train"))
+    write_tsv(samples, tmp_path / "samples.tsv")
+    task = {"name": "t", "column": "label", "classes": ["a", "b", "c", "d"]}
+    svm_cfg = {"C": [1.0], "kernel": ["linear", "rbf"], "gamma": ["scale"], "cv_folds": 2,
+               "class_weight": None, "solver": "auto", "kernel_memory_fraction": 0.5,
+               "n_components": 32}
+    chosen = {}
+    for memory_mb in (8000, 0.001):  # 120 training rows: a 0.11 MiB kernel matrix
+        out = tmp_path / str(memory_mb)
+        predictions = run_svm(tmp_path / "samples.tsv", task, "holdout", [tmp_path / "features"],
+                              "pool", svm_cfg, out / "svm.skops", out / "predictions.tsv",
+                              out / "cv.tsv", memory_mb=memory_mb)
+        assert len(predictions) == test_image.sum() // 2  # identity rows of the test images
+        chosen[memory_mb] = svm_choice(read_tsv(out / "cv.tsv"))
+    assert chosen[8000]["solver"] == "exact" and chosen[8000]["kernel_budget_mb"] == 4000
+    assert chosen[0.001]["solver"] == "scalable" and chosen[0.001]["kernel_budget_mb"] == 0.0
+    assert "budget 0 MiB" in chosen[0.001]["solver_reason"]
+    assert chosen[0.001]["n_components"] == 32 and chosen[0.001]["kernel"] in ("linear", "rbf")

@@ -79,6 +79,10 @@ def test_metrics_record_config_seed_and_versions(study):
     assert record["n_test"] == (read(study / "results/data/splits/cellular.tsv")["part"] == "test").sum()
     # nucleus-only vs whole-cell crops differ in extent: ImageNet features separate them
     assert record["metrics"]["accuracy"] >= 0.9
+    # which SVM solver ran, and why (svm.solver: auto; a small kernel matrix -> exact)
+    assert record["classifier"]["solver"] == "exact"
+    assert record["classifier"]["solver_reason"].startswith("auto: ")
+    assert record["classifier"]["kernel"] in ("linear", "rbf")
 
 
 def test_finetune_writes_history_curve_and_resumable_checkpoint(study):

@@ -6,6 +6,7 @@ import logging
 import numbers
 import os
 import time
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,11 +16,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.kernel_approximation import Nystroem
 from sklearn.metrics import get_scorer
 from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold
+from sklearn.multiclass import OneVsOneClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
+from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
@@ -48,6 +52,10 @@ ALLOWED_MODEL_TYPES = frozenset(
         "sklearn.preprocessing._data.StandardScaler",
         "sklearn.svm._classes.SVC",
         "leukotype.classify.GramSVC",
+        "leukotype.classify.ScalableSVC",
+        "sklearn.kernel_approximation.Nystroem",
+        "sklearn.svm._classes.LinearSVC",
+        "sklearn.multiclass.OneVsOneClassifier",
         "numpy.ndarray",
         "numpy.dtype",
         "numpy.float64",
@@ -76,6 +84,50 @@ DEFAULT_GRAM_MB = 1024
 def gram_fits(n_samples: int, gram_mb: float) -> bool:
     """Whether an (n x n) float64 kernel matrix fits in ``gram_mb`` MiB."""
     return n_samples * n_samples * 8 <= gram_mb * 2**20
+
+
+#: ``svm.solver`` values. ``exact``: libsvm's kernel SVM (:class:`GramSVC`); ``scalable``: a
+#: primal linear SVM, on the features (linear kernel) or on a Nystroem approximation of the
+#: kernel (rbf) (:class:`ScalableSVC`); ``auto``: exact while the training kernel matrix fits
+#: the kernel-memory budget, scalable above it.
+SOLVERS = ("auto", "exact", "scalable")
+#: Share of the job's memory one (training x training) kernel matrix may take. The exact search
+#: holds about two of them (the linear Gram matrix and one candidate's kernel) next to the
+#: features, so a quarter leaves room for the rest.
+DEFAULT_KERNEL_MEMORY_FRACTION = 0.25
+#: Rank of the scalable path's Nystroem kernel approximation (landmark rows).
+DEFAULT_N_COMPONENTS = 1024
+#: Kernels the scalable path supports (Nystroem approximates rbf; linear needs no map).
+SCALABLE_KERNELS = ("linear", "rbf")
+
+
+def kernel_budget_mb(
+    memory_mb: float | None, fraction: float = DEFAULT_KERNEL_MEMORY_FRACTION
+) -> float:
+    """MiB one training kernel matrix may take: ``fraction`` of the job's ``memory_mb``
+    (:data:`DEFAULT_GRAM_MB` when the job states no memory)."""
+    if not memory_mb:
+        return float(DEFAULT_GRAM_MB)
+    if not 0 < fraction <= 1:
+        raise LeukotypeError(f"svm.kernel_memory_fraction must be in (0, 1], got {fraction}")
+    return float(memory_mb) * fraction
+
+
+def choose_solver(solver: str, n_rows: int, gram_mb: float) -> tuple[str, str]:
+    """``(exact|scalable, reason)`` for ``n_rows`` training rows under ``gram_mb`` MiB.
+
+    ``auto`` picks ``exact`` exactly when the (n_rows x n_rows) float64 kernel matrix fits.
+    The reason is recorded with the run, so a table says why its SVM is the one it is.
+    """
+    if solver not in SOLVERS:
+        raise LeukotypeError(f"unknown svm.solver {solver!r}; choose from {list(SOLVERS)}")
+    need_mb = n_rows * n_rows * 8 / 2**20
+    sizes = f"{n_rows} training rows: kernel matrix {need_mb:.0f} MiB, budget {gram_mb:.0f} MiB"
+    if solver != "auto":
+        return solver, f"svm.solver: {solver} ({sizes})"
+    if gram_fits(n_rows, gram_mb):
+        return "exact", f"auto: {sizes}, fits -> exact kernel SVM"
+    return "scalable", f"auto: {sizes}, above it -> scalable (primal linear / Nystroem)"
 
 
 def resolve_gamma(gamma: str | float, X: np.ndarray) -> float:
@@ -242,6 +294,118 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         return self._blocks(X, "predict")
 
 
+def _linear_svm(C: float, kernel: str, class_weight, random_state) -> BaseEstimator:
+    """The scalable path's linear solver (liblinear), chosen by what converged fast and came
+    closest to the exact SVM on real CNN features (``bench/svm_scaling.py``):
+
+    - on the features themselves (``linear``): one-vs-one, like SVC, of L1-loss (hinge) SVMs
+      solved by dual coordinate descent -- SVC's own objective per pair of classes, with
+      liblinear's regularised bias; each pair's problem has as many rows as its two classes;
+    - on the Nystroem map (``rbf``, rows >> components): one-vs-rest L2-loss SVMs solved in
+      the primal (trust-region Newton), which converges in a few dozen iterations there.
+    """
+    if kernel == "linear":
+        return OneVsOneClassifier(
+            LinearSVC(C=C, loss="hinge", dual=True, class_weight=class_weight,
+                      random_state=random_state, max_iter=1000)
+        )
+    return LinearSVC(
+        C=C, class_weight=class_weight, random_state=random_state, dual=False, max_iter=200
+    )
+
+
+class ScalableSVC(ClassifierMixin, BaseEstimator):
+    """A linear SVM in the features (``kernel="linear"``) or in a Nystroem feature map that
+    approximates the RBF kernel (``kernel="rbf"``), for training sets whose kernel matrix does
+    not fit in memory.
+
+    Memory is linear in the number of rows: the map is an (n x n_components) product with
+    ``n_components`` landmark rows drawn with ``random_state``; the solver is liblinear's
+    (:func:`_linear_svm`). Memory is O(n * max(d, n_components)) instead of O(n^2). ``gamma``
+    follows SVC's conventions (``scale``, ``auto`` or a number), so the grid means the same on
+    both paths. Scores with ``decision_function`` / ``predict`` like an SVC (one column per
+    class; one column for two classes).
+    """
+
+    def __init__(
+        self,
+        kernel: str = "rbf",
+        C: float = 1.0,
+        gamma: str | float = "scale",
+        class_weight: str | Mapping[str, float] | None = None,
+        random_state: int | None = None,
+        n_components: int = DEFAULT_N_COMPONENTS,
+    ) -> None:
+        self.kernel = kernel
+        self.C = C
+        self.gamma = gamma
+        self.class_weight = class_weight
+        self.random_state = random_state
+        self.n_components = n_components
+
+    def _make_map(self, X: np.ndarray) -> Nystroem | None:
+        """The fitted feature map for ``X`` (None for the linear kernel)."""
+        if self.kernel not in SCALABLE_KERNELS:
+            raise ValueError(
+                f"the scalable SVM supports kernels {list(SCALABLE_KERNELS)}, got {self.kernel!r}"
+            )
+        if self.kernel == "linear":
+            return None
+        n_components = int(min(self.n_components, len(X)))
+        return Nystroem(
+            kernel="rbf",
+            gamma=resolve_gamma(self.gamma, X),
+            n_components=n_components,
+            random_state=self.random_state,
+        ).fit(X)
+
+    def fit(self, X: np.ndarray, y: Sequence[Any]) -> ScalableSVC:
+        X = np.asarray(X, dtype=np.float32)
+        feature_map = self._make_map(X)
+        return self._fit_mapped(self._apply(feature_map, X), y, feature_map, X.shape[1])
+
+    def _fit_mapped(
+        self, Z: np.ndarray, y: Sequence[Any], feature_map: Nystroem | None, n_features: int
+    ) -> ScalableSVC:
+        """Fit the linear solver on already mapped rows ``Z`` (shared by a search's C values)."""
+        self.map_ = feature_map
+        self.gamma_ = None if feature_map is None else float(feature_map.gamma)
+        with warnings.catch_warnings():
+            # liblinear stopping at max_iter is reported as the fit's n_iter_, not per warning
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.linear_ = _linear_svm(
+                self.C, self.kernel, self.class_weight, self.random_state
+            ).fit(Z, np.asarray(y))
+        self.classes_ = self.linear_.classes_
+        self.n_features_in_ = n_features
+        return self
+
+    @staticmethod
+    def _apply(feature_map: Nystroem | None, X: np.ndarray) -> np.ndarray:
+        if feature_map is None:
+            return X
+        parts = [
+            feature_map.transform(X[start : start + PREDICT_BLOCK_ROWS * 4])
+            for start in range(0, len(X), PREDICT_BLOCK_ROWS * 4)
+        ]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def _mapped(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "linear_")
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"expected {self.n_features_in_} features per row, got array of shape {X.shape}"
+            )
+        return self._apply(self.map_, X)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return self.linear_.decision_function(self._mapped(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.linear_.predict(self._mapped(X))
+
+
 def make_svm_pipeline(
     kernel: str = "rbf",
     C: float = 1.0,
@@ -249,29 +413,34 @@ def make_svm_pipeline(
     class_weight: str | Mapping[str, float] | None = None,
     seed: int = 0,
     gram_mb: float = DEFAULT_GRAM_MB,
+    solver: str = "exact",
+    n_components: int = DEFAULT_N_COMPONENTS,
 ) -> Pipeline:
-    """StandardScaler followed by an SVC (one-vs-one training, decision scores, no Platt scaling).
+    """StandardScaler followed by an SVM (decision scores, no Platt scaling).
 
     Scaling matters: CNN activations have very different ranges per unit, and both the RBF
-    kernel and the C penalty assume comparable feature scales. The SVC is :class:`GramSVC`
-    (libsvm's SVC with BLAS-computed kernels).
+    kernel and the C penalty assume comparable feature scales. ``solver="exact"``: the SVM is
+    :class:`GramSVC` (libsvm's SVC with BLAS-computed kernels, one-vs-one); ``"scalable"``:
+    :class:`ScalableSVC` (primal linear SVM, Nystroem map for rbf, one-vs-rest). Either way the
+    step is named ``svm`` and takes ``kernel``, ``C``, ``gamma``.
     """
-    return Pipeline(
-        [
-            ("scale", StandardScaler()),
-            (
-                "svm",
-                GramSVC(
-                    kernel=kernel,
-                    C=C,
-                    gamma=gamma,
-                    class_weight=class_weight,
-                    random_state=seed,
-                    gram_mb=gram_mb,
-                ),
-            ),
-        ]
-    )
+    if solver == "exact":
+        svm: BaseEstimator = GramSVC(
+            kernel=kernel, C=C, gamma=gamma, class_weight=class_weight, random_state=seed,
+            gram_mb=gram_mb,
+        )
+    elif solver == "scalable":
+        svm = ScalableSVC(
+            kernel=kernel, C=C, gamma=gamma, class_weight=class_weight, random_state=seed,
+            n_components=n_components,
+        )
+    else:
+        raise LeukotypeError(
+            f"make_svm_pipeline needs a resolved solver (exact or scalable), got {solver!r}; "
+            "choose_solver resolves 'auto'"
+        )
+    # The scaler keeps float32 input float32: the scalable path's copies stay half the size.
+    return Pipeline([("scale", StandardScaler()), ("svm", svm)])
 
 
 def _as_list(name: str, values: Any) -> list[Any]:
@@ -433,6 +602,48 @@ def _score_fold(
     return scores, seconds
 
 
+def _score_fold_scalable(
+    X_fit: np.ndarray,
+    y_fit: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    candidates: Sequence[Mapping[str, Any]],
+    class_weight,
+    seed: int,
+    scorer,
+    n_components: int = DEFAULT_N_COMPONENTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_score_fold` for the scalable path: the fold's scaler and each (kernel, gamma)'s
+    feature map (Nystroem, or none for linear) are fitted once on the fold's training rows and
+    shared by every C; ``seconds`` of a candidate = its share of the map plus its solver."""
+    scaler = StandardScaler().fit(X_fit)
+    A = scaler.transform(X_fit).astype(np.float32, copy=False)
+    B = scaler.transform(X_val).astype(np.float32, copy=False)
+    scores = np.empty(len(candidates))
+    seconds = np.empty(len(candidates))
+    by_map: dict[tuple[str, Any], list[int]] = {}
+    for i, candidate in enumerate(candidates):
+        gamma = candidate.get("svm__gamma", "") if candidate["svm__kernel"] != "linear" else ""
+        by_map.setdefault((candidate["svm__kernel"], gamma), []).append(i)
+    for (kernel, gamma), members in by_map.items():
+        started = time.perf_counter()
+        template = ScalableSVC(
+            kernel=kernel, gamma=gamma or "scale", class_weight=class_weight, random_state=seed,
+            n_components=n_components,
+        )
+        feature_map = template._make_map(A)
+        Z_fit, Z_val = ScalableSVC._apply(feature_map, A), ScalableSVC._apply(feature_map, B)
+        map_seconds = (time.perf_counter() - started) / len(members)
+        for i in members:
+            started = time.perf_counter()
+            model = template.set_params(C=candidates[i]["svm__C"])
+            model._fit_mapped(Z_fit, y_fit, feature_map, A.shape[1])
+            seconds[i] = time.perf_counter() - started + map_seconds
+            scores[i] = scorer(model.linear_, Z_val, y_val)
+        del Z_fit, Z_val
+    return scores, seconds
+
+
 def _cv_results_frame(
     candidates: Sequence[Mapping[str, Any]], scores: np.ndarray, seconds: np.ndarray, scoring: str
 ) -> pd.DataFrame:
@@ -470,6 +681,8 @@ def fit_svm(
     n_jobs: int = 1,
     scoring: str = "accuracy",
     gram_mb: float = DEFAULT_GRAM_MB,
+    solver: str = "auto",
+    n_components: int = DEFAULT_N_COMPONENTS,
 ) -> tuple[Pipeline, pd.DataFrame]:
     """Choose kernel, C (and gamma) by grouped grid search on the training rows, then refit.
 
@@ -484,6 +697,12 @@ def fit_svm(
     Each inner fold's kernel matrix is computed once (BLAS) and shared by all candidates while
     it fits in ``gram_mb`` MiB (the search holds about two such matrices); above that every
     candidate's SVC computes its own kernels. ``n_jobs`` = BLAS threads.
+
+    ``solver`` (:data:`SOLVERS`) picks the SVM by problem size (:func:`choose_solver` on the
+    training rows and ``gram_mb``): ``exact`` as above; ``scalable`` = :class:`ScalableSVC`
+    (primal linear SVM; rbf through a Nystroem map of ``n_components`` landmarks), searched on
+    the same grouped inner folds with each fold's map shared by every C. The returned frame
+    records ``solver``, ``solver_reason``, ``kernel_budget_mb`` and ``n_components``.
     """
     X = np.asarray(X)
     y = np.asarray(y).astype(str)
@@ -505,15 +724,39 @@ def fit_svm(
 
     grids = build_param_grid(param_grid)
     candidates = list(ParameterGrid(grids))
+    resolved, reason = choose_solver(solver, len(X), gram_mb)
+    if resolved == "scalable":
+        unsupported = sorted({c["svm__kernel"] for c in candidates} - set(SCALABLE_KERNELS))
+        if unsupported:
+            raise LeukotypeError(
+                f"the scalable SVM solver supports kernels {list(SCALABLE_KERNELS)}, the grid "
+                f"has {unsupported} ({reason}); drop them or set svm.solver: exact"
+            )
+    LOGGER.info("SVM solver: %s (%s)", resolved, reason)
+    solver_columns = {
+        "solver": resolved,
+        "solver_reason": reason,
+        "kernel_budget_mb": round(float(gram_mb), 1),
+        "n_components": int(n_components) if resolved == "scalable" else 0,
+    }
+
+    def new_pipeline() -> Pipeline:
+        return make_svm_pipeline(
+            class_weight=class_weight, seed=seed, gram_mb=gram_mb, solver=resolved,
+            n_components=n_components,
+        )
+
     if len(candidates) == 1:
         # Nothing to choose: no inner cross-validation, so no minimum number of groups either.
-        pipeline = make_svm_pipeline(class_weight=class_weight, seed=seed, gram_mb=gram_mb)
+        pipeline = new_pipeline()
         pipeline.set_params(**candidates[0])
-        pipeline.fit(X, y)
+        with threadpool_limits(limits=max(1, int(n_jobs)), user_api="blas"):
+            pipeline.fit(X, y)
         LOGGER.info("SVM with the single configured setting %s (no search)", candidates[0])
         only = {k.removeprefix("svm__"): v for k, v in candidates[0].items()}
         frame = pd.DataFrame([{"kernel": only["kernel"], "C": only["C"], "gamma": only.get("gamma", ""),
-                               "n_splits": 0, "scoring": scoring, "selected": True}])
+                               "n_splits": 0, "scoring": scoring, "selected": True,
+                               **solver_columns}])
         return pipeline, frame
     splitter = make_inner_cv(y, groups, cv_folds=cv_folds, seed=seed)
     scorer = get_scorer(scoring)
@@ -522,13 +765,21 @@ def fit_svm(
     seconds = np.empty_like(scores)
     with threadpool_limits(limits=max(1, int(n_jobs)), user_api="blas"):
         for k, (fit_rows, val_rows) in enumerate(folds):
-            scores[:, k], seconds[:, k] = _score_fold(
-                X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                candidates, class_weight, seed, scorer, gram_mb,
-            )
+            if resolved == "scalable":
+                scores[:, k], seconds[:, k] = _score_fold_scalable(
+                    X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
+                    candidates, class_weight, seed, scorer, n_components,
+                )
+            else:
+                scores[:, k], seconds[:, k] = _score_fold(
+                    X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
+                    candidates, class_weight, seed, scorer, gram_mb,
+                )
         frame = _cv_results_frame(candidates, scores, seconds, scoring)
+        for column, value in solver_columns.items():
+            frame[column] = value
         best = candidates[int(np.flatnonzero(frame["selected"])[0])]
-        pipeline = make_svm_pipeline(class_weight=class_weight, seed=seed, gram_mb=gram_mb)
+        pipeline = new_pipeline()
         pipeline.set_params(**best)
         pipeline.fit(X, y)
     LOGGER.info(

@@ -176,7 +176,14 @@ def run_svm(
     out_calibration: PathLike | None = None,
 ) -> pd.DataFrame:
     from leukotype.calibration import add_probabilities, fit_svm_calibration
-    from leukotype.classify import DEFAULT_GRAM_MB, fit_svm, predict_table, save_model
+    from leukotype.classify import (
+        DEFAULT_KERNEL_MEMORY_FRACTION,
+        DEFAULT_N_COMPONENTS,
+        fit_svm,
+        kernel_budget_mb,
+        predict_table,
+        save_model,
+    )
     from leukotype.feature_store import feature_dim, load_features
     from leukotype.memory import require_memory, svm_memory_parts
 
@@ -186,7 +193,12 @@ def run_svm(
     # Before the features are loaded: stop with a message if the job's mem_mb cannot hold them.
     layers = [layer] * len(dirs) if isinstance(layer, str) else list(layer)
     dim = sum(feature_dim(d, name) for d, name in zip(dirs, layers, strict=True))
-    require_memory("train_svm", svm_memory_parts(len(train), len(test), dim, memory_mb / 2 if memory_mb else 0.0), memory_mb)
+    # The job's own memory (snakemake.resources.mem_mb) sets the kernel-memory budget (one
+    # matrix); the exact search holds at most two, above the budget the solver changes.
+    gram_mb = kernel_budget_mb(
+        memory_mb, svm_cfg.get("kernel_memory_fraction", DEFAULT_KERNEL_MEMORY_FRACTION)
+    )
+    require_memory("train_svm", svm_memory_parts(len(train), len(test), dim, 2 * gram_mb if memory_mb else 0.0), memory_mb)
     X_train = load_features(dirs, layer, train[["image_id", "transform"]])
     X_test = load_features(dirs, layer, test[["image_id", "transform"]])
     grid = {k: svm_cfg[k] for k in ("C", "kernel", "gamma")}
@@ -199,8 +211,9 @@ def run_svm(
         class_weight=svm_cfg["class_weight"],
         seed=seed,
         n_jobs=threads,
-        # The search holds about two kernel matrices next to the features: a quarter each.
-        gram_mb=memory_mb / 4 if memory_mb else DEFAULT_GRAM_MB,
+        gram_mb=gram_mb,
+        solver=svm_cfg.get("solver", "auto"),
+        n_components=svm_cfg.get("n_components", DEFAULT_N_COMPONENTS),
     )
     log.info("SVM chosen: %s", pipeline.named_steps)
     save_model(pipeline, out_model)
@@ -223,6 +236,15 @@ def run_svm(
 # ----------------------------------------------------------------------------- evaluation
 
 
+def svm_choice(cv_results: pd.DataFrame) -> dict[str, Any]:
+    """The selected row of an SVM run's cv_results: solver (and why), kernel, C, gamma."""
+    row = cv_results[cv_results["selected"].astype(str) == "True"].iloc[0]
+    keys = ("solver", "solver_reason", "kernel_budget_mb", "n_components", "kernel", "C",
+            "gamma", "mean_test_score")
+    return {k: (None if pd.isna(row[k]) else row[k].item() if hasattr(row[k], "item") else row[k])
+            for k in keys if k in row.index}
+
+
 def run_evaluate(
     predictions: PathLike,
     samples: PathLike,
@@ -233,6 +255,7 @@ def run_evaluate(
     out_confusion: PathLike,
     out_confusion_png: PathLike,
     feature_dirs: Sequence[PathLike] = (),
+    cv_results: PathLike | None = None,
 ) -> dict[str, Any]:
     """Metrics of one run; ``feature_dirs`` (the features it ran on) give its precision."""
     from leukotype.hardware import run_precision
@@ -242,6 +265,8 @@ def run_evaluate(
     if feature_dirs:
         meta = {**meta, "precision": run_precision(feature_dirs)}
     task = task_from_dict(task_cfg)
+    if cv_results is not None:  # an SVM run: which solver and setting produced it
+        meta = {**meta, "classifier": svm_choice(read_tsv(cv_results))}
     # Bootstrap whole groups (patients, duplicates): images of one patient are not independent.
     sample_table = read_tsv(samples)
     groups = dict(zip(sample_table["image_id"], sample_table["group"]))

@@ -17,10 +17,11 @@ rule train_svm:
         f"{R}/benchmarks/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: config["compute"]["threads_svm"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        # The kernel-memory budget (svm.solver: auto) derives from the mem_mb the job gets.
+        mem_mb=config["compute"]["mem_mb_svm"],
+        runtime=config["compute"]["runtime_svm"],
     params:
         task=lambda wildcards: TASKS[wildcards.task],
         svm=config["svm"],
@@ -33,6 +34,7 @@ rule evaluate:
         predictions=paths.run_file(R, paths.PREDICTIONS),
         samples=rules.augment.output.samples,
         features=run_feature_dirs,
+        cv_results=svm_cv_results,
     output:
         metrics=paths.run_file(R, paths.METRICS),
         confusion=paths.run_file(R, paths.CONFUSION),

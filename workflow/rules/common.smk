@@ -123,6 +123,16 @@ def run_feature_dirs(wildcards):
     )
 
 
+def svm_cv_results(wildcards):
+    """An SVM run's cv_results.tsv (its solver goes into metrics.json); none for finetune."""
+    if wildcards.strategy == "finetune":
+        return []
+    run = (
+        f"{wildcards.task}/{wildcards.strategy}/{wildcards.backbone}/{wildcards.layer}"
+    )
+    return [f"{R}/runs/{run}/{wildcards.fold}/cv_results.tsv"]
+
+
 def finetune_feature_dirs(wildcards):
     """Cached backbone features the head trains on (paper policy), else nothing."""
     return _finetune_feature_dirs(config, wildcards.backbone)

@@ -15,4 +15,5 @@ with logged(snakemake):
         snakemake.output.confusion,
         snakemake.output.confusion_png,
         feature_dirs=snakemake.input.features,
+        cv_results=(snakemake.input.cv_results or [None])[0],
     )

@@ -1,0 +1,223 @@
+"""The SVM stage at the sizes of the public datasets: exact vs scalable solver.
+
+Data (``bench/scaling_data.py``): real EfficientNet-Lite0 features of the 800 shared PBC
+images under the six lossless views (4,800 rows, 1,280 dimensions), and larger matrices drawn
+from them by the generator stated there (same dimension, scale and class structure; their
+accuracies describe the generator, not PBC).
+
+1. ``accuracy_real``: exact vs scalable ``fit_svm`` (default grid: linear and rbf, C 0.1/1/10,
+   3 grouped inner folds) in 4-fold grouped outer cross-validation over the 800 real images
+   (3,600 training rows per fold, every image a test image once, identity view): accuracy of
+   each, difference in points with a paired bootstrap 95 % CI over images.
+2. ``size``: ``fit_svm`` at 7k, 24k, 50k and 200k derived training rows, one child process per
+   (solver, size) that memory-maps the rows from disk as the workflow's feature store does:
+   wall seconds, peak RSS (``ru_maxrss``) and RSS with the data loaded, the solver chosen and
+   the held-out accuracy on 2,000 derived rows from other pairs of images. The exact solver
+   runs where its kernel matrix fits (``--exact-max``, default 7k rows); at 7k both run.
+
+    python bench/svm_scaling.py                 # ~30 min on 2 idle cores
+    python bench/svm_scaling.py --sizes 7000 24000 --skip-accuracy
+    python bench/svm_scaling.py --quick         # smoke test (synthetic features, seconds)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+import scaling_data
+
+NAME = "svm_scaling"
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+args = json.loads(sys.argv[1])
+from leukotype.classify import fit_svm, kernel_budget_mb
+X = np.load(args["X"], mmap_mode="r")
+y = np.load(args["y"]); g = np.load(args["g"])
+Xt = np.load(args["Xt"]); yt = np.load(args["yt"])
+rows = np.arange(len(X))
+X_train = np.asarray(X[rows], dtype=np.float32)   # what load_features hands the SVM
+rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+started = time.perf_counter()
+grid = None if args["full_grid"] else {"kernel": ["linear", "rbf"], "C": [1.0]}
+pipeline, cv = fit_svm(X_train, y, g, grid, cv_folds=3, seed=0, n_jobs=args["threads"],
+                       gram_mb=kernel_budget_mb(args["mem_mb"]), solver=args["solver"],
+                       n_components=args["n_components"])
+fit_s = time.perf_counter() - started
+started = time.perf_counter()
+pred = pipeline.predict(Xt)
+predict_s = time.perf_counter() - started
+best = cv[cv["selected"]].iloc[0]
+print("RESULT " + json.dumps({
+    "fit_seconds": fit_s, "predict_seconds": predict_s, "n_test": len(yt),
+    "accuracy": float((pred == yt).mean()), "solver": str(best["solver"]),
+    "solver_reason": str(best["solver_reason"]), "kernel": str(best["kernel"]),
+    "C": float(best["C"]), "cv_score": float(best.get("mean_test_score", float("nan"))),
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "rss_with_data_mib": rss_data}))
+"""
+
+
+def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95 % percentile CI of mean(correct_b) - mean(correct_a), resampling images."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(correct_a), size=(n_boot, len(correct_a)))
+    diffs = correct_b[idx].mean(axis=1) - correct_a[idx].mean(axis=1)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def accuracy_real(X, table, args) -> list[dict]:
+    """Part 1 (module doc): exact vs scalable on the real rows, 4-fold outer CV."""
+    from leukotype.classify import fit_svm
+    from leukotype.split import kfold_split
+
+    images = table.drop_duplicates("image_id")
+    folds = kfold_split(images["label"].to_numpy(), images["image_id"].to_numpy(),
+                        n_splits=args.outer_folds, seed=0)[0]
+    fold = table["image_id"].map(dict(zip(images["image_id"], folds))).to_numpy()
+    labels = table["label"].to_numpy()
+    correct = {"exact": [], "scalable": []}
+    seconds = {"exact": 0.0, "scalable": 0.0}
+    chosen = {"exact": [], "scalable": []}
+    for k in range(args.outer_folds):
+        train = fold != k
+        test = (fold == k) & (table["transform"] == "identity").to_numpy()
+        for solver in ("exact", "scalable"):
+            started = time.perf_counter()
+            pipeline, cv = fit_svm(X[train], labels[train], table["group"].to_numpy()[train],
+                                   None, cv_folds=3, seed=0, n_jobs=args.threads,
+                                   solver=solver, n_components=args.n_components)
+            seconds[solver] += time.perf_counter() - started
+            correct[solver].append(pipeline.predict(X[test]) == labels[test])
+            best = cv[cv["selected"]].iloc[0]
+            chosen[solver].append(f"{best['kernel']}/C={best['C']:g}")
+            print(f"outer fold {k} {solver:8s} accuracy {correct[solver][-1].mean():.4f} "
+                  f"{chosen[solver][-1]} ({seconds[solver]:.0f} s so far)", flush=True)
+    a, b = (np.concatenate(correct[s]) for s in ("exact", "scalable"))
+    lo, hi = paired_bootstrap(a, b)
+    rows = []
+    for solver, c in (("exact", a), ("scalable", b)):
+        rows.append({"measurement": "accuracy_real", "solver": solver,
+                     "data": f"real: {scaling_data.BACKBONE} features, 800 PBC images x 6 views",
+                     "n_train_rows": int((fold != 0).sum()), "n_test": len(c),
+                     "outer_folds": args.outer_folds, "n_components": args.n_components,
+                     "accuracy": float(c.mean()), "fit_seconds": seconds[solver],
+                     "selected": ";".join(chosen[solver]), "load_avg_1m": common.load_avg()})
+    rows[1].update({"accuracy_diff_points": 100 * float(b.mean() - a.mean()),
+                    "diff_ci_lo_points": 100 * lo, "diff_ci_hi_points": 100 * hi,
+                    "n_predictions_differ": int((a != b).sum())})
+    return rows
+
+
+def size_rows(X, table, args, scratch: Path, prior: list[dict]) -> list[dict]:
+    """Part 2 (module doc): one child process per (solver, size)."""
+    labels, groups = table["label"].to_numpy(), table["group"].to_numpy()
+    # Test rows from pairs drawn with another seed: other mixtures of the same real images.
+    Xt, yt, _ = scaling_data.derived_rows(X, labels, groups, args.n_test, seed=10**6)
+    np.save(scratch / "Xt.npy", Xt)
+    np.save(scratch / "yt.npy", yt)
+    rows = []
+    for n in args.sizes:
+        Xd, yd, gd = scaling_data.derived_rows(X, labels, groups, n, seed=n)
+        for name, array in (("X", Xd), ("y", yd), ("g", gd)):
+            np.save(scratch / f"{name}.npy", array)
+        del Xd
+        for solver in ("exact", "scalable"):
+            if solver == "exact" and n > args.exact_max:
+                continue
+            child = {"X": str(scratch / "X.npy"), "y": str(scratch / "y.npy"),
+                     "g": str(scratch / "g.npy"), "Xt": str(scratch / "Xt.npy"),
+                     "yt": str(scratch / "yt.npy"), "solver": solver,
+                     "threads": args.threads, "mem_mb": args.mem_mb,
+                     "n_components": args.n_components,
+                     "full_grid": n <= args.full_grid_max}
+            env = {**os.environ}
+            env.setdefault("PYTHONPATH", str(common.REPO_ROOT / "src"))
+            load = common.load_avg()
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child)], env=env,
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"child failed for {solver} at {n} rows")
+            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+            result = json.loads(line.removeprefix("RESULT "))
+            rows.append({"measurement": "size", "solver": solver,
+                         "data": "derived from the real rows (bench/scaling_data.py generator)",
+                         "n_train_rows": n, "n_features": X.shape[1], "mem_mb": args.mem_mb,
+                         "n_components": args.n_components, "threads": args.threads,
+                         "grid": "default (linear+rbf x C 0.1,1,10)" if child["full_grid"]
+                         else "linear+rbf x C 1 (--full-grid-max)",
+                         "process_seconds": wall, **result,
+                         "bytes_per_row_data": X.shape[1] * 4,
+                         "load_avg_1m": load, "load_avg_1m_after": common.load_avg()})
+            print(f"{n:7d} rows {solver:8s} fit {result['fit_seconds']:7.1f} s  peak RSS "
+                  f"{result['peak_rss_mib']:7.0f} MiB (data {result['rss_with_data_mib']:.0f})  "
+                  f"accuracy {result['accuracy']:.4f}  {result['kernel']}/C={result['C']:g}  "
+                  f"load {load}", flush=True)
+            common.write_results(prior + rows, NAME + "_partial", args.out)  # survive a kill
+    return rows
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7000, 24000, 50000, 200000])
+    parser.add_argument("--exact-max", type=int, default=7000,
+                        help="largest size the exact solver is run at")
+    parser.add_argument("--full-grid-max", type=int, default=10**9,
+                        help="above this size search only C=1 (linear and rbf)")
+    parser.add_argument("--mem-mb", type=int, default=8000,
+                        help="the train_svm job's mem_mb (compute.mem_mb_svm default)")
+    parser.add_argument("--n-components", type=int, default=1024)
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--outer-folds", type=int, default=4)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder for the real features (reused when present)")
+    parser.set_defaults(threads=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="leukotype-svm-scaling-") as tmp:
+        scratch = Path(tmp)
+        if args.quick:
+            rng = np.random.default_rng(0)
+            n_img, views = 80, 3
+            centres = rng.normal(size=(4, 32)).astype(np.float32)
+            lab = np.repeat(np.arange(n_img) % 4, views)
+            X = centres[lab] + rng.normal(size=(n_img * views, 32)).astype(np.float32)
+            table = pd.DataFrame({"image_id": np.repeat([f"i{i}" for i in range(n_img)], views),
+                                  "transform": np.tile(["identity", "rot90", "rot180"], n_img),
+                                  "label": np.array(list("abcd"))[lab]})
+            table["group"] = table["image_id"]
+            args.sizes, args.exact_max, args.n_components = [300], 300, 64
+            args.n_test, args.outer_folds = 100, 2
+            info = {"source": "synthetic (quick)"}
+        else:
+            X, table, info = scaling_data.real_features(args.data, args.cache or scratch / "cache")
+        rows = []
+        if not args.skip_accuracy:
+            rows += accuracy_real(X, table, args)
+        rows += size_rows(X, table, args, scratch, rows)
+    extraction = {f"extraction_{k}": v for k, v in info.items() if k != "source"}
+    rows = [{**row, "real_source": info.get("source"), **extraction} for row in rows]
+    path = common.write_results(rows, NAME, args.out)
+    partial = Path(args.out) / f"{NAME}_partial.csv"
+    partial.unlink(missing_ok=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
