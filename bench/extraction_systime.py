@@ -121,7 +121,7 @@ def main() -> None:
                                      layer, weights, workers, threads, batch, env)
                 cpu = result["user_s"] + result["sys_s"]
                 rows.append({
-                    "setting": name, "backbone": backbone, "source": source, "n_samples": n,
+                    "benchmark": NAME, "setting": name, "backbone": backbone, "source": source, "n_samples": n,
                     "num_workers": workers, "threads": threads, "batch_size": batch,
                     "env": " ".join(f"{k}={v}" for k, v in env.items()),
                     "repeat": repeat, **result,

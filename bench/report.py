@@ -1,6 +1,7 @@
 """Markdown tables from bench/results/*.csv (what bench/README.md shows).
 
     python bench/report.py            # prints the tables
+    python bench/report.py --readme   # the tables of README.md's Performance section
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def extraction(results: Path) -> str:
         })
     text = _md(pd.DataFrame(out))
     acc = frame[frame["measurement"] == "svm_accuracy"]
+    separate = results / "extraction_bf16_accuracy.csv"  # the accuracy part run on its own
+    if not len(acc) and separate.is_file():
+        acc = pd.read_csv(separate)
     if len(acc):
         text += "\n\n" + _md(acc[["backbone", "precision", "n_images", "n_test", "images_per_s",
                                   "accuracy", "accuracy_diff_points"]])
@@ -115,27 +119,104 @@ def paper_grid(results: Path) -> str:
     return "\n\n".join([_md(rules), _md(totals)])
 
 
-def svm_scaling(results: Path) -> str:
-    frame = pd.read_csv(results / "svm_scaling.csv")
+def _scaling_frame(results: Path) -> pd.DataFrame:
+    files = sorted(f for f in results.glob("svm_scaling*.csv") if "partial" not in f.name)
+    if not files:
+        raise FileNotFoundError(2, "no svm_scaling*.csv", str(results / "svm_scaling.csv"))
+    frames = [pd.read_csv(f).assign(file=f"bench/results/{f.name}") for f in files]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _pick(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    return frame[[c for c in columns if c in frame.columns]]
+
+
+def svm_accuracy(results: Path) -> str:
+    frame = _scaling_frame(results)
     acc = frame[frame["measurement"] == "accuracy_real"]
-    size = frame[frame["measurement"] == "size"]
+    return _md(_pick(acc, ["solver", "n_train_rows", "n_test", "accuracy",
+                           "accuracy_diff_points", "diff_ci_lo_points", "diff_ci_hi_points",
+                           "n_predictions_differ", "fit_seconds", "load_avg_1m", "file"]))
+
+
+def svm_sizes(results: Path) -> str:
+    frame = _scaling_frame(results)
+    size = frame[frame["measurement"] == "size"].sort_values(["n_train_rows", "solver"])
+    return _md(_pick(size, ["n_train_rows", "solver", "grid", "process_seconds", "fit_seconds",
+                            "peak_rss_mib", "rss_with_data_mib", "accuracy", "kernel", "C",
+                            "load_avg_1m", "file"]))
+
+
+def svm_estimate(results: Path) -> str:
+    frame = _scaling_frame(results)
     parts = []
-    if len(acc):
-        parts.append(_md(acc[[c for c in ["solver", "n_train_rows", "n_test", "accuracy",
-                                          "accuracy_diff_points", "diff_ci_lo_points",
-                                          "diff_ci_hi_points", "fit_seconds", "selected",
-                                          "load_avg_1m"] if c in acc.columns]]))
-    if len(size):
-        parts.append(_md(size[["solver", "n_train_rows", "fit_seconds", "peak_rss_mib",
-                               "rss_with_data_mib", "accuracy", "kernel", "C", "solver_reason",
-                               "load_avg_1m"]]))
+    est = frame[frame["measurement"] == "estimate_8000_images"]
+    if len(est):
+        parts.append(_md(_pick(est, ["n_images", "n_train_rows", "validate_seconds",
+                                     "extract_seconds", "svm_seconds", "svm_solver",
+                                     "total_minutes", "file"])))
+    val = frame[frame["measurement"] == "validation_rate"]
+    if len(val):
+        parts.append(_md(_pick(val, ["n_images", "threads", "images_per_s", "load_avg_1m",
+                                     "file"])))
+    store = frame[frame["measurement"] == "feature_store"]
+    if len(store):
+        parts.append(_md(_pick(store, ["backbone", "layers", "n_rows",
+                                       "bytes_per_sample_matrix", "bytes_per_sample_index",
+                                       "gib_total", "source", "file"])))
     return "\n\n".join(parts)
+
+
+def svm_scaling(results: Path) -> str:
+    return "\n\n".join([svm_accuracy(results), svm_sizes(results), svm_estimate(results)])
 
 
 def systime(results: Path) -> str:
     frame = pd.read_csv(results / "extraction_systime.csv")
     return _md(frame[["setting", "n_samples", "samples_per_s", "user_s", "sys_s", "sys_share",
                       "faults_per_sample", "involuntary_switches", "load_avg_1m"]])
+
+
+def ceiling_targets(results: Path) -> str:
+    """Targets 1-4 against the run's own best-GEMM ceiling (README's Performance table)."""
+    frame = pd.read_csv(results / "extraction_ceiling.csv")
+    speed = frame[frame["measurement"] != "svm_accuracy"]
+    out = []
+    for backbone, rows in speed.groupby("backbone", sort=False):
+        by = rows.set_index("measurement")
+        get = lambda m, c: by[c].get(m, float("nan")) if c in by.columns else float("nan")  # noqa: E731
+        out.append({
+            "backbone": backbone,
+            "fp32 ceiling GFLOP/s (max)": get("ceiling", "matmul_gflops"),
+            "bf16 ceiling GFLOP/s (max)": get("ceiling", "ceiling_bf16_gflops"),
+            "1: extraction / fp32 ceiling": get("extraction", "fraction_of_ceiling"),
+            "model-only / fp32 ceiling": get("model_only", "fraction_of_ceiling"),
+            "2: extraction / naive": get("extraction", "speedup_vs_naive"),
+            "3: bf16 / fp32": get("extraction_bf16", "ratio"),
+            "bf16 / bf16 ceiling": get("extraction_bf16", "fraction_of_ceiling"),
+            "4: extraction / model-only": get("extraction", "ratio"),
+            "load": get("extraction", "load_avg_1m"),
+        })
+    return _md(pd.DataFrame(out)) + "\n\nSource: `bench/results/extraction_ceiling.csv`"
+
+
+#: The tables of README.md's Performance section, in order, each with the file it comes from.
+README_TABLES = [
+    ("Targets 1-4 against the measured ceiling", ceiling_targets),
+    ("Scalable vs exact SVM on real features", svm_accuracy),
+    ("SVM stage by training rows", svm_sizes),
+    ("8,000 images, composed estimate; feature store", svm_estimate),
+    ("Extraction user vs sys CPU", lambda r: systime(r)
+     + "\n\nSource: `bench/results/extraction_systime.csv`"),
+]
+
+
+def readme(results: Path) -> None:
+    for title, fn in README_TABLES:
+        try:
+            print(f"**{title}**\n\n{fn(results)}\n")
+        except FileNotFoundError as err:
+            print(f"**{title}**\n\n(missing: {err.filename})\n")
 
 
 def gpu_check(results: Path) -> str:
@@ -148,6 +229,9 @@ def gpu_check(results: Path) -> str:
 
 def main() -> None:
     results = common.RESULTS_DIR
+    if "--readme" in sys.argv[1:]:  # the tables of README.md's Performance section
+        readme(results)
+        return
     for title, fn in [("Extraction", extraction), ("Memory", memory), ("Fine-tuning", finetune),
                       ("Fine-tuning job", finetune_job),
                       ("Workflow", workflow), ("Paper grid, run", paper_grid),

@@ -11,7 +11,7 @@ accuracies describe the generator, not PBC).
    each, difference in points with a paired bootstrap 95 % CI over images.
 2. ``size``: ``fit_svm`` at 7k, 24k, 50k and 200k derived training rows, one child process per
    (solver, size) that memory-maps the rows from disk as the workflow's feature store does:
-   wall seconds, peak RSS (``ru_maxrss``) and RSS with the data loaded, the solver chosen and
+   wall seconds, peak RSS (``VmHWM`` of the child itself) and RSS with the data loaded, the solver chosen and
    the held-out accuracy on 2,000 derived rows from other pairs of images. The exact solver
    runs where its kernel matrix fits (``--exact-max``, default 7k rows); at 7k both run.
 
@@ -49,7 +49,11 @@ y = np.load(args["y"]); g = np.load(args["g"])
 Xt = np.load(args["Xt"]); yt = np.load(args["yt"])
 rows = np.arange(len(X))
 X_train = np.asarray(X[rows], dtype=np.float32)   # what load_features hands the SVM
-rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status(key):  # this process's own memory (ru_maxrss would keep the parent's across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+rss_data = status("VmRSS")
 started = time.perf_counter()
 grid = None if args["full_grid"] else {"kernel": ["linear", "rbf"], "C": [1.0]}
 pipeline, cv = fit_svm(X_train, y, g, grid, cv_folds=3, seed=0, n_jobs=args["threads"],
@@ -65,7 +69,7 @@ print("RESULT " + json.dumps({
     "accuracy": float((pred == yt).mean()), "solver": str(best["solver"]),
     "solver_reason": str(best["solver_reason"]), "kernel": str(best["kernel"]),
     "C": float(best["C"]), "cv_score": float(best.get("mean_test_score", float("nan"))),
-    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mib": status("VmHWM"),
     "rss_with_data_mib": rss_data}))
 """
 
@@ -173,6 +177,72 @@ def size_rows(X, table, args, scratch: Path, prior: list[dict]) -> list[dict]:
     return rows
 
 
+def store_rows(cache: Path, n_images: int = 100_000, views: int = 4) -> list[dict]:
+    """Bytes per sample of the feature store, measured on the real cached folder, and what a
+    ``n_images`` x ``views`` run writes per backbone (float32 rows + index lines)."""
+    from leukotype.backbones import BACKBONES
+
+    folder = Path(cache) / scaling_data.BACKBONE
+    n_rows = len(pd.read_csv(folder / "index.tsv", sep="\t"))
+    npy = (folder / "pool.npy").stat().st_size
+    index = (folder / "index.tsv").stat().st_size
+    rows = [{"measurement": "feature_store", "backbone": scaling_data.BACKBONE, "layers": "pool",
+             "n_rows": n_rows, "bytes_per_sample_matrix": npy / n_rows,
+             "bytes_per_sample_index": index / n_rows, "source": "measured (cached run)"}]
+    per_index = index / n_rows
+    for name, spec in BACKBONES.items():
+        if getattr(spec, "parts", None):
+            continue  # combined backbones reuse their parts' folders
+        dims = sum(spec.layers.values())
+        per_sample = 4 * dims + per_index
+        rows.append({"measurement": "feature_store", "backbone": name,
+                     "layers": "+".join(spec.layers), "n_rows": n_images * views,
+                     "bytes_per_sample_matrix": 4.0 * dims, "bytes_per_sample_index": per_index,
+                     "gib_total": per_sample * n_images * views / 2**30,
+                     "source": f"projected: {n_images} images x {views} views, float32, all layers"})
+    return rows
+
+
+def validation_rate(data: Path, threads: int = 2) -> dict:
+    """Images/s of the workflow's validation stage (decode + checks + md5) on the real images."""
+    from leukotype.config import task_from_dict
+    from leukotype.dataset import read_dataset
+    from leukotype.validate import validate_images
+
+    table = read_dataset(data)
+    task = task_from_dict({"name": "cells", "column": "label",
+                           "classes": sorted(table["label"].unique())})
+    load = common.load_avg()
+    started = time.perf_counter()
+    validated = validate_images(table, [task], threads=threads)
+    seconds = time.perf_counter() - started
+    return {"measurement": "validation_rate", "n_images": len(validated),
+            "n_ok": int((validated["status"] == "ok").sum()), "threads": threads,
+            "seconds": seconds, "images_per_s": len(validated) / seconds, "load_avg_1m": load}
+
+
+def estimate_8000(rows: list[dict], extraction: dict) -> dict | None:
+    """The features_svm path for 8,000 images (1,000 per class, 75/25 hold-out, rotations:
+    6,000 x 4 training rows + 2,000 test rows = 26,000 extracted samples), COMPOSED from rates
+    measured here: validation images/s, extraction samples/s of the cached real run, and the
+    SVM stage at 24,000 rows. An estimate, not a run of that size (the images do not exist)."""
+    val = next((r for r in rows if r["measurement"] == "validation_rate"), None)
+    svm = [r for r in rows if r["measurement"] == "size" and r["n_train_rows"] == 24000]
+    if val is None or not svm or not extraction.get("samples_per_s"):
+        return None
+    chosen = min(svm, key=lambda r: r["process_seconds"])  # the solver auto picks at 8 GB
+    validate_s = 8000 / val["images_per_s"]
+    extract_s = 26000 / extraction["samples_per_s"]
+    svm_s = chosen["process_seconds"]
+    return {"measurement": "estimate_8000_images", "n_images": 8000, "n_train_rows": 24000,
+            "validate_seconds": validate_s, "extract_seconds": extract_s,
+            "svm_seconds": svm_s, "svm_solver": chosen["solver"],
+            "total_minutes": (validate_s + extract_s + svm_s) / 60,
+            "note": "estimate composed of measured rates (validation, extraction of the cached "
+                    "real run, SVM job at 24k derived rows incl. process start); evaluate and "
+                    "tables not included (seconds)"}
+
+
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[7000, 24000, 50000, 200000])
@@ -186,6 +256,10 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--outer-folds", type=int, default=4)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an earlier svm_scaling CSV whose 24k-row SVM time the estimate uses")
+    parser.add_argument("--tag", default="",
+                        help="results go to svm_scaling<tag>.csv (e.g. _large for a second run)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder for the real features (reused when present)")
     parser.set_defaults(threads=1)
@@ -208,12 +282,23 @@ def main() -> None:
         else:
             X, table, info = scaling_data.real_features(args.data, args.cache or scratch / "cache")
         rows = []
+        if not args.quick and args.skip_accuracy:  # the second (large) run adds these
+            rows += store_rows(args.cache or scratch / "cache")
+            rows.append(validation_rate(args.data))
         if not args.skip_accuracy:
             rows += accuracy_real(X, table, args)
         rows += size_rows(X, table, args, scratch, rows)
     extraction = {f"extraction_{k}": v for k, v in info.items() if k != "source"}
-    rows = [{**row, "real_source": info.get("source"), **extraction} for row in rows]
-    path = common.write_results(rows, NAME, args.out)
+    known = list(rows)
+    if args.reference:  # the 24k-row SVM rows of an earlier run (e.g. svm_scaling.csv)
+        known += [r for r in pd.read_csv(args.reference).to_dict("records")
+                  if r.get("measurement") == "size"]
+    estimate = estimate_8000(known, info)
+    if estimate:
+        rows.append(estimate)
+    rows = [{"benchmark": NAME, **row, "real_source": info.get("source"), **extraction}
+            for row in rows]
+    path = common.write_results(rows, NAME + args.tag, args.out)
     partial = Path(args.out) / f"{NAME}_partial.csv"
     partial.unlink(missing_ok=True)
     print(f"wrote {path}")

@@ -163,3 +163,46 @@ def test_svm_search_quick(tmp_path: Path) -> None:
     # the shared-Gram search is GridSearchCV's search: same choice, same scores, same predictions
     assert bool(row["same_choice"]) and row["max_cv_score_diff"] == 0.0
     assert row["prediction_agreement"] == 1.0
+
+
+def test_svm_scaling_quick(tmp_path: Path) -> None:
+    frame = run_quick("svm_scaling", tmp_path)
+    accuracy = frame[frame["measurement"] == "accuracy_real"].set_index("solver")
+    assert set(accuracy.index) == {"exact", "scalable"}
+    assert accuracy["accuracy"].between(0, 1).all()
+    assert np.isclose(accuracy.loc["scalable", "accuracy_diff_points"],
+                      100 * (accuracy.loc["scalable", "accuracy"] - accuracy.loc["exact", "accuracy"]))
+    size = frame[frame["measurement"] == "size"].set_index("solver")
+    assert set(size.index) == {"exact", "scalable"}  # the quick size runs both solvers
+    assert (size["peak_rss_mib"] >= size["rss_with_data_mib"]).all()
+    assert (size["fit_seconds"] > 0).all() and size["accuracy"].between(0, 1).all()
+    assert size.loc["scalable", "solver_reason"].startswith("svm.solver: scalable")
+
+
+def test_extraction_systime_quick(tmp_path: Path, pbc: Path) -> None:
+    frame = run_quick("extraction_systime", tmp_path, pbc)
+    assert list(frame["num_workers"]) == [1, 0]
+    assert (frame["user_s"] > 0).all() and (frame["sys_s"] >= 0).all()
+    assert np.allclose(frame["sys_share"], frame["sys_s"] / (frame["user_s"] + frame["sys_s"]))
+    assert (frame["minor_faults"] > 0).all()
+
+
+def test_gpu_check_dry_run(tmp_path: Path, pbc: Path) -> None:
+    """The GPU script's CPU mode: the same code paths, tiny, against the CPU itself."""
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run",
+                           "--threads", "1", "--out", str(tmp_path), "--data", str(pbc)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    frame = pd.read_csv(tmp_path / "gpu_check.csv")
+    assert MACHINE_COLUMNS <= set(frame.columns) and frame["dry_run"].all()
+    features = frame[frame["measurement"] == "features"]
+    assert set(features["precision"]) == {"fp32", "bf16"} and len(features) == 4
+    fp32 = features[features["precision"] == "fp32"]
+    assert (fp32["max_rel_diff"] == 0).all()  # the CPU against itself: identical features
+    assert (features[features["precision"] == "bf16"]["max_rel_diff"] < 0.1).all()
+    resume = frame[frame["measurement"] == "finetune_resume"].iloc[0]
+    assert bool(resume["ok"]) and resume["resumed_from_epoch"] == 1
+    assert resume["train_loss_abs_diff"] < 1e-5  # resumed == uninterrupted on the CPU
+    svm = frame[frame["measurement"] == "scalable_svm"].iloc[0]
+    assert svm["solver"] == "scalable" and svm["accuracy_diff_points"] == 0
+    assert (frame["measurement"] == "gpu_memory").sum() == 1

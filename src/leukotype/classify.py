@@ -86,10 +86,10 @@ def gram_fits(n_samples: int, gram_mb: float) -> bool:
     return n_samples * n_samples * 8 <= gram_mb * 2**20
 
 
-#: ``svm.solver`` values. ``exact``: libsvm's kernel SVM (:class:`GramSVC`); ``scalable``: a
-#: primal linear SVM, on the features (linear kernel) or on a Nystroem approximation of the
-#: kernel (rbf) (:class:`ScalableSVC`); ``auto``: exact while the training kernel matrix fits
-#: the kernel-memory budget, scalable above it.
+#: ``svm.solver`` values. ``exact``: libsvm's kernel SVM (:class:`GramSVC`); ``scalable``:
+#: liblinear's linear SVMs on the features (linear kernel) or on a Nystroem approximation of
+#: the kernel (rbf) (:class:`ScalableSVC`), memory linear in the rows; ``auto``: exact while the
+#: training kernel matrix fits the kernel-memory budget, scalable above it.
 SOLVERS = ("auto", "exact", "scalable")
 #: Share of the job's memory one (training x training) kernel matrix may take. The exact search
 #: holds about two of them (the linear Gram matrix and one candidate's kernel) next to the
@@ -127,7 +127,7 @@ def choose_solver(solver: str, n_rows: int, gram_mb: float) -> tuple[str, str]:
         return solver, f"svm.solver: {solver} ({sizes})"
     if gram_fits(n_rows, gram_mb):
         return "exact", f"auto: {sizes}, fits -> exact kernel SVM"
-    return "scalable", f"auto: {sizes}, above it -> scalable (primal linear / Nystroem)"
+    return "scalable", f"auto: {sizes}, above it -> scalable (liblinear / Nystroem)"
 
 
 def resolve_gamma(gamma: str | float, X: np.ndarray) -> float:
