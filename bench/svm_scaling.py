@@ -56,6 +56,8 @@ def status(key):  # this process's own memory (ru_maxrss would keep the parent's
 rss_data = status("VmRSS")
 started = time.perf_counter()
 grid = None if args["full_grid"] else {"kernel": ["linear", "rbf"], "C": [1.0]}
+if args["single"]:  # one fit, no search: time and memory of the solver itself
+    grid = {"kernel": [args["single"]], "C": [1.0]}
 pipeline, cv = fit_svm(X_train, y, g, grid, cv_folds=3, seed=0, n_jobs=args["threads"],
                        gram_mb=kernel_budget_mb(args["mem_mb"]), solver=args["solver"],
                        n_components=args["n_components"])
@@ -147,7 +149,8 @@ def size_rows(X, table, args, scratch: Path, prior: list[dict]) -> list[dict]:
                      "yt": str(scratch / "yt.npy"), "solver": solver,
                      "threads": args.threads, "mem_mb": args.mem_mb,
                      "n_components": args.n_components,
-                     "full_grid": n <= args.full_grid_max}
+                     "full_grid": n <= args.full_grid_max,
+                     "single": args.single_kernel if n > args.single_above else ""}
             env = {**os.environ}
             env.setdefault("PYTHONPATH", str(common.REPO_ROOT / "src"))
             load = common.load_avg()
@@ -164,8 +167,9 @@ def size_rows(X, table, args, scratch: Path, prior: list[dict]) -> list[dict]:
                          "data": "derived from the real rows (bench/scaling_data.py generator)",
                          "n_train_rows": n, "n_features": X.shape[1], "mem_mb": args.mem_mb,
                          "n_components": args.n_components, "threads": args.threads,
-                         "grid": "default (linear+rbf x C 0.1,1,10)" if child["full_grid"]
-                         else "linear+rbf x C 1 (--full-grid-max)",
+                         "grid": (f"one fit, {child['single']} C=1, no search" if child["single"]
+                                  else "default (linear+rbf x C 0.1,1,10)" if child["full_grid"]
+                                  else "linear+rbf x C 1 (--full-grid-max)"),
                          "process_seconds": wall, **result,
                          "bytes_per_row_data": X.shape[1] * 4,
                          "load_avg_1m": load, "load_avg_1m_after": common.load_avg()})
@@ -173,7 +177,7 @@ def size_rows(X, table, args, scratch: Path, prior: list[dict]) -> list[dict]:
                   f"{result['peak_rss_mib']:7.0f} MiB (data {result['rss_with_data_mib']:.0f})  "
                   f"accuracy {result['accuracy']:.4f}  {result['kernel']}/C={result['C']:g}  "
                   f"load {load}", flush=True)
-            common.write_results(prior + rows, NAME + "_partial", args.out)  # survive a kill
+            common.write_results(prior + rows, NAME + args.tag + "_partial", args.out)  # if killed
     return rows
 
 
@@ -250,6 +254,9 @@ def main() -> None:
                         help="largest size the exact solver is run at")
     parser.add_argument("--full-grid-max", type=int, default=10**9,
                         help="above this size search only C=1 (linear and rbf)")
+    parser.add_argument("--single-above", type=int, default=10**9,
+                        help="above this size fit one setting (--single-kernel, C=1), no search")
+    parser.add_argument("--single-kernel", default="linear", choices=["linear", "rbf"])
     parser.add_argument("--mem-mb", type=int, default=8000,
                         help="the train_svm job's mem_mb (compute.mem_mb_svm default)")
     parser.add_argument("--n-components", type=int, default=1024)
@@ -282,7 +289,7 @@ def main() -> None:
         else:
             X, table, info = scaling_data.real_features(args.data, args.cache or scratch / "cache")
         rows = []
-        if not args.quick and args.skip_accuracy:  # the second (large) run adds these
+        if not args.quick and args.skip_accuracy and not args.tag:  # the size run adds these
             rows += store_rows(args.cache or scratch / "cache")
             rows.append(validation_rate(args.data))
         if not args.skip_accuracy:
@@ -299,7 +306,7 @@ def main() -> None:
     rows = [{"benchmark": NAME, **row, "real_source": info.get("source"), **extraction}
             for row in rows]
     path = common.write_results(rows, NAME + args.tag, args.out)
-    partial = Path(args.out) / f"{NAME}_partial.csv"
+    partial = Path(args.out) / f"{NAME}{args.tag}_partial.csv"
     partial.unlink(missing_ok=True)
     print(f"wrote {path}")
 
