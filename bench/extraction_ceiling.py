@@ -135,12 +135,15 @@ def bench_backbone(
         return record
 
     with common.torch_threads(threads):
-        monitor = common.RateMonitor(lambda: common.ceiling_gflops(threads)[0])
+        # --quick: one small shape, one short burst (a smoke test, not a ceiling)
+        sizes = ({"shapes": ((256, 256, 256),), "repeats": 1, "seconds": 0.02} if args.quick
+                 else {})
+        monitor = common.RateMonitor(lambda: common.ceiling_gflops(threads, **sizes)[0])
         monitor.sample()
         bf16_monitor = None
         if not args.skip_bf16 and common.native_bf16():
             bf16_monitor = common.RateMonitor(
-                lambda: common.ceiling_gflops(threads, torch.bfloat16)[0])
+                lambda: common.ceiling_gflops(threads, torch.bfloat16, **sizes)[0])
         build_s = common.best_of(lambda: build_model(spec, None, seed=0), 1)
         model = build_model(spec, None, seed=0).eval()
         extractor = FeatureExtractor(spec, model, [layer]).eval()
