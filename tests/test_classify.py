@@ -438,3 +438,16 @@ def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
     assert chosen[0.001]["solver"] == "scalable" and chosen[0.001]["kernel_budget_mb"] == 0.0
     assert "budget 0 MiB" in chosen[0.001]["solver_reason"]
     assert chosen[0.001]["n_components"] == 32 and chosen[0.001]["kernel"] in ("linear", "rbf")
+    # evaluate writes the choice into metrics.json
+    import json
+
+    from leukotype.stages import run_evaluate
+
+    out = tmp_path / "0.001"
+    run_evaluate(out / "predictions.tsv", tmp_path / "samples.tsv", task,
+                 {"task": "t", "strategy": "features_svm", "backbone": "b", "layer": "pool",
+                  "fold": "holdout"}, {"n_bootstrap": 20, "seed": 0}, out / "metrics.json",
+                 out / "confusion.csv", out / "confusion.png", cv_results=out / "cv.tsv")
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["classifier"]["solver"] == "scalable"
+    assert record["classifier"]["solver_reason"] == chosen[0.001]["solver_reason"]
