@@ -424,30 +424,31 @@ def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
     write_tsv(samples, tmp_path / "samples.tsv")
     task = {"name": "t", "column": "label", "classes": ["a", "b", "c", "d"]}
     svm_cfg = {"C": [1.0], "kernel": ["linear", "rbf"], "gamma": ["scale"], "cv_folds": 2,
-               "class_weight": None, "solver": "auto", "kernel_memory_fraction": 0.5,
+               "class_weight": None, "solver": "auto", "kernel_memory_fraction": 2e-5,
                "n_components": 32}
     chosen = {}
-    for memory_mb in (8000, 0.001):  # 120 training rows: a 0.11 MiB kernel matrix
+    # 120 training rows: a 0.11 MiB kernel matrix; budgets 0.16 MiB (8000 MB) and 0.04 MiB
+    for memory_mb in (8000, 2000):
         out = tmp_path / str(memory_mb)
         predictions = run_svm(tmp_path / "samples.tsv", task, "holdout", [tmp_path / "features"],
                               "pool", svm_cfg, out / "svm.skops", out / "predictions.tsv",
                               out / "cv.tsv", memory_mb=memory_mb)
         assert len(predictions) == test_image.sum() // 2  # identity rows of the test images
         chosen[memory_mb] = svm_choice(read_tsv(out / "cv.tsv"))
-    assert chosen[8000]["solver"] == "exact" and chosen[8000]["kernel_budget_mb"] == 4000
-    assert chosen[0.001]["solver"] == "scalable" and chosen[0.001]["kernel_budget_mb"] == 0.0
-    assert "budget 0 MiB" in chosen[0.001]["solver_reason"]
-    assert chosen[0.001]["n_components"] == 32 and chosen[0.001]["kernel"] in ("linear", "rbf")
+    assert chosen[8000]["solver"] == "exact" and chosen[8000]["kernel_budget_mb"] == 0.2
+    assert chosen[2000]["solver"] == "scalable" and chosen[2000]["kernel_budget_mb"] == 0.0
+    assert "budget 0 MiB" in chosen[2000]["solver_reason"]
+    assert chosen[2000]["n_components"] == 32 and chosen[2000]["kernel"] in ("linear", "rbf")
     # evaluate writes the choice into metrics.json
     import json
 
     from leukotype.stages import run_evaluate
 
-    out = tmp_path / "0.001"
+    out = tmp_path / "2000"
     run_evaluate(out / "predictions.tsv", tmp_path / "samples.tsv", task,
                  {"task": "t", "strategy": "features_svm", "backbone": "b", "layer": "pool",
                   "fold": "holdout"}, {"n_bootstrap": 20, "seed": 0}, out / "metrics.json",
                  out / "confusion.csv", out / "confusion.png", cv_results=out / "cv.tsv")
     record = json.loads((out / "metrics.json").read_text())
     assert record["classifier"]["solver"] == "scalable"
-    assert record["classifier"]["solver_reason"] == chosen[0.001]["solver_reason"]
+    assert record["classifier"]["solver_reason"] == chosen[2000]["solver_reason"]
