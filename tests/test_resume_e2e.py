@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -136,11 +135,11 @@ def _reference_model(workdir: Path, fold: str, tmp: Path) -> dict:
     import torch
 
     from leukotype.config import finetune_settings
-    from leukotype.stages import run_finetune
+    from leukotype.stages import FinetuneOutputs, run_finetune
 
     cfg = _validated()
     out = tmp / f"reference_{fold}"
-    outputs = SimpleNamespace(model=out / "model.pt", history=out / "history.tsv", curve=out / "curve.png",
+    outputs = FinetuneOutputs(model=out / "model.pt", history=out / "history.tsv", curve=out / "curve.png",
                               predictions=out / "predictions.tsv", features=out / "features")
     run_finetune(workdir / "results/data/samples/cellular.tsv", workdir / "results/data/validated.tsv",
                  cfg["tasks"][0], "paper_cnn", fold, "none", None, finetune_settings(cfg, "paper_cnn"),
