@@ -186,6 +186,9 @@ def job_part(args, weights, scratch: Path) -> Path:
         })
     two, one = outcomes["two_pass"], outcomes["one_pass"]
     rows[-1].update({
+        # samples of the parts' batches that are not batches of the whole job run again
+        # (finetune.job.fold_activations), so that every value equals the two-pass path's
+        "repeated_samples": one["frozen_samples"] - n_samples,
         "baseline": "two_pass",
         "ratio": two["seconds"] / one["seconds"],
         "seconds_saved": two["seconds"] - one["seconds"],
@@ -209,7 +212,7 @@ def job_part(args, weights, scratch: Path) -> Path:
         })
     path = common.write_results(rows, JOB_NAME, args.out)
     common.print_table(rows, ["backbone", "measurement", "n_job_samples", "seconds",
-                              "cache_seconds", "frozen_samples", "ratio", "bit_identical",
+                              "cache_seconds", "frozen_samples", "repeated_samples", "ratio", "bit_identical",
                               "bytes_per_sample", "gb_full_pbc_rotations",
                               "seconds_saved_per_sample_per_job"])
     print(f"wrote {path}")

@@ -23,8 +23,9 @@ extracted under every transform (identity + 3 rotations = 4 samples per image, p
 a task's training part is 75 % (hold-out) or 80 % (5-fold) of its images x 4 transforms, its test
 part the rest at identity. Every task is assumed to use all images (an upper bound). Fine-tuning
 with policy ``head`` is costed two ways: reusing the extracted features (what the workflow does
-when ``finetune_reuses_features``), and running the trunk itself (cache pass over the training
-samples + prediction pass over the test samples + feature pass over all samples of the fold).
+when ``finetune_reuses_features``), and running the trunk itself (one pass over every sample of
+the fold, ``leukotype.finetune.finetune_fold``: training, predictions and features then read
+those activations).
 
     python bench/grid_estimate.py                 # 633 images; 10k and 100k extrapolated
     python bench/grid_estimate.py --quick
@@ -196,7 +197,7 @@ def grid_jobs(cfg: dict, n_images: int, kfold: bool) -> list[dict]:
                      "samples": n_train * EPOCHS, "unit": f"head_epoch/{dim}", "variant": "reuse"})
         jobs.append({"job": f"finetune/{b} (runs trunk)", "count": count,
                      "samples": n_train * EPOCHS, "unit": f"head_epoch/{dim}",
-                     "extra_samples": n_train + n_test + (n_train + n_test), "extra_unit": f"trunk/{b}",
+                     "extra_samples": n_train + n_test, "extra_unit": f"trunk/{b}",
                      "variant": "trunk"})
     svm_runs = [r for r in runs if r.strategy in ("features_svm", "finetune_svm")]
     dims: dict[int, int] = {}

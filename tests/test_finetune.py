@@ -761,16 +761,22 @@ def test_run_finetune_checks_a_user_weight_files_sha256(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ one job, one pass
 
 
-def fold_of_cells(root: Path, classes: list[str]):
-    """5 training images x 3 transforms, 1 validation image x 2, 2 test images (identity)."""
+def fold_of_cells(root: Path, classes: list[str], n_train: int = 5, n_val: int = 1, n_test: int = 2):
+    """Training images x 3 transforms, validation images x 2, test images (identity)."""
     from leukotype.finetune import FoldSamples
 
-    cells = write_cells(root, n_per_class=4)
-    train = cells.iloc[[0, 1, 4, 5, 6]]
+    cells = write_cells(root, n_per_class=(n_train + n_val + n_test + 1) // 2)
+    order = [i for pair in zip(range(len(cells) // 2), range(len(cells) // 2, len(cells))) for i in pair]
+    train = cells.iloc[order[:n_train]]
     train = pd.concat([train.assign(transform=t) for t in ("identity", "rot90", "rot180")])
-    val = pd.concat([cells.iloc[[2]].assign(transform=t) for t in ("identity", "flip_h")])
-    test = cells.iloc[[3, 7]].assign(transform="identity")
-    return FoldSamples(*(Samples.from_frame(part, classes) for part in (train, val, test)))
+    val = cells.iloc[order[n_train : n_train + n_val]]
+    val = pd.concat([val.assign(transform=t) for t in ("identity", "flip_h")])
+    test = cells.iloc[order[n_train + n_val : n_train + n_val + n_test]].assign(transform="identity")
+    return FoldSamples(
+        train=Samples.from_frame(train, classes),
+        val=Samples.from_frame(val, classes) if n_val else None,
+        test=Samples.from_frame(test, classes),
+    )
 
 
 def small_input(size: int):
@@ -779,19 +785,37 @@ def small_input(size: int):
     return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-@pytest.mark.parametrize("backbone", ["toy", "efficientnet_lite0"])
+@pytest.mark.parametrize(
+    ("backbone", "batch_size", "n_val", "repeated"),
+    [
+        # batches of 4 over the job's 19 samples (0-3, ..., 16-18): the training part's last
+        # batch (12-14), the validation (15-16) and the test part (17-18) are not among them
+        ("toy", 4, 1, 3 + 2 + 2),
+        # batches of 16 over 32 samples: rows 16-31 mix training (16-29) and test (30-31)
+        # samples; at 64 px this CPU's kernels give other bits for a batch of 16 than of 14
+        ("efficientnet_lite0", 16, 0, 14 + 2),
+    ],
+)
 def test_fold_job_runs_the_frozen_layers_once_with_the_two_pass_results(
-    tmp_path: Path, backbone: str
+    tmp_path: Path, backbone: str, batch_size: int, n_val: int, repeated: int
 ) -> None:
-    """Frozen layers once per sample of the job; model, predictions and features bit-identical
-    to training then predicting and extracting from the images again."""
+    """Frozen layers once per sample of the job (plus the samples of a part's batches that are
+    not the job's); model, predictions and features bit-identical to training, then predicting
+    and extracting from the images again."""
     from leukotype.finetune import build_finetune_model, finetune_fold
     from leukotype.finetune.job import finetune_fold_from_images
 
     classes = ["a", "b", "c"]  # N_CLASSES outputs; no image is a "c"
-    fold = fold_of_cells(tmp_path, classes)
-    config = cfg(policy="last_block", epochs=2, batch_size=4, lr=0.01, early_stopping_patience=2)
-    n_train, n_val, n_test = len(fold.train), len(fold.val), len(fold.test)
+    fold = fold_of_cells(tmp_path, classes, n_train=5 if n_val else 10, n_val=n_val)
+    config = cfg(
+        policy="last_block",
+        epochs=2,
+        batch_size=batch_size,
+        lr=0.01,
+        early_stopping_patience=2 if n_val else None,
+    )
+    n_train, n_test = len(fold.train), len(fold.test)
+    n_val = len(fold.val) if fold.val is not None else 0
     jobs, calls = {}, {}
     for name, job in (("one_pass", finetune_fold), ("two_pass", finetune_fold_from_images)):
         if backbone == "toy":
@@ -807,10 +831,8 @@ def test_fold_job_runs_the_frozen_layers_once_with_the_two_pass_results(
         model.frozen.register_forward_hook(count)
         jobs[name] = job(model, preprocess, fold, classes, config, checkpoint_dir=tmp_path / name)
     one, two = jobs["one_pass"], jobs["two_pass"]
-    assert calls == {
-        "one_pass": n_train + n_val + n_test,
-        "two_pass": n_train + n_val + n_test + (n_train + n_val + n_test),  # train, predict, features
-    }
+    n_all = n_train + n_val + n_test
+    assert calls == {"one_pass": n_all + repeated, "two_pass": 2 * n_all}
     assert states_equal(one.train.model, two.train.model)
     pd.testing.assert_frame_equal(one.predictions, two.predictions, check_exact=True)
     assert one.features.shape == (n_train + n_val + n_test, one.train.model.head.in_features)
@@ -823,28 +845,35 @@ def test_fold_job_runs_the_frozen_layers_once_with_the_two_pass_results(
 
 
 def test_fold_activations_spill_to_memmaps_above_the_budget_and_are_reused(tmp_path: Path) -> None:
+    from leukotype.finetune import compute_activation_cache
     from leukotype.finetune.job import fold_activations
 
-    classes = ["a", "b"]
+    classes = ["a", "b", "c"]
     fold = fold_of_cells(tmp_path, classes)
     model, preprocess = toy_model("last_block"), small_input(8)
     runs = {"n": 0}
     model.frozen.register_forward_hook(lambda m, i, o: runs.__setitem__("n", runs["n"] + len(o)))
-    in_ram = fold_activations(model, preprocess, fold, cfg(policy="last_block"))
-    assert runs["n"] == len(fold.all())
-    assert not any(isinstance(c.array, np.memmap) for c in in_ram.values())
-    on_disk = fold_activations(
-        model, preprocess, fold, cfg(policy="last_block", fast_path_memory_mb=0), cache_dir=tmp_path / "c"
-    )
-    assert all(isinstance(c.array, np.memmap) for c in on_disk.values())
+    config = cfg(policy="last_block", batch_size=4)
+    in_ram = fold_activations(model, preprocess, fold, config)
+    # each part's rows are what that part alone gives in its own batches, bit for bit
+    for name, part in fold.parts().items():
+        alone = compute_activation_cache(
+            model, part.dataset(preprocess), len(part), batch_size=4, device=torch.device("cpu"),
+            precision="fp32", num_workers=0, memory_limit_bytes=2**30,
+        )
+        assert np.array_equal(in_ram[name].array, alone.array), name
+    runs["n"] = 0
+    on_disk_cfg = dataclasses.replace(config, fast_path_memory_mb=0)
+    on_disk = fold_activations(model, preprocess, fold, on_disk_cfg, cache_dir=tmp_path / "c")
+    assert runs["n"] == len(fold.all()) + 3 + len(fold.val) + len(fold.test)
+    assert not isinstance(in_ram["all"].array, np.memmap)
+    assert isinstance(on_disk["all"].array, np.memmap)
     assert sorted(p.name for p in (tmp_path / "c").glob("*.npy")) == [
-        "frozen_test.npy", "frozen_train.npy", "frozen_val.npy"
+        "frozen_all.npy", "frozen_repeated.npy"
     ]
-    for name in ("train", "val", "test"):
-        assert np.array_equal(in_ram[name].array, on_disk[name].array)
+    for name in ("all", "train", "val", "test"):
+        assert np.array_equal(in_ram[name].array, on_disk[name].array), name
     # a resumed job finds them: the frozen layers do not run again
     before = runs["n"]
-    again = fold_activations(
-        model, preprocess, fold, cfg(policy="last_block", fast_path_memory_mb=0), cache_dir=tmp_path / "c"
-    )
+    again = fold_activations(model, preprocess, fold, on_disk_cfg, cache_dir=tmp_path / "c")
     assert runs["n"] == before and np.array_equal(again["test"].array, in_ram["test"].array)

@@ -41,8 +41,52 @@ class ActivationCache:
     def __len__(self) -> int:
         return int(self.array.shape[0])
 
+    @property
+    def in_memory_bytes(self) -> int:
+        """RAM the rows take (0 for a memmap: the page cache holds them)."""
+        return 0 if isinstance(self.array, np.memmap) else int(self.array.nbytes)
+
     def take(self, index: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.array[index.numpy()]))
+
+
+class PatchedActivations(ActivationCache):
+    """Rows ``start:stop`` of ``base``, where ``patch_rows[i] >= 0`` takes row ``i`` from
+    ``patch`` instead (the same sample computed in another batch composition)."""
+
+    def __init__(
+        self,
+        base: ActivationCache,
+        start: int,
+        stop: int,
+        patch: ActivationCache | None = None,
+        patch_rows: np.ndarray | None = None,
+    ) -> None:
+        self.base, self.start, self.stop, self.patch = base, int(start), int(stop), patch
+        self.patch_rows = (
+            np.full(self.stop - self.start, -1, dtype=np.int64) if patch_rows is None else patch_rows
+        )
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def in_memory_bytes(self) -> int:
+        return 0  # a view: the base and the patch hold the rows
+
+    @property
+    def array(self) -> np.ndarray:  # type: ignore[override]
+        """The rows as one array (a copy)."""
+        return self.take(torch.arange(len(self))).numpy()
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        local = index.numpy()
+        rows = np.array(self.base.array[self.start + local])
+        patched = self.patch_rows[local]
+        chosen = patched >= 0
+        if chosen.any():
+            rows[chosen] = self.patch.array[patched[chosen]]
+        return torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def cache_files(cache_dir: Path, name: str) -> tuple[Path, Path]:
@@ -81,8 +125,12 @@ def compute_activation_cache(
     cache_dir: Path | None = None,
     name: str = "train",
     fingerprint: str = "",
+    batches: Sequence[torch.Tensor] | None = None,
 ) -> ActivationCache:
     """Run the frozen part once over ``data`` (in order) and store its float32 outputs.
+
+    ``batches`` (index tensors covering ``0..n-1``) sets the batch composition; by default
+    sequential batches of ``batch_size``.
 
     With ``cache_dir`` the outputs go to ``frozen_{name}.npy`` there (a memmap, written under a
     temporary name and renamed when complete, with a ``.json`` marker holding ``fingerprint``),
@@ -97,7 +145,9 @@ def compute_activation_cache(
     array: np.ndarray | None = None
     keepalive = target = None
     with contextlib.ExitStack() as stack, torch.inference_mode(), autocast(device, precision):
-        for x, index in sample_loader(data, sequential_batches(n, batch_size), num_workers):
+        if batches is None:
+            batches = sequential_batches(n, batch_size)
+        for x, index in sample_loader(data, batches, num_workers):
             h = model.trunk(to_device(x, device)).float().cpu().numpy()
             if array is None:
                 shape = (n, *h.shape[1:])

@@ -18,13 +18,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from leukotype.errors import LeukotypeError
 
-from leukotype.runtime import deterministic_algorithms, resolve_device, torch_threads
+from leukotype.runtime import (
+    deterministic_algorithms,
+    resolve_device,
+    sequential_batches,
+    torch_threads,
+)
 
-from .cache import ActivationCache, compute_activation_cache, inputs_fit_in_memory
+from .cache import (
+    ActivationCache,
+    PatchedActivations,
+    compute_activation_cache,
+    inputs_fit_in_memory,
+)
 from .checkpoint import run_fingerprint
 from .model import FinetuneModel
 from .outputs import (
@@ -71,7 +82,10 @@ def finetune_fold(
 
     The frozen part runs once per sample of the job (train, val, test, every transform):
     training, predictions and features all read those activations and run only the trainable
-    layers (:func:`fold_activations`). The results are bit-identical on CPU to
+    layers (:func:`fold_activations`; the samples of a part's batches that are not batches of
+    the whole job -- a part's last, partial batch; a validation or test part that does not
+    start on a batch boundary -- are computed a second time, so that every value is what the
+    two-pass path computes). The results are bit-identical on CPU to
     :func:`finetune_fold_from_images`, which is used instead where activations are not cached
     (``fast_path`` off; nothing frozen and the inputs above ``fast_path_memory_mb``).
     """
@@ -156,16 +170,38 @@ def fold_activations(
     *,
     cache_dir: Path | None = None,
 ) -> dict[str, ActivationCache]:
-    """The frozen part's output for every sample of the job, one cache per part.
+    """The frozen part's output for every sample of the job: ``all`` (every sample, train then
+    val then test) and one view per part (``train``, ``val``, ``test``).
 
-    Each part is run in its own sequential batches, as training and prediction from images
-    run it, so every value equals theirs bit for bit on CPU. The parts share one memory budget
-    (``fast_path_memory_mb``): a part that no longer fits in RAM stays a memmap. With
-    ``cache_dir`` (and a frozen part) the caches are files there, fingerprinted, so a resumed
-    job reuses them; nothing-frozen caches (the inputs) stay in RAM.
+    A frozen layer's output for a sample can depend, in its last bits, on the other samples of
+    its batch (CPU kernels pick their blocking by batch size). ``all`` is computed in the
+    sequential batches that a full forward over every sample uses (the fine-tuned features');
+    each part's view holds what its own sequential batches give (training, validation and
+    predictions run over their part alone): where a part's batch is also a batch of ``all`` its
+    rows are shared, and only the samples of the other batches (a part's last, partial batch,
+    and a part that starts off a batch boundary) are computed a second time. So every value
+    equals the two-pass path's bit for bit on CPU.
+
+    Caches share one memory budget (``fast_path_memory_mb``): above it they stay memmaps. With
+    ``cache_dir`` (and a frozen part) they are files there, fingerprinted, so a resumed job
+    reuses them; nothing-frozen caches (the inputs) stay in RAM.
     """
     device = resolve_device(cfg.device)
-    val = samples.val if samples.val is not None and len(samples.val) else None
+    parts = {name: part for name, part in samples.parts().items() if len(part)}
+    every = Samples.concat(list(parts.values()))
+    n, batch_size = len(every), cfg.batch_size
+    bounds, start = {}, 0
+    for name, part in parts.items():
+        bounds[name] = (start, start + len(part))
+        start += len(part)
+    # Batches of a part that are not batches of the whole: computed again, in that composition.
+    repeated = []
+    for lo, hi in bounds.values():
+        for batch in sequential_batches(hi - lo, batch_size):
+            first, stop = lo + int(batch[0]), lo + int(batch[-1]) + 1
+            if not (first % batch_size == 0 and stop == min(first + batch_size, n)):
+                repeated.append(batch + lo)
+    val = samples.val if "val" in parts else None
     key = digest(
         [
             run_fingerprint(
@@ -178,29 +214,42 @@ def fold_activations(
             samples.test.key(),
         ]
     )
-    budget = cfg.memory_limit_bytes
-    caches: dict[str, ActivationCache] = {}
+    common = dict(
+        batch_size=batch_size,
+        device=device,
+        precision=cfg.precision,
+        num_workers=cfg.num_workers,
+        cache_dir=cache_dir if model.has_frozen_part else None,
+        fingerprint=key,
+    )
     with torch_threads(cfg.threads), deterministic_algorithms(device):
         model.to(device)
-        for name, part in samples.parts().items():
-            if not len(part):
-                continue
-            caches[name] = compute_activation_cache(
+        whole = compute_activation_cache(
+            model,
+            every.dataset(preprocess),
+            n,
+            memory_limit_bytes=cfg.memory_limit_bytes,
+            name="all",
+            **common,
+        )
+        patch, patch_rows = None, np.full(n, -1, dtype=np.int64)
+        if repeated:
+            rows = torch.cat(repeated)
+            offsets = np.cumsum([0] + [len(b) for b in repeated])
+            patch = compute_activation_cache(
                 model,
-                part.dataset(preprocess),
-                len(part),
-                batch_size=cfg.batch_size,
-                device=device,
-                precision=cfg.precision,
-                num_workers=cfg.num_workers,
-                memory_limit_bytes=budget,
-                cache_dir=cache_dir if model.has_frozen_part else None,
-                name=name,
-                fingerprint=key,
+                every.take(rows.tolist()).dataset(preprocess),
+                len(rows),
+                memory_limit_bytes=max(cfg.memory_limit_bytes - whole.in_memory_bytes, 0),
+                name="repeated",
+                batches=[torch.arange(offsets[k], offsets[k + 1]) for k in range(len(repeated))],
+                **common,
             )
-            if not isinstance(caches[name].array, np.memmap):
-                budget = max(budget - caches[name].array.nbytes, 0)
-    return caches
+            patch_rows[rows.numpy()] = np.arange(len(rows))
+    views: dict[str, ActivationCache] = {"all": whole}
+    for name, (lo, hi) in bounds.items():
+        views[name] = PatchedActivations(whole, lo, hi, patch, patch_rows[lo:hi])
+    return views
 
 
 def _outputs_from_activations(
@@ -217,13 +266,10 @@ def _outputs_from_activations(
     common = {"batch_size": cfg.batch_size, "device": cfg.device, "precision": precision}
     with torch_threads(cfg.threads):
         logits = collect_from_activations(
-            model.logits_from_trunk, model, [activations["test"]], **common
+            model.logits_from_trunk, model, activations["test"], **common
         )
         features = collect_from_activations(
-            model.features_from_trunk,
-            model,
-            [activations[name] for name in samples.parts() if name in activations],
-            **common,
+            model.features_from_trunk, model, activations["all"], **common
         )
     every = samples.all()
     predictions = prediction_frame(samples.test, softmax(logits), classes)
@@ -275,7 +321,7 @@ def train_head_on_features(
     logits = collect_from_activations(
         head_only.logits_from_trunk,
         head_only,
-        [stored(samples.test)],
+        stored(samples.test),
         batch_size=cfg.batch_size,
         device=cfg.device,
         precision="fp32",

@@ -193,36 +193,28 @@ def load_finetuned(model: nn.Module, path: str | Path) -> nn.Module:
 def collect_from_activations(
     fn: Callable[[torch.Tensor], torch.Tensor],
     model: nn.Module,
-    caches: Sequence[Any],
+    activations: Any,
     *,
     batch_size: int,
     device: str | torch.device,
     precision: str,
 ) -> np.ndarray:
-    """``fn`` over the rows of ``caches`` (``ActivationCache``s, one after the other) in order.
+    """``fn`` over the rows of ``activations`` (an ``ActivationCache``) in order.
 
-    The same batches as :func:`collect` over the concatenated samples, so the trainable layers
-    see the same inputs in the same batch composition as a full forward over those samples.
+    The same sequential batches as :func:`collect` over those samples, so the trainable layers
+    see the same inputs in the same batch composition as a full forward over them.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    arrays = [cache.array for cache in caches]
-    starts = np.cumsum([0] + [len(a) for a in arrays])
-    n = int(starts[-1])
+    n = len(activations)
     model.to(device).eval()
     out: np.ndarray | None = None
     with torch.inference_mode(), autocast(device, precision):
         for index in sequential_batches(n, batch_size):
-            lo, hi = int(index[0]), int(index[-1]) + 1
-            pieces = [
-                arrays[k][max(lo - starts[k], 0) : min(hi - starts[k], len(arrays[k]))]
-                for k in range(len(arrays))
-                if starts[k] < hi and starts[k + 1] > lo
-            ]
-            h = torch.from_numpy(np.ascontiguousarray(np.concatenate(pieces)))
-            y = fn(h.to(device, non_blocking=True)).float().cpu().numpy()
+            h = activations.take(index).to(device, non_blocking=True)
+            y = fn(h).float().cpu().numpy()
             if out is None:
                 out = np.empty((n, *y.shape[1:]), dtype=np.float32)
-            out[lo:hi] = y
+            out[index.numpy()] = y
     if out is None:
         raise LeukotypeError("no samples to run the model on")
     return out

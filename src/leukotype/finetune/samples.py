@@ -78,6 +78,15 @@ class Samples:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def take(self, rows: Sequence[int]) -> Samples:
+        """The samples at ``rows``, in that order."""
+        return Samples(
+            image_ids=tuple(self.image_ids[i] for i in rows),
+            abspaths=tuple(self.abspaths[i] for i in rows),
+            transforms=tuple(self.transforms[i] for i in rows),
+            labels=tuple(self.labels[i] for i in rows) if self.labels is not None else None,
+        )
+
     def key(self) -> str:
         """Digest of the sample identities (paths and transforms, not labels)."""
         return digest({"paths": list(self.abspaths), "transforms": list(self.transforms)})
