@@ -1,9 +1,9 @@
 """Lossless geometric augmentation (90-degree rotations, reflections) and sample tables.
 
 A *sample* is an (image_id, transform) pair. Training parts are augmented with every
-configured transform (identity included); test parts are only ever seen as they are, so an
-augmented copy of a test image can never leak into training and test scores are not inflated
-by test-time augmentation.
+configured transform (identity included); test parts are seen as they are, unless test-time
+augmentation is switched on (``evaluation.tta``, leukotype.tta), where test images get the same
+views so their scores can be averaged. Test views never join a training part.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def _canonical_transforms(transforms: Sequence[str]) -> list[str]:
     return [name for name in TRANSFORMS if name in chosen]
 
 
-def augmented_samples(split_table: pd.DataFrame, transforms: Sequence[str]) -> pd.DataFrame:
-    """Sample table: train rows x every transform (identity always included), test rows x identity.
+def augmented_samples(split_table: pd.DataFrame, transforms: Sequence[str], tta: bool = False) -> pd.DataFrame:
+    """Sample table: train rows x every transform (identity always included), test rows x identity
+    (x every transform too with ``tta``, for test-time augmentation).
 
     Columns ``image_id, transform, label, group, fold, part``; rows keep the split table's
     order, transforms in canonical order within an image.
@@ -120,7 +121,8 @@ def augmented_samples(split_table: pd.DataFrame, transforms: Sequence[str]) -> p
     if bad_parts:
         raise LeukotypeError(f"split table has unknown part(s) {bad_parts}; expected train/test")
     chosen = _canonical_transforms(transforms)
-    copies = np.where(split_table["part"].to_numpy() == "train", len(chosen), 1)
+    test_copies = len(chosen) if tta else 1
+    copies = np.where(split_table["part"].to_numpy() == "train", len(chosen), test_copies)
     rows = np.repeat(np.arange(len(split_table)), copies)
     # position of each copy within its row; identity is chosen[0], so test rows get identity
     first_copy = np.repeat(np.cumsum(copies) - copies, copies)

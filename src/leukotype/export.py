@@ -95,6 +95,15 @@ def _load_finetuned_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def tta_setting(config: Mapping[str, Any], test: Any) -> dict[str, Any]:
+    """The bundle's test-time augmentation: the views the run's test images were scored under."""
+    from leukotype.augment import TRANSFORMS
+
+    enabled = bool(config.get("evaluation", {}).get("tta", False))
+    views = set(test["transform"].astype(str)) if enabled else {"identity"}
+    return {"enabled": enabled and len(views) > 1, "transforms": [t for t in TRANSFORMS if t in views]}
+
+
 def export_run(
     results: str | os.PathLike,
     run: Run,
@@ -247,7 +256,7 @@ def export_run(
         "ood": {"method": "probabilistic-PCA Mahalanobis", "file": fmt.OOD_FILE,
                 "threshold": density.threshold, "quantile": density.quantile,
                 "n_components": int(len(density.variances))},
-        "tta": {"enabled": False, "transforms": ["identity"]},
+        "tta": tta_setting(config, test),
         "validation": {k: config["validation"][k] for k in ("min_side", "max_pixels")},
         "metrics": {k: record.get(k) for k in ("metrics", "ci", "ci_method", "n_test", "per_class")},
         "training_data": {

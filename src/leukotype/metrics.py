@@ -38,8 +38,11 @@ CI_METRICS = METRICS
 #: are summarised over folds like METRICS (NaN for runs without probabilities).
 CALIBRATION_METRICS = ("ece", "brier")
 
+#: Metrics of test-time augmentation (leukotype.tta), where a run has them (NaN otherwise).
+TTA_METRICS = ("accuracy_tta", "balanced_accuracy_tta")
+
 #: Range of each metric; t-intervals are clipped to it (an accuracy above 100% means nothing).
-METRIC_BOUNDS = {name: (0.0, 1.0) for name in METRICS} | {"kappa": (-1.0, 1.0), "ece": (0.0, 1.0), "brier": (0.0, 2.0)}
+METRIC_BOUNDS = {name: (0.0, 1.0) for name in METRICS} | {"kappa": (-1.0, 1.0), "ece": (0.0, 1.0), "brier": (0.0, 2.0)} | {name: (0.0, 1.0) for name in TTA_METRICS}
 
 #: Columns identifying one evaluated configuration.
 RECORD_KEYS = ("task", "strategy", "model")
@@ -412,7 +415,7 @@ def summarise_group(group: pd.DataFrame, confidence: float = 0.95) -> dict[str, 
     """
     n_folds = len(group)
     row: dict[str, Any] = {"n_folds": n_folds}
-    for name in (*METRICS, *CALIBRATION_METRICS):
+    for name in (*METRICS, *CALIBRATION_METRICS, *TTA_METRICS):
         values = group[name].to_numpy(dtype=float)
         values = values[np.isfinite(values)]  # e.g. kappa undefined in a fold
         mean = float(values.mean()) if values.size else math.nan
@@ -466,7 +469,7 @@ def fold_summary(records: Sequence[Mapping[str, Any]], confidence: float = 0.95)
         row["n_test"] = int(record.get("n_test", 0))
         row["precision"] = str(record.get("precision") or "")
         ci = record.get("ci", {})
-        for name in (*METRICS, *CALIBRATION_METRICS):
+        for name in (*METRICS, *CALIBRATION_METRICS, *TTA_METRICS):
             row[name] = _metric_value(record["metrics"].get(name))
             low, high = ci.get(name, [None, None])
             row[f"{name}__ci"] = (_metric_value(low), _metric_value(high))

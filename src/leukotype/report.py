@@ -228,6 +228,10 @@ def paper_table(summary_df: pd.DataFrame, task: str, dataset: str | None = None)
     if "ece_mean" in rows and rows["ece_mean"].notna().any():
         # Calibration of the probabilities (expected calibration error, lower is better).
         table["ECE"] = [format_metric(r["ece_mean"], r["ece_sd"], int(r["n_folds"]), True) for _, r in rows.iterrows()]
+    for column, metric in (("Accuracy (TTA)", "accuracy_tta"), ("Balanced accuracy (TTA)", "balanced_accuracy_tta")):
+        if f"{metric}_mean" in rows and rows[f"{metric}_mean"].notna().any():
+            # Test-time augmentation (evaluation.tta): the same run, scores averaged over views.
+            table[column] = [format_metric(r[f"{metric}_mean"], r[f"{metric}_sd"], int(r["n_folds"]), True) for _, r in rows.iterrows()]
     table = _with_precision_column(table, rows)
     if dataset:
         table["Data"] = dataset

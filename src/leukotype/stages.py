@@ -78,10 +78,12 @@ def run_split(
     return table
 
 
-def run_augment(split: PathLike, augmentation_cfg: Mapping[str, Any], out: PathLike) -> pd.DataFrame:
+def run_augment(
+    split: PathLike, augmentation_cfg: Mapping[str, Any], out: PathLike, tta: bool = False
+) -> pd.DataFrame:
     from leukotype.augment import augmented_samples, transforms_from_config
 
-    samples = augmented_samples(read_tsv(split), transforms_from_config(augmentation_cfg))
+    samples = augmented_samples(read_tsv(split), transforms_from_config(augmentation_cfg), tta=tta)
     write_tsv(samples, out)
     return samples
 
@@ -151,12 +153,13 @@ def run_extract(
 
 
 def fold_parts(samples: pd.DataFrame, fold: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Training rows (every transform) and test rows (identity only) of one fold."""
+    """Training rows (every transform) and test rows (identity, and every transform with
+    test-time augmentation) of one fold."""
     rows = samples[samples["fold"] == fold]
     if rows.empty:
         raise LeukotypeError(f"fold {fold!r} not found; folds present: {sorted(samples['fold'].unique())}")
     train = rows[rows["part"] == "train"].reset_index(drop=True)
-    test = rows[(rows["part"] == "test") & (rows["transform"] == "identity")].reset_index(drop=True)
+    test = rows[rows["part"] == "test"].reset_index(drop=True)
     return train, test
 
 
@@ -279,6 +282,7 @@ def run_evaluate(
         groups=groups,
     )
     _add_calibration_metrics(record, read_tsv(predictions), list(task.classes), groups, evaluation_cfg)
+    _add_tta_metrics(record, read_tsv(predictions), list(task.classes), groups, evaluation_cfg)
     write_json(record, out_metrics)
     confusion_csv(record, out_confusion)
     plot_confusion(record, out_confusion_png)
@@ -307,6 +311,27 @@ def _add_calibration_metrics(
     from leukotype.calibration import reliability_bins
 
     record["reliability"] = {k: v.tolist() for k, v in reliability_bins(probabilities, labels).items()}
+
+
+def _add_tta_metrics(
+    record: dict[str, Any], predictions: pd.DataFrame, classes: list[str], groups: Mapping[str, str],
+    evaluation_cfg: Mapping[str, Any],
+) -> None:
+    """Accuracy and balanced accuracy (with CIs) of the scores averaged over each test image's
+    views, where the run predicted more than the identity view (``evaluation.tta``)."""
+    from leukotype.metrics import evaluate_predictions
+    from leukotype.tta import TTA_METRICS, has_views, tta_predictions
+
+    if not has_views(predictions):
+        return
+    averaged = tta_predictions(predictions, classes)
+    tta_record = evaluate_predictions(
+        averaged, classes, {}, n_boot=evaluation_cfg["n_bootstrap"], seed=evaluation_cfg["seed"], groups=groups
+    )
+    for name, source in TTA_METRICS.items():
+        record["metrics"][name] = tta_record["metrics"][source]
+        record["ci"][name] = tta_record["ci"][source]
+    record["tta"] = {"n_views": int(averaged["n_views"].max()), "transforms": sorted(predictions["transform"].astype(str).unique())}
 
 
 def run_reliability(

@@ -77,5 +77,6 @@ rule augment:
         runtime=10,
     params:
         augmentation=config["augmentation"],
+        tta=config["evaluation"]["tta"],
     script:
         "../scripts/augment.py"

@@ -1,7 +1,7 @@
-"""Snakemake adapter: augmented sample list (training part only) of one task."""
+"""Snakemake adapter: augmented sample list (training part; test part too with TTA) of one task."""
 
 from leukotype.smk import logged
 from leukotype.stages import run_augment
 
 with logged(snakemake):
-    run_augment(snakemake.input.split, snakemake.params.augmentation, snakemake.output.samples)
+    run_augment(snakemake.input.split, snakemake.params.augmentation, snakemake.output.samples, tta=snakemake.params.tta)
