@@ -6,10 +6,11 @@ map. LayerCAM keeps the gradient's spatial layout, which matters for the paper C
 classifier reads the flattened map position by position (Grad-CAM would average it away).
 
 For a fine-tuned network the score is its logit. For features -> SVM it is the SVM's decision
-function for the predicted class, reached through the network by a torch module: the SVM is
-linearised at the image's own feature vector (value and gradient, the gradient by central
-differences of ``decision_function``), which is all a gradient-based map needs, and which works
-for any classifier with a ``decision_function`` (exact for a linear kernel).
+function for the predicted class, re-implemented in torch (:class:`TorchSVMDecision`: the
+pipeline's StandardScaler, the kernel on the support vectors, libsvm's one-vs-one decisions and
+scikit-learn's one-vs-rest transform), so the gradient is exact autograd, not finite differences
+(which near-constant features, divided by a tiny scale, drown in rounding noise).
+:func:`decision_gradient` and :class:`LinearisedScore` remain for classifiers it does not cover.
 """
 
 from __future__ import annotations
@@ -60,6 +61,79 @@ class LinearisedScore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
         return (self.value + (f - self.x0) @ self.gradient).unsqueeze(1)
+
+
+class TorchSVMDecision(nn.Module):
+    """``features -> (N, K)`` decision scores of a fitted ``scale -> GramSVC`` pipeline, in
+    ``classes`` order, equal to :func:`leukotype.classify.decision_scores` (float64 inside).
+
+    Linear, rbf, poly and sigmoid kernels (libsvm's formulas); ovo decisions as libsvm sums
+    them, then scikit-learn's ``decision_function_shape='ovr'`` transform (votes, which have no
+    gradient, plus the bounded sum of confidences, which carries it); two classes: ``(-d, d)``.
+    """
+
+    def __init__(self, features: nn.Module, pipeline: Any, classes: Sequence[str]) -> None:
+        super().__init__()
+        scaler, model = pipeline.named_steps["scale"], pipeline.named_steps["svm"]
+        svc = model.svc_
+        support = model.support_vectors_ if getattr(model, "support_vectors_", None) is not None else svc.support_vectors_
+        if model.kernel not in ("linear", "rbf", "poly", "sigmoid"):
+            raise LeukotypeError(f"saliency: SVM kernel {model.kernel!r} is not supported")
+        self.features = features
+        self.kernel, self.gamma = model.kernel, float(model.gamma_)
+        self.degree, self.coef0 = int(model.degree), float(model.coef0)
+        as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+        self.register_buffer("mean", as64(scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)))
+        self.register_buffer("scale", as64(scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)))
+        self.register_buffer("support", as64(support))
+        self.register_buffer("dual_coef", as64(svc.dual_coef_))
+        self.register_buffer("intercept", as64(svc.intercept_))
+        self.n_support = [int(n) for n in svc.n_support_]
+        fitted = [str(c) for c in svc.classes_]
+        self.order = [fitted.index(str(c)) for c in classes]
+
+    def _kernel(self, z: torch.Tensor) -> torch.Tensor:
+        gram = z @ self.support.T
+        if self.kernel == "linear":
+            return gram
+        if self.kernel == "rbf":
+            distances = (z**2).sum(1, keepdim=True) + (self.support**2).sum(1)[None, :] - 2.0 * gram
+            return torch.exp(-self.gamma * distances.clamp_min(0.0))
+        if self.kernel == "poly":
+            return (self.gamma * gram + self.coef0) ** self.degree
+        return torch.tanh(self.gamma * gram + self.coef0)
+
+    def decision(self, f: torch.Tensor) -> torch.Tensor:
+        """Decision scores of feature rows ``f`` (N, D)."""
+        kernel = self._kernel((f.double() - self.mean) / self.scale)
+        n_classes = len(self.n_support)
+        starts = np.concatenate([[0], np.cumsum(self.n_support)])
+        pairs = []
+        for i in range(n_classes):
+            for j in range(i + 1, n_classes):
+                rows_i, rows_j = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
+                pairs.append(
+                    kernel[:, rows_i] @ self.dual_coef[j - 1, rows_i] + kernel[:, rows_j] @ self.dual_coef[i, rows_j]
+                )
+        dec = torch.stack(pairs, dim=1) + self.intercept
+        if n_classes == 2:
+            scores = torch.cat([-dec, dec], dim=1)
+        else:
+            votes = torch.zeros(len(f), n_classes, dtype=dec.dtype)
+            confidence = torch.zeros(len(f), n_classes, dtype=dec.dtype)
+            k = 0
+            for i in range(n_classes):
+                for j in range(i + 1, n_classes):
+                    confidence = confidence.index_add(1, torch.tensor([i, j]), torch.stack([dec[:, k], -dec[:, k]], 1))
+                    won_i = (dec[:, k] >= 0).to(dec.dtype).detach()
+                    votes[:, i] += won_i
+                    votes[:, j] += 1.0 - won_i
+                    k += 1
+            scores = votes + confidence / (3 * (confidence.abs() + 1))
+        return scores[:, self.order]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decision(self.features(x)).float()
 
 
 def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -144,11 +218,7 @@ def score_module(predictor: Any, features: nn.Module, x: torch.Tensor) -> tuple[
         head.weight.data = torch.from_numpy(predictor._head["weight"]).float()
         head.bias.data = torch.from_numpy(predictor._head["bias"]).float()
         return nn.Sequential(features, head).eval(), k, classes[k]
-    from leukotype.classify import decision_scores
-
-    svm = predictor._svm
-    gradient = decision_gradient(lambda X: decision_scores(svm, X, classes), f[0], k)
-    return LinearisedScore(features, f[0], raw[0, k], gradient).eval(), 0, classes[k]
+    return TorchSVMDecision(features, predictor._svm, classes).eval(), k, classes[k]
 
 
 def overlay(image: Any, cam: np.ndarray, size: int) -> Any:
