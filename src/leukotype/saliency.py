@@ -10,7 +10,6 @@ function for the predicted class, re-implemented in torch (:class:`TorchSVMDecis
 pipeline's StandardScaler, the kernel on the support vectors, libsvm's one-vs-one decisions and
 scikit-learn's one-vs-rest transform), so the gradient is exact autograd, not finite differences
 (which near-constant features, divided by a tiny scale, drown in rounding noise).
-:func:`decision_gradient` and :class:`LinearisedScore` remain for classifiers it does not cover.
 """
 
 from __future__ import annotations
@@ -28,39 +27,6 @@ from torch import nn
 from leukotype.errors import LeukotypeError
 
 log = logging.getLogger(__name__)
-
-
-def decision_gradient(
-    decision: Callable[[np.ndarray], np.ndarray], x: np.ndarray, k: int, block: int = 256
-) -> np.ndarray:
-    """Gradient of ``decision(X)[:, k]`` at ``x`` (D,) by central differences, in batched calls
-    of ``2 * block`` probes (bounded memory for wide features)."""
-    x = np.asarray(x, dtype=np.float64)
-    step = 1e-3 * max(float(np.sqrt(np.mean(x**2))), 1e-3)
-    gradient = np.empty(len(x))
-    for start in range(0, len(x), block):
-        idx = np.arange(start, min(start + block, len(x)))
-        probes = np.repeat(x[None, :], 2 * len(idx), axis=0)
-        probes[np.arange(len(idx)), idx] += step
-        probes[len(idx) + np.arange(len(idx)), idx] -= step
-        values = np.asarray(decision(probes), dtype=np.float64)[:, k]
-        gradient[idx] = (values[: len(idx)] - values[len(idx):]) / (2 * step)
-    return gradient
-
-
-class LinearisedScore(nn.Module):
-    """``features -> s(x0) + g . (f - x0)``: a classifier's score near one feature vector."""
-
-    def __init__(self, features: nn.Module, x0: np.ndarray, value: float, gradient: np.ndarray) -> None:
-        super().__init__()
-        self.features = features
-        self.register_buffer("x0", torch.as_tensor(x0, dtype=torch.float32))
-        self.register_buffer("gradient", torch.as_tensor(gradient, dtype=torch.float32))
-        self.value = float(value)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        return (self.value + (f - self.x0) @ self.gradient).unsqueeze(1)
 
 
 class TorchSVMDecision(nn.Module):
