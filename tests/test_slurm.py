@@ -58,7 +58,13 @@ REQUIRED_PROFILE_KEYS = (
 #: JSON keys and TSV columns whose values legitimately differ between a local and a SLURM run of
 #: the same config (provenance records time and host; training histories record seconds per
 #: epoch); they are dropped before comparing.
-VOLATILE_KEYS = frozenset({"provenance", "time", "timestamp", "seconds", "elapsed_s", "duration_s", "host"})
+# The SVM's kernel-memory budget (and the reason text naming it) follows the mem_mb each job was
+# given, which the localised profile sets differently from the local run; the solver it chose,
+# the scores and the predictions are still compared.
+VOLATILE_KEYS = frozenset(
+    {"provenance", "time", "timestamp", "seconds", "elapsed_s", "duration_s", "host",
+     "kernel_budget_mb", "solver_reason"}
+)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ rule feature_map:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=2000,
         runtime=30,
     params:
         tasks=list(TASKS),
