@@ -35,7 +35,8 @@ def extraction(results: Path) -> str:
     out = []
     for backbone, rows in speed.groupby("backbone", sort=False):
         by = rows.set_index("measurement")
-        get = lambda m, c: by[c].get(m, float("nan"))  # noqa: E731
+        # a measurement or column a run did not take (e.g. --quick has no 1-thread row) is blank
+        get = lambda m, c: by[c].get(m, float("nan")) if c in by else float("nan")  # noqa: E731
         out.append({
             "backbone": backbone,
             "GFLOPs/img": get("ceiling", "gflops_per_image"),
