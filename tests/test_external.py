@@ -110,6 +110,65 @@ def test_external_metrics_on_shared_classes_next_to_internal_and_the_drop():
     assert low <= 5 / 8 <= high and high - low > 0
 
 
+def test_external_comparisons_mark_each_sets_best_run_and_those_not_significantly_worse(tmp_path):
+    """compare_external's stage on real external records: McNemar on the set's scored images,
+    the adapted run a run of its own, and the external table's 'vs best' from that table."""
+    from leukotype.stages_external import run_compare_external, run_evaluate_external, run_external_table
+
+    task = {"name": "subtype", "column": "subtype", "classes": ["a", "b", "c"]}
+    ext_cfg = {"name": "lab2", "source": "x", "display": "second lab"}
+    n = 40  # scored images: a and b (c is not in the set); one unmapped label is not scored
+    true = ["a", "b"] * (n // 2)
+    validated = pd.DataFrame({"image_id": [f"e{i:02d}" for i in range(n + 1)], "abspath": "/x.png",
+                              "subtype": true + ["blast"], "group": [f"p{i // 2}" for i in range(n + 1)],
+                              "status": "ok"})
+    validated.to_csv(tmp_path / "validated.tsv", sep="\t", index=False)
+    samples = pd.DataFrame({"image_id": [f"i{i}" for i in range(8)], "group": [f"i{i}" for i in range(8)],
+                            "transform": "identity", "label": "a", "fold": "holdout",
+                            "part": ["train"] * 6 + ["test"] * 2})
+    samples.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    _predictions(["a", "a"], ["a", "a"], prefix="i").to_csv(tmp_path / "internal.tsv", sep="\t", index=False)
+    worse = true[:20] + ["c"] * 20  # right on the first 20
+    better = true[:35] + ["c"] * 5  # right on the same 20 and 15 more
+    runs = {("vgg16", "none"): worse, ("alexnet", "none"): better, ("alexnet", "bn"): better}
+    metrics, predictions, internal = [], [], []
+    for (backbone, adapt), pred in runs.items():
+        name = f"{backbone}_{adapt}"
+        frame = pd.DataFrame({"image_id": validated["image_id"][:n], "transform": "identity", "true": true, "pred": pred})
+        frame.to_csv(tmp_path / f"{name}.tsv", sep="\t", index=False)
+        meta = {"task": "subtype", "strategy": "features_svm", "backbone": backbone, "layer": "fc6",
+                "fold": "holdout", "ext": "lab2", "adapt": adapt}
+        run_evaluate_external(tmp_path / f"{name}.tsv", tmp_path / "internal.tsv", tmp_path / "samples.tsv",
+                              tmp_path / "validated.tsv", task, ext_cfg, meta, {"n_bootstrap": 200, "seed": 0},
+                              tmp_path / f"{name}.json")
+        (tmp_path / f"{backbone}_internal.json").write_text(json.dumps(
+            {**meta, "metrics": {"accuracy": 0.9}}))
+        metrics.append(tmp_path / f"{name}.json")
+        predictions.append(tmp_path / f"{name}.tsv")
+        internal.append(tmp_path / f"{backbone}_internal.json")
+
+    pairs = run_compare_external(metrics, predictions, tmp_path / "samples.tsv", tmp_path / "validated.tsv", task,
+                                 ext_cfg, {"n_bootstrap": 200, "seed": 0, "alpha": 0.05},
+                                 tmp_path / "cmp.csv", tmp_path / "cmp.png")
+    assert set(pairs["test_set"]) == {"lab2"} and set(pairs["n_images"]) == {n}
+    row = pairs.set_index(["run_a", "run_b"]).loc[("features_svm:alexnet-fc6", "features_svm:vgg16-fc6")]
+    assert (row["a_only"], row["b_only"]) == (15, 0)
+    assert row["p_value"] == pytest.approx(2 * 0.5**15) and row["p_holm"] == pytest.approx(3 * 2 * 0.5**15)
+    assert row["accuracy_diff"] == pytest.approx(15 / 40) and 0 < row["accuracy_ci_lo"] < 15 / 40 < row["accuracy_ci_hi"]
+    assert "groups" in row["ci_method"]
+    same = pairs.set_index(["run_a", "run_b"]).loc[("features_svm:alexnet-fc6", "features_svm:alexnet-fc6#bn")]
+    assert same["p_value"] == 1.0 and same["accuracy_ci_lo"] == same["accuracy_ci_hi"] == 0.0
+    assert (tmp_path / "cmp.png").stat().st_size > 5_000
+
+    table = run_external_table(metrics, internal, task, [ext_cfg], tmp_path / "ext.csv", tmp_path / "ext.png",
+                               comparisons={"lab2": tmp_path / "cmp.csv"})
+    standing = dict(zip(zip(table["Model"], table["Adaptation"]), table["vs best"]))
+    assert standing == {("AlexNet (fc6)", "none"): "best",
+                        ("AlexNet (fc6)", "BatchNorm re-estimated (test-time)"): "not significantly worse",
+                        ("VGG16 (fc6)", "none"): "worse"}
+    assert pd.read_csv(tmp_path / "ext.csv")["vs best"].tolist() == table["vs best"].tolist()
+
+
 def _jobs(dry_run_text):
     """{rule: [input paths of each job]} from a dry run's job listing."""
     jobs: dict[str, list[list[str]]] = {}
@@ -152,6 +211,22 @@ def test_no_training_job_reads_an_external_file_in_the_job_graph(tmp_path):
     # every run on every set, the BatchNorm-adapted one too (paper_cnn has no BatchNorm)
     assert len(jobs["evaluate_external"]) == 2 * (3 + 2 + 3)
     assert len(jobs["extract_external_features"]) == 2 * 2
+    # one paired comparison per set, of all 8 runs scored on it (adapted ones as runs of their
+    # own), metrics and predictions paired; the external table reads both sets' comparisons
+    assert len(jobs["compare_external"]) == 2
+    for inputs in jobs["compare_external"]:
+        metrics = [p for p in inputs if p.endswith("/metrics.json")]
+        predictions = [p for p in inputs if p.endswith("/predictions.tsv") and "/external/" in p]
+        assert len(metrics) == 8 and [p.rsplit("/", 1)[0] for p in predictions] == [p.rsplit("/", 1)[0] for p in metrics]
+        assert len({p.split("/external/")[1].split("/")[0] for p in metrics}) == 1  # one set per job
+        assert sum(p.endswith("/bn/metrics.json") for p in metrics) == 3
+    (summary,) = jobs["summarise_external"]
+    assert {p for p in summary if p.endswith("_comparisons.csv")} == {
+        "results/tables/subtype_lab2_comparisons.csv", "results/tables/subtype_lab3_comparisons.csv"}
+    # the feature maps draw both sets' (unadapted) features
+    for inputs in jobs["feature_map"]:
+        backbone = next(p for p in inputs if p.startswith("results/features/")).split("/")[2]
+        assert {f"results/external/{s}/features/none/{backbone}" for s in ("lab2", "lab3")} <= set(inputs)
 
 
 def test_demo_external_set_differs_in_stain_and_scale(tmp_path):

@@ -106,6 +106,7 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
     low, high = ext["external_ci"]["accuracy"]
     assert low < acc < high
     assert float(external["Drop"].iloc[0]) == pytest.approx(100 * (internal - acc), abs=0.051)
+    _check_external_comparisons(tmp_path / "results", external)
     # No training job read the external set: not in the training data, not in their logs.
     assert not read(tmp_path / "results/data/validated.tsv")["abspath"].str.contains("jtsc").any()
     logs = tmp_path / "results/logs"
@@ -117,3 +118,45 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
         assert "jtsc" not in log.read_text(), log
     external_meta = json.loads((tmp_path / "results/external/jtsc/features/none/efficientnet_lite0/meta.json").read_text())
     assert external_meta["n_rows"] == 300 and meta["n_rows"] == 800  # own folder; training's unchanged
+
+
+def _check_external_comparisons(results: Path, external: pd.DataFrame) -> None:
+    """tables/cell_type_jtsc_comparisons.csv recomputed from the runs' external prediction
+    files: McNemar counts and exact p by hand, the paired cluster bootstrap over JTSC's groups,
+    and the external table's best / not-significantly-worse marks."""
+    from math import comb
+
+    from leukotype.compare import paired_bootstrap
+
+    pairs = pd.read_csv(results / "tables/cell_type_jtsc_comparisons.csv")
+    assert len(pairs) == 3 and set(pairs["test_set"]) == {"jtsc"} and set(pairs["n_images"]) == {299}
+
+    def predictions(key):
+        strategy, model = key.split(":")
+        backbone, layer = model.rsplit("-", 1)
+        path = results / "runs/cell_type" / strategy / backbone / layer / "holdout/external/jtsc/none/predictions.tsv"
+        return read(path).set_index("image_id").sort_index()
+
+    row = pairs.loc[(pairs["a_only"] + pairs["b_only"]).idxmax()]  # the pair that disagrees most
+    a, b = predictions(row["run_a"]), predictions(row["run_b"])
+    assert list(a.index) == list(b.index) and len(a) == 299 and (a["true"] == b["true"]).all()
+    right_a, right_b = a["pred"] == a["true"], b["pred"] == b["true"]
+    a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    assert (row["a_only"], row["b_only"]) == (a_only, b_only) and a_only + b_only > 0
+    n, k = a_only + b_only, min(a_only, b_only)
+    assert row["p_value"] == pytest.approx(min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n))
+    assert row["accuracy_diff"] == pytest.approx(right_a.mean() - right_b.mean())
+    groups = read(results / "external/jtsc/validated.tsv").set_index("image_id")["group"]
+    ci = paired_bootstrap(a["true"], a["pred"], b["pred"], CLASSES, groups=groups.loc[a.index].tolist(),
+                          n_boot=500, seed=0)
+    for name in ("accuracy", "balanced_accuracy"):
+        assert [row[f"{name}_diff"], row[f"{name}_ci_lo"], row[f"{name}_ci_hi"]] == pytest.approx(
+            [ci[name]["diff"], ci[name]["ci_lo"], ci[name]["ci_hi"]])
+    # the external table marks jtsc's best run and every run not significantly worse than it
+    best = pairs.loc[pairs["rank_a"] == 1, "run_a"].iloc[0]
+    against_best = pairs[pairs["run_a"] == best]
+    assert (external["vs best"] == "best").sum() == 1
+    assert (external["vs best"] == "worse").sum() == int(against_best["significant"].sum())
+    assert (external["vs best"] == "not significantly worse").sum() == int((~against_best["significant"]).sum())
+    best_row = external[external["vs best"] == "best"].iloc[0]
+    assert float(best_row["External accuracy"]) == pytest.approx(100 * against_best["accuracy_a"].iloc[0], abs=0.051)

@@ -39,6 +39,7 @@ from leukotype.metrics import (
     encode_labels,
     groups_of,
     metrics_from_confusion,
+    model_id,
     scored_rows,
 )
 
@@ -67,6 +68,17 @@ class RunPredictions:
 def run_key(strategy: str, model: str) -> str:
     """The id of a run configuration across folds: ``strategy:model``."""
     return f"{strategy}:{model}"
+
+
+def record_run_key(record: Mapping[str, Any]) -> str:
+    """The run id of a metrics record (internal or external): ``strategy:model``, and
+    ``#<adapt>`` for a test-time adaptation other than ``none`` (an adapted run is a run of its
+    own). The one reading of a record's identity: comparisons and the tables that mark the
+    best run use it, so their keys agree."""
+    model = record.get("model") or model_id(record["backbone"], record.get("layer"))
+    key = run_key(str(record["strategy"]), str(model))
+    adapt = str(record.get("adapt") or "none")
+    return key if adapt == "none" else f"{key}#{adapt}"  # '+' and '@' occur in backbone names
 
 
 def run_predictions(run: str, fold: str, pred_df: pd.DataFrame) -> RunPredictions:

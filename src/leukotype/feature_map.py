@@ -21,6 +21,8 @@ from leukotype.report import _new_figure, save_figure, wrap_title
 
 #: Markers per dataset: the internal test set first, then external ones in order.
 _MARKERS = ("o", "^", "s", "D", "v", "P", "X")
+#: Dataset name of the internal test images in a map's points.
+INTERNAL = "internal"
 
 
 def subsample(labels: Sequence[Any], max_points: int, seed: int) -> np.ndarray:
@@ -104,7 +106,10 @@ def plot_feature_map(
                     ax.scatter(embedding[mask, 0], embedding[mask, 1], s=12, alpha=0.8,
                                color=colour, marker=_MARKERS[d % len(_MARKERS)], linewidths=0)
             handles.append(Line2D([], [], color=colour, marker="o", linestyle="", label=cls))
-        for d, name in enumerate(names if len(names) > 1 else []):
+        present = [n for n in names if ((np.asarray(datasets) == n) & (labels != "")).any()]
+        for d, name in enumerate(names if len(present) > 1 else []):
+            if name not in present:
+                continue  # no point of this dataset in this panel (a task it is not scored on)
             handles.append(Line2D([], [], color="black", marker=_MARKERS[d % len(_MARKERS)],
                                   linestyle="", label=f"data: {name}"))
         shown = int((labels != "").sum())
@@ -130,3 +135,21 @@ def feature_map_inputs(
     if not ids:
         raise LeukotypeError("no test images to map")
     return ids, per_task
+
+
+def map_points(
+    datasets: Mapping[str, tuple[Sequence[str], Mapping[str, Mapping[str, str]]]],
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The points of one joint map over several datasets (internal test images first, then
+    each external set): ``datasets`` is name -> (image ids, {task: image_id -> class}), as
+    :func:`feature_map_inputs` gives. Image ids are only unique within a dataset, so a point is
+    ``(dataset, image_id)``. Returns the points (``dataset, image_id``) and, per task (every
+    task any dataset labels), each point's class or '' where the point is not in that panel."""
+    tasks = list(dict.fromkeys(t for _, per_task in datasets.values() for t in per_task))
+    rows, labels = [], {task: [] for task in tasks}
+    for name, (ids, per_task) in datasets.items():
+        for image_id in ids:
+            rows.append((name, str(image_id)))
+            for task in tasks:
+                labels[task].append(per_task.get(task, {}).get(str(image_id), ""))
+    return pd.DataFrame(rows, columns=["dataset", "image_id"]), labels

@@ -11,6 +11,10 @@ Layout::
     runs/<task>/<strategy>/<backbone>/<layer>/<fold>/<file>   one run (RUN_TEMPLATE)
     features/<backbone>/                                       extracted features
     checkpoints/<task>/<backbone>/<fold>/                      fine-tuning resume state
+    external/<set>/features/<adapt>/<backbone>/                an external set's features
+    <run folder>/external/<set>/<adapt>/<file>                 a run's predictions and metrics on it
+    tables/<task>_comparisons.*, figures/<task>_comparisons.png    paired comparisons (internal)
+    tables/<task>_<set>_comparisons.*, figures/<task>_<set>_comparisons.png   on an external set
 """
 
 from __future__ import annotations
@@ -93,3 +97,53 @@ def checkpoint_dir(
 ) -> str:
     """Fine-tuning's resume state; outside the run folder so a failed job keeps it."""
     return _join(results, f"checkpoints/{task}/{backbone}/{fold}")
+
+
+# --------------------------------------------------------------------------------------------
+# external test sets
+
+
+def external_dir(results: str, ext: str = "{ext}") -> str:
+    """An external test set's own folder (validation, features): no training job reads it."""
+    return _join(results, f"external/{ext}")
+
+
+def external_features_dir(
+    results: str, ext: str = "{ext}", adapt: str = "{adapt}", backbone: str = "{backbone}"
+) -> str:
+    """Features of an external set's images (``adapt``: ``none`` or ``bn``)."""
+    return f"{external_dir(results, ext)}/features/{adapt}/{backbone}"
+
+
+def external_run_file(
+    results: str,
+    name: str,
+    task: str = "{task}",
+    strategy: str = "{strategy}",
+    backbone: str = "{backbone}",
+    layer: str = "{layer}",
+    fold: str = "{fold}",
+    ext: str = "{ext}",
+    adapt: str = "{adapt}",
+) -> str:
+    """A run's file about an external set (predictions, metrics, fine-tuned features)."""
+    return run_file(results, f"external/{ext}/{adapt}/{name}", task, strategy, backbone, layer, fold)
+
+
+# --------------------------------------------------------------------------------------------
+# paired comparisons
+
+
+def comparisons_table(
+    results: str, task: str = "{task}", ext: str | None = None, fmt: str = "csv"
+) -> str:
+    """The paired-comparison table of a task on its internal test part (``ext=None``) or on
+    an external set (``tables/<task>_<set>_comparisons.<fmt>``)."""
+    middle = f"_{ext}" if ext else ""
+    return _join(results, f"tables/{task}{middle}_comparisons.{fmt}")
+
+
+def comparisons_figure(results: str, task: str = "{task}", ext: str | None = None) -> str:
+    """The difference-matrix figure next to :func:`comparisons_table`."""
+    middle = f"_{ext}" if ext else ""
+    return _join(results, f"figures/{task}{middle}_comparisons.png")

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from leukotype.compare import record_run_key, standing_against_best
+from leukotype.comparison_report import STANDING_COLUMN
 from leukotype.errors import LeukotypeError
 from leukotype.report import (
     _new_figure,
@@ -86,6 +88,7 @@ def summarise_external(
             "n_shared": len(recs[0].get("shared_classes", [])),
             "n_external": int(recs[0].get("n_external") or 0),
             "internal_accuracy": _mean(internal_acc.get((strategy, backbone, layer, prep), [])),
+            "run_key": record_run_key(recs[0]),
         }
         for name in ("accuracy", "balanced_accuracy"):
             ext_values, int_values = metric("external_metrics", name), metric("internal_metrics", name)
@@ -118,11 +121,21 @@ def external_table(
     task: str,
     displays: Mapping[str, str] | None = None,
     dataset: str | None = None,
+    comparisons: Mapping[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Paper-style strings: internal (all classes, shared classes) vs external, and the drop
-    in points (internal on the shared classes minus external)."""
+    in points (internal on the shared classes minus external).
+
+    ``comparisons`` (external set name -> its :func:`leukotype.compare.compare_runs` table)
+    adds the :data:`~leukotype.comparison_report.STANDING_COLUMN`: per set, the best run and
+    each run not significantly worse than it (BatchNorm-adapted rows are runs of their own).
+    """
     summary = summarise_external(records, internal, task)
     displays = displays or {}
+    standing: dict[tuple[str, str], str] = {}
+    for name, pairs in (comparisons or {}).items():
+        keys = list(summary.loc[summary["external"] == name, "run_key"])
+        standing.update({(name, k): v for k, v in standing_against_best(pairs, keys).items()})
     out = []
     for _, row in summary.iterrows():
         technique, classifier = technique_and_classifier(row["strategy"])
@@ -150,6 +163,11 @@ def external_table(
             }
         )
     table = pd.DataFrame(out, columns=list(EXTERNAL_COLUMNS))
+    if comparisons is not None:
+        table[STANDING_COLUMN] = [
+            standing.get((str(ext), str(key)), "")
+            for ext, key in zip(summary["external"], summary["run_key"])
+        ]
     if dataset:
         table["Data"] = dataset
     return table

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from leukotype import catalog
@@ -420,28 +421,27 @@ def run_compare(
     k-fold its size then stands for the test size in the correction (every fold's model is
     tested on the same external images, so the correction is approximate there).
     """
-    from leukotype.compare import compare_runs, fold_sizes_from_samples, run_key, run_predictions
+    from leukotype.compare import compare_runs, fold_sizes_from_samples, record_run_key, run_predictions
     from leukotype.comparison_report import (
         comparison_caption,
         plot_comparison_matrix,
         run_labels,
         write_comparison_tables,
     )
-    from leukotype.metrics import fold_summary, model_id
+    from leukotype.metrics import fold_summary
 
     if len(metrics) != len(predictions):
         raise LeukotypeError(
             f"{len(metrics)} metrics files but {len(predictions)} prediction tables; they pair up"
         )
     task = task_from_dict(task_cfg)
-    records = [read_json(p) for p in metrics]
-    runs = []
-    for record, path in zip(records, predictions):
-        model = record.get("model") or model_id(record["backbone"], record.get("layer"))
-        key = run_key(record["strategy"], model)
-        if str(record.get("adapt") or "none") != "none":
-            key = f"{key}#{record['adapt']}"  # '+' and '@' occur in backbone names
-        runs.append(run_predictions(key, record["fold"], read_tsv(path)))
+    # An external set's record holds its scores under external_metrics (next to the run's
+    # internal ones); the labels below read them as the run's metrics.
+    records = [_as_run_record(read_json(p)) for p in metrics]
+    runs = [
+        run_predictions(record_run_key(record), record["fold"], read_tsv(path))
+        for record, path in zip(records, predictions)
+    ]
     sample_table = read_tsv(samples)
     fold_sizes = fold_sizes_from_samples(sample_table)
     if test_groups is None:
@@ -483,6 +483,12 @@ def run_compare(
     return table
 
 
+def _as_run_record(record: dict[str, Any]) -> dict[str, Any]:
+    if "metrics" not in record and "external_metrics" in record:
+        return {**record, "metrics": record["external_metrics"] or {}}
+    return record
+
+
 def _placeholder_figure(path: PathLike, text: str) -> None:
     from leukotype.report import _new_figure, save_figure, wrap_title
 
@@ -501,12 +507,25 @@ def run_feature_map(
     title: str = "",
     classes: Mapping[str, Sequence[str]] | None = None,
     threads: int = 1,
+    externals: Sequence[Mapping[str, Any]] = (),
+    tasks_cfg: Mapping[str, Mapping[str, Any]] | None = None,
+    internal_name: str = "internal test",
 ) -> pd.DataFrame:
     """t-SNE map of one backbone layer's test features, one panel per task (``samples``: task
     name -> augmented samples table; ``classes``: task -> class order of the legend).
-    Returns the embedding (image_id, x, y)."""
+
+    ``externals``: external test sets drawn on the same map, fitted jointly with the internal
+    test images and marked by dataset; each ``{"config": evaluation.external entry,
+    "validated": its validated.tsv, "features": its features folder of this backbone}``. An
+    external image shows in the panel of each task the set scores (``tasks_cfg``: task name ->
+    task entry), coloured by its mapped class. Returns the points: ``dataset`` (``internal`` or
+    the set's name), ``image_id``, ``x``, ``y`` and ``label_<task>`` ('' where not shown).
+    """
+    from leukotype.external import ExternalSet, external_samples
     from leukotype.feature_map import (
+        INTERNAL,
         feature_map_inputs,
+        map_points,
         plot_feature_map,
         subsample,
         tsne_embedding,
@@ -514,21 +533,47 @@ def run_feature_map(
     from leukotype.feature_store import load_features
 
     tables = {task: read_tsv(path) for task, path in samples.items()}
-    ids, per_task = feature_map_inputs(tables)
-    first_labels = [next((m[i] for m in per_task.values() if i in m), "") for i in ids]
-    keep = subsample(first_labels, int(settings.get("max_points", 2000)), seed)
-    ids = [ids[i] for i in keep]
-    rows = pd.DataFrame({"image_id": ids, "transform": "identity"})
-    features = load_features([Path(feature_dir)], layer, rows)
+    datasets = {INTERNAL: (*feature_map_inputs(tables), Path(feature_dir), internal_name)}
+    for entry in externals:
+        ext = ExternalSet.from_dict(entry["config"])
+        validated = read_tsv(entry["validated"])
+        per_task = {}
+        for task in tables:
+            if ext.evaluates(task) and tasks_cfg and task in tasks_cfg:
+                scored, _ = external_samples(validated, task_from_dict(tasks_cfg[task]), ext)
+                per_task[task] = dict(zip(scored["image_id"].astype(str), scored["label"].astype(str)))
+        ids = sorted(set().union(*[set(m) for m in per_task.values()])) if per_task else []
+        if ids:
+            datasets[ext.name] = (ids, per_task, Path(entry["features"]), ext.label_display)
+    points, labels = map_points({name: (ids, per_task) for name, (ids, per_task, _, _) in datasets.items()})
+    first = [
+        f"{d}|" + next((labels[t][k] for t in labels if labels[t][k]), "")
+        for k, d in enumerate(points["dataset"])
+    ]
+    keep = subsample(first, int(settings.get("max_points", 2000)), seed)
+    points = points.iloc[keep].reset_index(drop=True)
+    labels = {task: [values[k] for k in keep] for task, values in labels.items()}
+    blocks = []
+    for name, (_, _, folder, _) in datasets.items():
+        rows = points.loc[points["dataset"] == name, ["image_id"]].assign(transform="identity")
+        if len(rows):
+            blocks.append(load_features([folder], layer, rows))
+    features = np.vstack(blocks)
     embedding = tsne_embedding(
         features, seed=seed, perplexity=float(settings.get("perplexity", 30)), threads=threads
     )
     panels = []
-    for task, labels in per_task.items():
-        order = list((classes or {}).get(task) or sorted(set(labels.values())))
-        panels.append((f"task {task}", [labels.get(i, "") for i in ids], order))
-    plot_feature_map(embedding, panels, out_png, title or f"t-SNE of {feature_dir} / {layer}")
-    return pd.DataFrame({"image_id": ids, "x": embedding[:, 0], "y": embedding[:, 1]})
+    for task, values in labels.items():
+        seen = sorted({v for v in values if v})
+        order = list((classes or {}).get(task) or seen)
+        panels.append((f"task {task}", values, order))
+    displays = {name: display for name, (_, _, _, display) in datasets.items()}
+    marked = [displays[d] for d in points["dataset"]] if len(datasets) > 1 else None
+    plot_feature_map(embedding, panels, out_png, title or f"t-SNE of {feature_dir} / {layer}", datasets=marked)
+    out = points.assign(x=embedding[:, 0], y=embedding[:, 1])
+    for task, values in labels.items():
+        out[f"label_{task}"] = values
+    return out
 
 
 def run_collect(

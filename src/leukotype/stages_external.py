@@ -223,6 +223,39 @@ def run_evaluate_external(
     return record
 
 
+def run_compare_external(
+    metrics: Sequence[PathLike],
+    predictions: Sequence[PathLike],
+    samples: PathLike,
+    validated: PathLike,
+    task_cfg: Mapping[str, Any],
+    ext_cfg: Mapping[str, Any],
+    evaluation_cfg: Mapping[str, Any],
+    out_csv: PathLike,
+    out_png: PathLike,
+) -> pd.DataFrame:
+    """Paired comparisons of every run of a task on one external set
+    (``tables/<task>_<set>_comparisons.*``): :func:`leukotype.stages.run_compare` on the runs'
+    external predictions (BatchNorm-adapted rows are runs of their own), scored on the shared
+    classes, the bootstrap resampling the external set's groups."""
+    from leukotype.stages import run_compare
+
+    ext = ExternalSet.from_dict(ext_cfg)
+    scored, _ = _scored(validated, task_cfg, ext_cfg)
+    return run_compare(
+        metrics,
+        predictions,
+        samples,
+        task_cfg,
+        evaluation_cfg,
+        out_csv,
+        out_png,
+        dataset=ext.label_display,
+        test_set=ext.name,
+        test_groups=dict(zip(scored["image_id"].astype(str), scored["group"].astype(str))),
+    )
+
+
 def run_external_table(
     external_metrics: Sequence[PathLike],
     internal_metrics: Sequence[PathLike],
@@ -231,8 +264,11 @@ def run_external_table(
     out_csv: PathLike,
     out_png: PathLike,
     dataset: str | None = None,
+    comparisons: Mapping[str, PathLike] | None = None,
 ) -> pd.DataFrame:
-    """``tables/<task>_external.{csv,md,tex}`` and ``figures/<task>_external.png``."""
+    """``tables/<task>_external.{csv,md,tex}`` and ``figures/<task>_external.png``; with
+    ``comparisons`` (external set name -> its comparison CSV) each set's best run and every
+    run not significantly worse than it are marked, as in the main table."""
     from leukotype.report import write_tables
     from leukotype.report_external import external_table, plot_external
 
@@ -240,7 +276,8 @@ def run_external_table(
     displays = {e["name"]: ExternalSet.from_dict(e).label_display for e in externals_cfg}
     records = [read_json(p) for p in external_metrics]
     internal = [read_json(p) for p in internal_metrics]
-    table = external_table(records, internal, task.name, displays, dataset=dataset)
+    pairs = {name: pd.read_csv(path) for name, path in (comparisons or {}).items()}
+    table = external_table(records, internal, task.name, displays, dataset=dataset, comparisons=pairs or None)
     write_tables(table, Path(out_csv).with_suffix(""))
     plot_external(records, internal, task.name, out_png, displays, dataset=dataset)
     return table

@@ -336,12 +336,73 @@ def external_task_metrics(wildcards):
     ]
 
 
+def _external_run_files(wildcards, name):
+    """``name`` of every run of the task on the external set (adapted rows included), in one
+    order for metrics and predictions: they pair up."""
+    return [
+        paths.external_run_file(
+            R,
+            name,
+            run.task,
+            run.strategy,
+            run.backbone,
+            run.layer,
+            run.fold,
+            ext=ext,
+            adapt=adapt,
+        )
+        for run, ext, adapt in external_runs()
+        if run.task == wildcards.task and ext == wildcards.ext
+    ]
+
+
+def external_set_metrics(wildcards):
+    return _external_run_files(wildcards, paths.METRICS)
+
+
+def external_set_predictions(wildcards):
+    return _external_run_files(wildcards, paths.PREDICTIONS)
+
+
+def external_sets_of(task):
+    """Names of the external sets that score ``task``."""
+    return [name for name, ext in EXTERNAL.items() if ext.evaluates(task)]
+
+
+def external_task_comparisons(wildcards):
+    """The paired-comparison table of every external set that scores the task (in the order
+    of external_sets_of)."""
+    return [
+        paths.comparisons_table(R, wildcards.task, name)
+        for name in external_sets_of(wildcards.task)
+    ]
+
+
+def external_map_features(wildcards):
+    """Every external set's (unadapted) features of a mapped backbone: drawn on its map."""
+    return [
+        paths.external_features_dir(R, name, "none", wildcards.backbone)
+        for name in EXTERNAL
+    ]
+
+
+def external_map_tables(wildcards):
+    return [f"{paths.external_dir(R, name)}/validated.tsv" for name in EXTERNAL]
+
+
 def external_targets():
     targets = []
     for task in TASKS:
-        if any(ext.evaluates(task) for ext in EXTERNAL.values()):
+        sets = external_sets_of(task)
+        if sets:
             targets += [
                 f"{R}/tables/{task}_external.csv",
                 f"{R}/figures/{task}_external.png",
             ]
+        for name in sets:
+            targets += [
+                paths.comparisons_table(R, task, name, fmt)
+                for fmt in ("csv", "md", "tex")
+            ]
+            targets.append(paths.comparisons_figure(R, task, name))
     return targets

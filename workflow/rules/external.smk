@@ -144,10 +144,51 @@ rule evaluate_external:
         "../scripts/evaluate_external.py"
 
 
+rule compare_external:
+    input:
+        metrics=external_set_metrics,
+        predictions=external_set_predictions,
+        samples=rules.augment.output.samples,
+        validated=rules.validate_external.output.table,
+    output:
+        csv=report(
+            paths.comparisons_table(R, ext="{ext}"),
+            caption="../report/comparisons_external.rst",
+            category="Comparisons",
+            labels={"task": "{task}", "format": "CSV, external set {ext}"},
+        ),
+        md=paths.comparisons_table(R, ext="{ext}", fmt="md"),
+        tex=paths.comparisons_table(R, ext="{ext}", fmt="tex"),
+        figure=report(
+            paths.comparisons_figure(R, ext="{ext}"),
+            caption="../report/comparisons_external_figure.rst",
+            category="Comparisons",
+            labels={
+                "task": "{task}",
+                "figure": "paired differences, external set {ext}",
+            },
+        ),
+    log:
+        f"{R}/logs/compare_external/{{task}}/{{ext}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        evaluation=comparison_settings(),
+    script:
+        "../scripts/compare_external.py"
+
+
 rule summarise_external:
     input:
         external=external_task_metrics,
         internal=task_metrics,
+        comparisons=external_task_comparisons,
     output:
         csv=report(
             f"{R}/tables/{{task}}_external.csv",
@@ -174,6 +215,7 @@ rule summarise_external:
     params:
         task=lambda wildcards: TASKS[wildcards.task],
         externals=config["evaluation"]["external"],
+        compared=lambda wildcards: external_sets_of(wildcards.task),
         dataset=dataset_label(config["dataset"]),
     script:
         "../scripts/summarise_external.py"

@@ -113,6 +113,8 @@ rule feature_map:
     input:
         features=paths.features_dir(R),
         samples=expand(rules.augment.output.samples, task=list(TASKS)),
+        external_features=external_map_features,
+        external_validated=external_map_tables,
     output:
         figure=report(
             f"{R}/figures/features/{{backbone}}-{{layer}}.png",
@@ -129,7 +131,8 @@ rule feature_map:
         mem_mb=2000,
         runtime=30,
     params:
-        tasks=list(TASKS),
+        tasks=TASKS,
+        externals=[EXTERNAL_CFG[name] for name in EXTERNAL],
         classes={name: list(task["classes"]) for name, task in TASKS.items()},
         settings=config["evaluation"]["feature_map"],
         seed=config["evaluation"]["seed"],

@@ -12,4 +12,5 @@ with logged(snakemake):
         snakemake.output.csv,
         snakemake.output.figure,
         dataset=snakemake.params.dataset,
+        comparisons=dict(zip(snakemake.params.compared, snakemake.input.comparisons)),
     )
