@@ -287,10 +287,6 @@ def external_runs():
     ]
 
 
-def external_run_dir(run, name, adapt):
-    return f"{R}/{run.path}/external/{name}/{adapt}"
-
-
 def external_source(wildcards):
     """The external set's class folder or manifest (the demo's is generated)."""
     source = EXTERNAL[wildcards.ext].source
@@ -328,17 +324,9 @@ def external_finetune_feature_dirs(wildcards):
     return []
 
 
-def external_task_metrics(wildcards):
-    return [
-        f"{external_run_dir(run, name, adapt)}/metrics.json"
-        for run, name, adapt in external_runs()
-        if run.task == wildcards.task
-    ]
-
-
-def _external_run_files(wildcards, name):
-    """``name`` of every run of the task on the external set (adapted rows included), in one
-    order for metrics and predictions: they pair up."""
+def _external_run_files(name, task, ext=None):
+    """``name`` of every run of ``task`` on every external set that scores it (or on ``ext``
+    only), adapted rows included, in one order for metrics and predictions: they pair up."""
     return [
         paths.external_run_file(
             R,
@@ -348,20 +336,24 @@ def _external_run_files(wildcards, name):
             run.backbone,
             run.layer,
             run.fold,
-            ext=ext,
+            ext=run_ext,
             adapt=adapt,
         )
-        for run, ext, adapt in external_runs()
-        if run.task == wildcards.task and ext == wildcards.ext
+        for run, run_ext, adapt in external_runs()
+        if run.task == task and ext in (None, run_ext)
     ]
 
 
+def external_task_metrics(wildcards):
+    return _external_run_files(paths.METRICS, wildcards.task)
+
+
 def external_set_metrics(wildcards):
-    return _external_run_files(wildcards, paths.METRICS)
+    return _external_run_files(paths.METRICS, wildcards.task, wildcards.ext)
 
 
 def external_set_predictions(wildcards):
-    return _external_run_files(wildcards, paths.PREDICTIONS)
+    return _external_run_files(paths.PREDICTIONS, wildcards.task, wildcards.ext)
 
 
 def external_sets_of(task):
