@@ -143,3 +143,14 @@ def test_sample_union_is_sorted_and_unique():
         for name in ("identity", "rot90", "rot180")
     ]
     pd.testing.assert_frame_equal(sample_union(rotated), union)
+
+
+def test_colour_views_join_training_rows_only_even_with_tta():
+    from leukotype.augment import augmented_samples
+
+    split = pd.DataFrame(
+        {"image_id": ["a", "b"], "label": ["x", "y"], "group": ["g1", "g2"], "fold": "holdout", "part": ["train", "test"]}
+    )
+    table = augmented_samples(split, ["identity", "rot90"], tta=True, training_views=["colour1", "colour2"])
+    assert table[table["image_id"] == "a"]["transform"].tolist() == ["identity", "rot90", "colour1", "colour2"]
+    assert table[table["image_id"] == "b"]["transform"].tolist() == ["identity", "rot90"]

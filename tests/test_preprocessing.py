@@ -7,10 +7,14 @@ import pytest
 from PIL import Image
 from skimage.draw import disk
 
+from leukotype.errors import LeukotypeError
 from leukotype.preprocessing import (
+    STEPS,
     ColourJitter,
-    Preprocessing,
-    apply_preprocessing,
+    ImagePreparer,
+    Step,
+    Variant,
+    check_preprocessing_config,
     colour_jitter,
     crop_box,
     fit_stain_reference,
@@ -18,6 +22,9 @@ from leukotype.preprocessing import (
     lab_statistics,
     locate_cell,
     normalise_stain,
+    preparer_from_record,
+    reference_image_ids,
+    register_step,
 )
 
 BACKGROUND = (238, 228, 214)
@@ -71,9 +78,11 @@ def test_blank_image_is_reported_not_cropped():
     blank = np.full((128, 128, 3), 230, dtype=np.uint8)
     box, reason = locate_cell(blank)
     assert box is None and reason.startswith("no_cell:")
-    # a variant that crops uses such an image whole
-    prep = Preprocessing.from_dict({"name": "crop", "crop": {"margin": 0.1}})
-    assert apply_preprocessing(Image.fromarray(blank), prep, box=None).size == (128, 128)
+    # a variant that crops uses such an image whole (its row says why)
+    variant = Variant.from_dict({"name": "crop", "steps": [{"step": "crop", "margin": 0.1}]})
+    row = variant.steps[0].analyse(Image.fromarray(blank))
+    assert row["status"] == "not_found" and row["reason"].startswith("no_cell:")
+    assert ImagePreparer(variant)(Image.fromarray(blank), "blank.png").size == (128, 128)
 
 
 def _stain_shift(rgb, gain=(0.5, 1.2, 1.7)):
@@ -115,3 +124,87 @@ def test_colour_views_are_reproducible_and_differ():
     image = Image.fromarray(synthetic_cell(96, (48, 48), 25))
     out = np.asarray(colour_jitter(image, a), dtype=float)
     assert out.shape == (96, 96, 3) and np.abs(out - np.asarray(image, dtype=float)).mean() > 1
+
+
+# --------------------------------------------------------------------------------------------
+# variants: named sequences of steps from one registry
+
+
+def test_variant_is_a_sequence_of_registered_steps_and_round_trips():
+    entry = {
+        "name": "cropstain",
+        "steps": [{"step": "crop", "margin": 0.2}, {"step": "stain", "method": "macenko"}, {"step": "colour", "views": 3}],
+    }
+    variant = Variant.from_dict(entry)
+    assert [s.kind for s in variant.steps] == ["crop", "stain", "colour"]
+    assert variant.views == 3 and variant.view_transforms() == ["colour1", "colour2", "colour3"]
+    assert variant.analysis_keys() == ["crop_m0.2"] and variant.fitted
+    assert Variant.from_dict(variant.to_dict()) == variant
+    with pytest.raises(LeukotypeError, match=r"unknown preprocessing step 'blur'.*colour.*crop.*stain"):
+        Variant.from_dict({"name": "x", "steps": [{"step": "blur"}]})
+    with pytest.raises(LeukotypeError, match=r"unknown setting\(s\) \['margn'\]"):
+        Variant.from_dict({"name": "x", "steps": [{"step": "crop", "margn": 0.2}]})
+    with pytest.raises(LeukotypeError, match="choose one of"):
+        Variant.from_dict({"name": "x", "steps": [{"step": "stain", "method": "vahadane"}]})
+
+
+def test_a_new_step_plugs_in_through_the_registry_alone():
+    """What a research step (greyscale) needs: a class and @register_step; config validation,
+    the preparer (so extraction, fine-tuning, bundles) and the record take it unchanged."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class Greyscale(Step):
+        kind: ClassVar[str] = "test_greyscale"
+
+        def apply(self, image, context):
+            return image.convert("L").convert("RGB")
+
+    register_step(Greyscale)
+    try:
+        cfg = {"preprocessing": [{"name": "grey", "steps": [{"step": "test_greyscale"}]}], "split": {"method": "holdout"}}
+        assert check_preprocessing_config(cfg) == []
+        variant = Variant.from_dict(cfg["preprocessing"][0])
+        image = Image.fromarray(synthetic_cell(64, (32, 32), 16))
+        out = np.asarray(ImagePreparer(variant)(image, "a.png"), dtype=int)
+        assert np.array_equal(out[..., 0], out[..., 2]) and not np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])
+        again = preparer_from_record(ImagePreparer(variant).record())
+        assert np.array_equal(np.asarray(again(image, "a.png")), out)
+    finally:
+        del STEPS["test_greyscale"]
+
+
+def test_preparer_crops_then_normalises_and_draws_colour_views_for_training_only():
+    rgb = synthetic_cell(200, (80, 120), 30, seed=2)
+    variant = Variant.from_dict(
+        {"name": "v", "steps": [{"step": "crop", "margin": 0.15}, {"step": "stain", "method": "reinhard"}, {"step": "colour", "views": 2}]}
+    )
+    reference = fit_stain_reference([synthetic_cell(160, (80, 80), 35, seed=s) for s in range(2)], "reinhard")
+    row = variant.steps[0].analyse(Image.fromarray(rgb))
+    assert row["status"] == "found"
+    prepare = ImagePreparer(variant, {"crop_m0.15": {"img.png": row}}, [None, reference, None], {"img.png": "md5a"})
+    plain = prepare(Image.fromarray(rgb), "img.png")
+    assert plain.size == (row["side"], row["side"]) and row["side"] < 200  # cropped around the cell
+    assert np.allclose(lab_statistics(np.asarray(plain))[0], reference["mean"], atol=1.0)  # then normalised
+    view1, view2 = (np.asarray(prepare(Image.fromarray(rgb), "img.png", f"colour{k}"), dtype=float) for k in (1, 2))
+    assert np.abs(view1 - np.asarray(plain, dtype=float)).mean() > 1 and np.abs(view1 - view2).mean() > 1
+    assert np.array_equal(view1, np.asarray(prepare(Image.fromarray(rgb), "img.png", "colour1"), dtype=float))
+    with pytest.raises(LeukotypeError, match="draws 2 colour views"):
+        prepare(Image.fromarray(rgb), "img.png", "colour3")
+
+
+def test_fitted_steps_see_training_images_that_are_never_test_images():
+    import pandas as pd
+
+    task_a = pd.DataFrame({"image_id": ["i0", "i1", "i2", "i3"], "part": ["train", "train", "test", "train"], "fold": "holdout"})
+    task_b = pd.DataFrame({"image_id": ["i0", "i1", "i3"], "part": ["train", "test", "train"], "fold": "holdout"})
+    assert reference_image_ids([task_a, task_b], n=10, seed=0) == ["i0", "i3"]  # i1 is test in task b
+    assert len(reference_image_ids([task_a], n=2, seed=0)) == 2
+    kfold = pd.DataFrame({"image_id": ["i0", "i1", "i0", "i1"], "part": ["train", "test", "test", "train"], "fold": ["f0", "f0", "f1", "f1"]})
+    with pytest.raises(LeukotypeError, match="hold-out"):
+        reference_image_ids([kfold], n=10, seed=0)
+    cfg = {"preprocessing": [{"name": "st", "steps": [{"step": "stain", "method": "reinhard"}]}], "split": {"method": "kfold"}}
+    assert any("kfold" in p for p in check_preprocessing_config(cfg))
+    cfg["preprocessing"].append({"name": "none", "steps": [{"step": "crop"}]})
+    assert any("reserved" in p for p in check_preprocessing_config(cfg))

@@ -35,17 +35,56 @@ _PIL_OPERATIONS = {
 }
 
 
+#: Colour views of the training part (``colour1``, ``colour2``, ...): the geometry of
+#: ``identity`` with a colour/stain jitter of their own, drawn by a preprocessing variant's
+#: ``colour`` step (``leukotype.preprocessing``) when the image is decoded, never by
+#: ``apply_transform``. They are training samples only (never test views).
+COLOUR_PREFIX = "colour"
+MAX_COLOUR_VIEWS = 99
+
+
+def is_colour_transform(name: str) -> bool:
+    suffix = str(name)[len(COLOUR_PREFIX):]
+    return (
+        str(name).startswith(COLOUR_PREFIX)
+        and suffix.isdigit()
+        and suffix[0] != "0"
+        and 1 <= int(suffix) <= MAX_COLOUR_VIEWS
+    )
+
+
+def colour_view(name: str) -> int:
+    """The view number of a ``colourK`` transform; 0 for every other transform."""
+    return int(str(name)[len(COLOUR_PREFIX):]) if is_colour_transform(name) else 0
+
+
+def colour_transforms(views: int) -> list[str]:
+    if not 0 <= int(views) <= MAX_COLOUR_VIEWS:
+        raise LeukotypeError(f"colour views must be 0..{MAX_COLOUR_VIEWS}, got {views}")
+    return [f"{COLOUR_PREFIX}{k}" for k in range(1, int(views) + 1)]
+
+
+def transform_rank(name: str) -> int:
+    """Position in the canonical order: TRANSFORMS, then colour1, colour2, ..."""
+    if is_colour_transform(name):
+        return len(TRANSFORMS) + colour_view(name)
+    return TRANSFORMS.index(check_transform(name))
+
+
 def check_transform(name: str) -> str:
     """Return ``name`` if it is a known transform, else raise listing the valid names."""
-    if name not in TRANSFORMS:
-        raise LeukotypeError(f"unknown transform {name!r}; valid transforms: {list(TRANSFORMS)}")
+    if name not in TRANSFORMS and not is_colour_transform(name):
+        raise LeukotypeError(
+            f"unknown transform {name!r}; valid transforms: {list(TRANSFORMS)} and "
+            f"colour1..colour{MAX_COLOUR_VIEWS} (a variant's colour views)"
+        )
     return name
 
 
 def apply_transform(img: Image.Image, name: str) -> Image.Image:
     """Apply a transform to a PIL image (counter-clockwise rotations, lossless)."""
     check_transform(name)
-    if name == "identity":
+    if name == "identity" or is_colour_transform(name):  # colour views: see COLOUR_PREFIX
         return img
     return img.transpose(_PIL_OPERATIONS[name])
 
@@ -64,6 +103,8 @@ def apply_transform_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
             f"expected a tensor with at least 2 dims (..., H, W), got {tensor.ndim}"
         )
     spatial = (-2, -1)
+    if is_colour_transform(name):
+        raise LeukotypeError(f"{name!r} is a colour view: it is drawn on decoded images, not tensors")
     if name == "identity":
         return tensor
     if name.startswith("rot"):
@@ -107,9 +148,15 @@ def _canonical_transforms(transforms: Sequence[str]) -> list[str]:
     return [name for name in TRANSFORMS if name in chosen]
 
 
-def augmented_samples(split_table: pd.DataFrame, transforms: Sequence[str], tta: bool = False) -> pd.DataFrame:
+def augmented_samples(
+    split_table: pd.DataFrame,
+    transforms: Sequence[str],
+    tta: bool = False,
+    training_views: Sequence[str] = (),
+) -> pd.DataFrame:
     """Sample table: train rows x every transform (identity always included), test rows x identity
-    (x every transform too with ``tta``, for test-time augmentation).
+    (x every transform too with ``tta``, for test-time augmentation). ``training_views``
+    (a variant's colour views, ``colourK``) join the training rows only, after the transforms.
 
     Columns ``image_id, transform, label, group, fold, part``; rows keep the split table's
     order, transforms in canonical order within an image.
@@ -121,12 +168,15 @@ def augmented_samples(split_table: pd.DataFrame, transforms: Sequence[str], tta:
     if bad_parts:
         raise LeukotypeError(f"split table has unknown part(s) {bad_parts}; expected train/test")
     chosen = _canonical_transforms(transforms)
+    views = [check_transform(name) for name in training_views]
+    if any(not is_colour_transform(name) for name in views):
+        raise LeukotypeError(f"training views must be colour views (colourK), got {views}")
     test_copies = len(chosen) if tta else 1
-    copies = np.where(split_table["part"].to_numpy() == "train", len(chosen), test_copies)
+    copies = np.where(split_table["part"].to_numpy() == "train", len(chosen) + len(views), test_copies)
     rows = np.repeat(np.arange(len(split_table)), copies)
     # position of each copy within its row; identity is chosen[0], so test rows get identity
     first_copy = np.repeat(np.cumsum(copies) - copies, copies)
-    transform = np.asarray(chosen, dtype=object)[np.arange(len(rows)) - first_copy]
+    transform = np.asarray(chosen + views, dtype=object)[np.arange(len(rows)) - first_copy]
     table = split_table.iloc[rows].reset_index(drop=True).assign(transform=transform)
     return table[SAMPLE_COLUMNS]
 
@@ -144,6 +194,6 @@ def sample_union(sample_tables: pd.DataFrame | Iterable[pd.DataFrame]) -> pd.Dat
     union = pd.concat(frames, ignore_index=True).drop_duplicates()
     for name in union["transform"].unique():
         check_transform(name)
-    rank = union["transform"].map({name: i for i, name in enumerate(TRANSFORMS)})
+    rank = union["transform"].map(transform_rank)
     union = union.assign(_rank=rank).sort_values(["image_id", "_rank"], kind="stable")
     return union.drop(columns="_rank").reset_index(drop=True)

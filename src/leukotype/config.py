@@ -168,6 +168,9 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from leukotype.external import check_external_config
 
     problems += check_external_config(cfg)
+    from leukotype.preprocessing import check_preprocessing_config
+
+    problems += check_preprocessing_config(cfg)
     if problems:
         raise LeukotypeError("invalid config:\n  " + "\n  ".join(problems))
     _sort_keys_in_place(cfg)
@@ -297,11 +300,13 @@ class Run:
     backbone: str
     layer: str
     fold: str
+    #: preprocessing variant (leukotype.preprocessing); ``none``: the images as they are
+    prep: str = paths.NO_PREP
 
     @property
     def path(self) -> str:
         """Run folder relative to the results folder."""
-        return paths.run_dir("", self.task, self.strategy, self.backbone, self.layer, self.fold)
+        return paths.run_dir("", self.task, self.strategy, self.backbone, self.layer, self.fold, self.prep)
 
 
 def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
@@ -314,8 +319,14 @@ def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
                 layers = model["layers"] if strategy == "features_svm" else [STRATEGY_LAYER[strategy]]
                 for layer in layers:
                     for fold in fold_ids(cfg["split"]):
-                        runs.append(Run(task["name"], strategy, model["backbone"], layer, fold))
+                        for prep in preprocessing_names(cfg):
+                            runs.append(Run(task["name"], strategy, model["backbone"], layer, fold, prep))
     return runs
+
+
+def preprocessing_names(cfg: Mapping[str, Any]) -> list[str]:
+    """The configured preprocessing variants, in config order (``none`` when there are none)."""
+    return [str(entry["name"]) for entry in cfg.get("preprocessing") or [{"name": paths.NO_PREP}]]
 
 
 def penultimate_layer(backbone: str) -> str:
@@ -410,12 +421,12 @@ def staged_weight_files(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def svm_feature_dirs(
-    results: str, strategy: str, task: str, backbone: str, fold: str
+    results: str, strategy: str, task: str, backbone: str, fold: str, prep: str = paths.NO_PREP
 ) -> list[str]:
     """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
     if strategy == "features_svm":
-        return [paths.features_dir(results, part) for part in catalog.parts(backbone)]
-    return [paths.finetuned_features_dir(results, task, backbone, fold)]
+        return [paths.features_dir(results, part, prep) for part in catalog.parts(backbone)]
+    return [paths.finetuned_features_dir(results, task, backbone, fold, prep)]
 
 
 def svm_feature_layers(strategy: str, backbone: str, layer: str) -> list[str]:
@@ -426,9 +437,9 @@ def svm_feature_layers(strategy: str, backbone: str, layer: str) -> list[str]:
     return [layer]
 
 
-def finetune_feature_dirs(cfg: Mapping[str, Any], backbone: str) -> list[str]:
+def finetune_feature_dirs(cfg: Mapping[str, Any], backbone: str, prep: str = paths.NO_PREP) -> list[str]:
     """Cached backbone features the head trains on (paper policy, see
     :func:`finetune_reuses_features`), else nothing."""
     if finetune_reuses_features(cfg, backbone):
-        return [paths.features_dir(cfg["results"], part) for part in catalog.parts(backbone)]
+        return [paths.features_dir(cfg["results"], part, prep) for part in catalog.parts(backbone)]
     return []

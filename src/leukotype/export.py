@@ -31,6 +31,7 @@ from leukotype.config import (
 )
 from leukotype.errors import LeukotypeError
 from leukotype.io import provenance, read_json, read_tsv
+from leukotype.preprocessing import variant_of
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,20 @@ def _load_finetuned_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def image_steps_record(results: Path, variant: Any) -> dict[str, Any] | None:
+    """The bundle's record of a run's preprocessing variant: its steps and their fitted states
+    (``preprocessing/<variant>/state.json``); None for ``none``."""
+    if variant.is_identity:
+        return None
+    states = [None] * len(variant.steps)
+    if variant.fitted:
+        state_file = Path(paths.prep_state(str(results), variant.name))
+        if not state_file.is_file():
+            raise LeukotypeError(f"variant {variant.name!r} has no fitted state at {state_file}; finish the run first")
+        states = read_json(state_file)["states"]
+    return {"variant": variant.to_dict(), "states": states}
+
+
 def tta_setting(config: Mapping[str, Any], test: Any) -> dict[str, Any]:
     """The bundle's test-time augmentation: the views the run's test images were scored under."""
     from leukotype.augment import TRANSFORMS
@@ -133,15 +148,17 @@ def export_run(
         raise LeukotypeError(f"task {run.task!r} is not in the run's config")
     task = task_from_dict(task_cfg)
     classes = list(task.classes)
-    samples = read_tsv(results / "data" / "samples" / f"{run.task}.tsv")
+    variant = variant_of(config, run.prep)
+    # a variant that draws colour views trained on its own sample table
+    samples = read_tsv(paths.samples_file(str(results), run.task, run.prep if variant.views else paths.NO_PREP))
     train, test = fold_parts(samples, run.fold)
     parts = list(catalog.parts(run.backbone))
     seed = int(config["split"]["seed"])
     writers: dict[str, Any] = {}
 
     # --- the classifier's input: which features, from where
-    finetuned_model = Path(paths.finetune_file(str(results), paths.FINETUNED_MODEL, run.task, run.backbone, run.fold))
-    feature_dirs = [Path(d) for d in svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold)]
+    finetuned_model = Path(paths.finetune_file(str(results), paths.FINETUNED_MODEL, run.task, run.backbone, run.fold, run.prep))
+    feature_dirs = [Path(d) for d in svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, run.prep)]
     if run.strategy == "features_svm":
         feature_layer = run.layer
         settings: dict[str, Any] = {}
@@ -181,7 +198,7 @@ def export_run(
         }
         writers[fmt.NETWORK_FILE] = lambda target: fmt.save_tensors(trained, target)
     else:
-        meta = _feature_meta(Path(paths.features_dir(str(results), parts[0])))
+        meta = _feature_meta(Path(paths.features_dir(str(results), parts[0], run.prep)))
         layer = run.layer if run.strategy == "features_svm" else catalog.penultimate_layer(run.backbone)
         layers = dict(catalog.part_layers(run.backbone, layer))
         feature_source = {
@@ -246,10 +263,13 @@ def export_run(
                  "derive": {k: list(v) for k, v in task.derive.items()} if task.derive else None},
         "classes": classes,
         "run": {"task": run.task, "strategy": run.strategy, "backbone": run.backbone,
-                "layer": run.layer, "fold": run.fold, "path": run.path},
+                "layer": run.layer, "fold": run.fold, "prep": run.prep, "path": run.path},
         "backbone": {"name": run.backbone, "parts": part_records},
         "features": feature_source,
         "preprocessing": preprocessing,
+        # the variant's steps before the backbone's preprocessing (crop, stain) and their
+        # states fitted on the training part; `leukotype predict` / `explain` apply them
+        "image_steps": image_steps_record(results, variant),
         "classifier": classifier,
         "calibration": calibration,
         "thresholds": {"low_confidence": float(low_confidence)},
@@ -305,6 +325,7 @@ def best_run(
                 "backbone": record["backbone"],
                 "layer": record["layer"],
                 "fold": record["fold"],
+                "prep": str(record.get("prep") or paths.NO_PREP),
                 metric: np.nan if value is None else float(value),
                 "accuracy_tiebreak": float(record["metrics"].get("accuracy") or 0.0),
             }
@@ -312,7 +333,7 @@ def best_run(
     if not rows:
         raise LeukotypeError("no finished runs to choose a model from")
     frame = pd.DataFrame(rows)
-    keys = ["task", "strategy", "backbone", "layer"]
+    keys = ["task", "strategy", "backbone", "layer", "prep"]
     ranking = (
         frame.groupby(keys, sort=False)
         .agg(score=(metric, "mean"), accuracy=("accuracy_tiebreak", "mean"), order=("order", "min"),
@@ -322,7 +343,7 @@ def best_run(
         .reset_index(drop=True)
     )
     best = ranking.iloc[0]
-    return Run(best["task"], best["strategy"], best["backbone"], best["layer"], best["first_fold"]), ranking
+    return Run(best["task"], best["strategy"], best["backbone"], best["layer"], best["first_fold"], best["prep"]), ranking
 
 
 def task_runs(config: Mapping[str, Any], task: str) -> list[Run]:

@@ -21,8 +21,9 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -334,6 +335,7 @@ def extract_features(
     seed: int = 0,
     optimize: bool = True,
     adapt_batchnorm: bool = False,
+    prepare: Callable[[Any, str, str], Any] | None = None,
 ) -> None:
     """Extract ``layers`` of ``backbone`` for every sample into ``out_dir`` (see module doc).
 
@@ -350,6 +352,9 @@ def extract_features(
             up to float rounding); False runs the plain eager extractor.
         adapt_batchnorm: first re-estimate every BatchNorm's statistics on these samples
             (unlabelled; :func:`leukotype.adaptation.adapt_batchnorm`), then extract.
+        prepare: a preprocessing variant, ``(image, abspath, transform) -> image``
+            (:class:`leukotype.preprocessing.ImagePreparer`), applied to every decoded image;
+            its record goes into meta.json.
     """
     # Batches re-allocate the same activations: keep freed blocks instead of page-faulting
     # them in again every batch (a third of the job's CPU in sys otherwise; see allocator).
@@ -386,7 +391,7 @@ def extract_features(
 
             from leukotype.adaptation import adapt_batchnorm as _adapt
 
-            adapt_data = SampleDataset(table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec))
+            adapt_data = SampleDataset(table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec), prepare)
             _adapt(extractor, DataLoader(adapt_data, batch_size=batch_size, num_workers=num_workers), torch_device)
         input_dtype = torch.float32
         if optimize:
@@ -394,7 +399,7 @@ def extract_features(
             extractor = optimize_for_inference(extractor, torch_device, input_dtype)
         autocast_precision = "fp32" if optimize else precision
         dataset = SampleDataset(
-            table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec)
+            table["abspath"].tolist(), table["transform"].tolist(), preprocess(spec), prepare
         )
         n_rows = len(dataset)
         loader = sample_loader(
@@ -457,6 +462,7 @@ def extract_features(
                 **precision_choice.meta(),
                 "optimized": bool(optimize),
                 "adapted_batchnorm": bool(adapt_batchnorm),
+                "image_steps": prepare.record() if hasattr(prepare, "record") else None,
                 "device": str(torch_device),
                 "batch_size": batch_size,
                 "provenance": provenance(seed=seed),

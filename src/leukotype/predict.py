@@ -113,6 +113,14 @@ class Predictor:
         self._head = self.bundle.tensors(self.bundle.spec["classifier"]["file"]) if self.bundle.kind == "softmax" else None
         self.density = self.bundle.ood()
         self._network = None
+        # the run's preprocessing variant (crop, stain normalisation), as its images had it
+        from leukotype.preprocessing import preparer_from_record
+
+        self.preparer = preparer_from_record(self.bundle.spec.get("image_steps"))
+
+    def prepare(self, image: Any, abspath: str) -> Any:
+        """A decoded image as the bundle's preprocessing variant left its training images."""
+        return image if self.preparer is None else self.preparer(image, str(abspath))
 
     # ---------------------------------------------------------------- weights and networks
     def weights_path(self, part: dict[str, Any]) -> Path | None:
@@ -186,7 +194,7 @@ class Predictor:
 
             model, preprocess = self.network()
             return finetuned_features(
-                model, Samples.from_frame(samples), preprocess, batch_size=self.batch_size,
+                model, Samples.from_frame(samples, prepare=self.preparer), preprocess, batch_size=self.batch_size,
                 device=self.device, precision=source["precision"], num_workers=self.num_workers,
             )
         from leukotype.feature_store import load_features
@@ -203,6 +211,7 @@ class Predictor:
                     batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
                     threads=self.threads, precision=source["precision"], progress=False,
                     seed=int(part.get("seed", 0)), optimize=bool(source["optimize"]),
+                    prepare=self.preparer,
                 )
                 dirs.append(out)
             layers = set(source["layers"].values())

@@ -1,76 +1,53 @@
 """Image preprocessing variants that close a lab shift: cell-centred scale, stain normalisation,
-colour augmentation.
+colour augmentation, and whatever step is registered next.
 
-A variant is a small declarative record (:class:`Preprocessing`, from the config's
-``preprocessing`` list) and one function applies it (:func:`apply_preprocessing`), so feature
-extraction, fine-tuning, external sets and (later) prediction bundles all do exactly the same:
+A *variant* (:class:`Variant`, one entry of the config's ``preprocessing`` list) is a name and
+a sequence of *steps*; every step kind lives in one registry (:data:`STEPS`, filled by
+:func:`register_step`), and one class applies a variant to an image (:class:`ImagePreparer`),
+so feature extraction, fine-tuning, external sets and model bundles (``leukotype predict`` /
+``explain``) all do exactly the same. A new step (greyscale, background flattening) is a
+subclass of :class:`Step` with ``@register_step``; the workflow needs no change, because it
+only asks a step what it needs (see :class:`Step`):
 
-1. **cell-centred crop** (``crop``): :func:`locate_cell` finds the white cell by classical
-   segmentation (scikit-image: hematoxylin channel of a colour deconvolution for the nucleus,
-   optical density for the cytoplasm around it, Otsu thresholds, connected components) and a
-   square around it with ``margin`` (a fraction of the cell's size on each side) is cut out, so
-   that a cell fills the same share of the network's input whatever the lab's framing. Boxes
-   are computed once per image by their own job (``crops.tsv``: box, status, reason); an image
-   where no cell is found is used whole and listed with the reason.
-2. **stain normalisation** (``stain``): ``reinhard`` (LAB mean and sd matched to a reference,
-   scikit-image colour conversions) or ``macenko`` (torchstain's stain-vector estimate). The
-   reference comes from the training part only (:func:`fit_stain_reference`).
-3. **colour augmentation** of the training part (``augmentation.colour`` in the config, a
-   transform ``colourK`` per extra view): HED jitter, brightness, contrast, blur and scale
-   jitter with parameters drawn from the image's identity and the view, so a sample's view is
-   the same in every job (:func:`colour_jitter`).
+1. ``crop`` (per-image): :func:`locate_cell` finds the white cell by classical segmentation
+   (scikit-image: hematoxylin channel of a colour deconvolution for the nucleus, optical
+   density for the cytoplasm around it, Otsu thresholds, connected components) and a square
+   around it with ``margin`` (a fraction of the cell's size on each side) is cut out, so that a
+   cell fills the same share of the network's input whatever the lab's framing. Boxes are
+   computed once per image and margin by their own job (``images.tsv``: box, status, reason);
+   an image where no cell is found is used whole and listed with the reason.
+2. ``stain`` (fitted): ``reinhard`` (LAB mean and sd matched to a reference, scikit-image
+   colour conversions) or ``macenko`` (torchstain's stain-vector estimate). The reference comes
+   from training images that are never test images (:func:`reference_image_ids`).
+3. ``colour`` (training views): HED jitter, brightness, contrast, blur and scale jitter with
+   parameters drawn from the image's md5 and the view, so a sample's view is the same in every
+   job (:func:`colour_jitter`); the views ``colourK`` are training samples like rotations.
 
 numpy, PIL and scikit-image only (torchstain's numpy backend): no torch import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from leukotype.augment import COLOUR_PREFIX, colour_transforms, colour_view
 from leukotype.errors import LeukotypeError
+from leukotype.paths import ANALYSIS_TABLE
+from leukotype.paths import PREP_STATE as STATE_FILE
 
 #: Name of the variant that changes nothing (paths and results as without preprocessing).
 NONE = "none"
-STAIN_METHODS = ("none", "reinhard", "macenko")
-#: Prefix of the colour-augmentation transforms (``colour1``, ``colour2``, ...).
-COLOUR_PREFIX = "colour"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """One ``preprocessing`` entry: ``{name, crop: {margin}, stain}``."""
-
-    name: str = NONE
-    crop: bool = False
-    margin: float = 0.15
-    stain: str = "none"
-
-    @classmethod
-    def from_dict(cls, entry: Mapping[str, Any] | None) -> Preprocessing:
-        entry = dict(entry or {})
-        crop = entry.get("crop")
-        if entry.get("stain", "none") not in STAIN_METHODS:
-            raise LeukotypeError(f"unknown stain method {entry.get('stain')!r}; choose one of {list(STAIN_METHODS)}")
-        return cls(
-            name=str(entry.get("name", NONE)),
-            crop=bool(crop),
-            margin=float((crop or {}).get("margin", 0.15)) if isinstance(crop, Mapping) else 0.15,
-            stain=str(entry.get("stain", "none")),
-        )
-
-    @property
-    def is_identity(self) -> bool:
-        return not self.crop and self.stain == "none"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "crop": {"margin": self.margin} if self.crop else None, "stain": self.stain}
+STAIN_METHODS = ("reinhard", "macenko")
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +223,7 @@ def fit_stain_reference(images: Sequence[np.ndarray], method: str) -> dict[str, 
         normalizer = _macenko()
         normalizer.fit(pixels)
         return {"method": method, "HERef": normalizer.HERef.tolist(), "maxCRef": normalizer.maxCRef.tolist(), "n_images": len(images)}
-    raise LeukotypeError(f"unknown stain method {method!r}; choose one of {list(STAIN_METHODS[1:])}")
+    raise LeukotypeError(f"unknown stain method {method!r}; choose one of {list(STAIN_METHODS)}")
 
 
 def normalise_stain(rgb: np.ndarray, reference: Mapping[str, Any]) -> np.ndarray:
@@ -258,27 +235,6 @@ def normalise_stain(rgb: np.ndarray, reference: Mapping[str, Any]) -> np.ndarray
     except (np.linalg.LinAlgError, ValueError, IndexError):
         # too few stained pixels to estimate stain vectors: Reinhard-free fallback is the image
         return rgb
-
-
-# --------------------------------------------------------------------------------------------
-# the one function that applies a variant
-
-
-def apply_preprocessing(
-    image: Image.Image,
-    prep: Preprocessing,
-    box: Sequence[int] | None = None,
-    reference: Mapping[str, Any] | None = None,
-) -> Image.Image:
-    """``image`` (RGB) with the variant applied: crop to ``box`` (left, top, side) when the
-    variant crops and a box was found, then stain normalisation to ``reference``."""
-    if prep.crop and box is not None:
-        image = crop_box(image, *box)
-    if prep.stain != "none":
-        if reference is None:
-            raise LeukotypeError(f"preprocessing {prep.name!r}: stain normalisation needs its reference")
-        image = Image.fromarray(normalise_stain(np.asarray(image), reference))
-    return image
 
 
 def locate_in_image(image: Image.Image, margin: float) -> dict[str, Any]:
@@ -311,11 +267,7 @@ class ColourJitter:
         return cls(**{k: entry[k] for k in cls.__dataclass_fields__ if k in entry})
 
     def transforms(self) -> list[str]:
-        return [f"{COLOUR_PREFIX}{k}" for k in range(1, self.views + 1)]
-
-
-def is_colour_transform(name: str) -> bool:
-    return name.startswith(COLOUR_PREFIX) and name[len(COLOUR_PREFIX):].isdigit()
+        return colour_transforms(self.views)
 
 
 def jitter_parameters(jitter: ColourJitter, image_key: str, view: int) -> dict[str, Any]:
@@ -349,3 +301,412 @@ def colour_jitter(image: Image.Image, params: Mapping[str, Any]) -> Image.Image:
         side_w, side_h = round(width / factor), round(height / factor)
         out = crop_box(out, (width - side_w) // 2, (height - side_h) // 2, max(side_w, side_h)).resize((width, height), Image.BILINEAR)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the step registry: a variant is a named sequence of registered steps
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may use besides the image: its per-image analysis row (``per_image`` steps,
+    e.g. the crop box), its state fitted on the training part (``fitted`` steps, e.g. the stain
+    reference), the sample's view (0: the image itself; K: the training view ``colourK``) and
+    the image's key (its md5: a view's random draw depends on the image, not its path)."""
+
+    analysis: Mapping[str, Any] | None = None
+    state: Mapping[str, Any] | None = None
+    view: int = 0
+    key: str = ""
+
+
+class Step:
+    """One preprocessing step. Subclasses are frozen dataclasses whose fields are the step's
+    parameters (its config entry ``{step: <kind>, <field>: value, ...}``), registered with
+    :func:`register_step`. The workflow computes what a step declares it needs:
+
+    - ``per_image``: :meth:`analyse` runs once per image (on the decoded image, before any
+      step) in a job of its own; its rows are a table (``status``, ``reason`` and the step's
+      columns) shared by every variant with the same :meth:`analysis_key`, and are recorded.
+      Where no row exists (prediction of a new image), the step analyses the image itself.
+    - ``fitted``: :meth:`fit` gets training-part images (never a test image), as the steps
+      before it leave them, and returns a JSON state that :meth:`apply` receives.
+    - ``views`` > 0: the step draws that many training views ``colour1..colourK`` (recorded in
+      the sample table like rotations); :meth:`apply` sees the view in its context.
+
+    A step that needs none of these (greyscale, background flattening) only implements
+    :meth:`apply`.
+    """
+
+    kind: ClassVar[str] = ""
+    per_image: ClassVar[bool] = False
+    fitted: ClassVar[bool] = False
+    #: columns of the per-image table besides image_id, path, abspath, status, reason
+    analysis_columns: ClassVar[tuple[str, ...]] = ()
+    #: training views the step draws (a field of the steps that draw them)
+    views = 0
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> Step:
+        params = {k: v for k, v in dict(entry).items() if k != "step"}
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise LeukotypeError(
+                f"preprocessing step {cls.kind!r}: unknown setting(s) {unknown}; valid: {sorted(fields)}"
+            )
+        return cls(**params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.kind, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    def analysis_key(self) -> str:
+        """Names the per-image table: steps with the same key share it (computed once)."""
+        raise NotImplementedError
+
+    def analyse(self, image: Image.Image) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fit(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        raise NotImplementedError
+
+
+#: Every step kind by name: the one registry the config, the workflow and bundles read.
+STEPS: dict[str, type[Step]] = {}
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Class decorator: make a step kind available to configs and bundles."""
+    if not cls.kind or cls.kind in STEPS:
+        raise LeukotypeError(f"step kind {cls.kind!r} is empty or registered twice")
+    STEPS[cls.kind] = cls
+    return cls
+
+
+def step_from_dict(entry: Mapping[str, Any]) -> Step:
+    kind = dict(entry).get("step")
+    if kind not in STEPS:
+        raise LeukotypeError(f"unknown preprocessing step {kind!r}; known steps: {sorted(STEPS)}")
+    return STEPS[kind].from_dict(entry)
+
+
+@register_step
+@dataclass(frozen=True)
+class CropStep(Step):
+    """Cell-centred crop: the square around the located cell, ``margin`` of the cell's size
+    on every side (:func:`locate_cell`); an image without a found cell is used whole."""
+
+    kind: ClassVar[str] = "crop"
+    per_image: ClassVar[bool] = True
+    analysis_columns: ClassVar[tuple[str, ...]] = ("left", "top", "side", "cell_size")
+    margin: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not 0 <= float(self.margin) <= 2:
+            raise LeukotypeError(f"crop margin must be between 0 and 2, got {self.margin}")
+
+    def analysis_key(self) -> str:
+        return f"crop_m{float(self.margin):g}"
+
+    def analyse(self, image: Image.Image) -> dict[str, Any]:
+        return locate_in_image(image, float(self.margin))
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        row = context.analysis
+        if row is None or row.get("status") != "found":
+            return image
+        return crop_box(image, int(row["left"]), int(row["top"]), int(row["side"]))
+
+
+@register_step
+@dataclass(frozen=True)
+class StainStep(Step):
+    """Stain normalisation to a reference fitted on the training part: ``reinhard`` or
+    ``macenko`` (:func:`fit_stain_reference`, :func:`normalise_stain`)."""
+
+    kind: ClassVar[str] = "stain"
+    fitted: ClassVar[bool] = True
+    method: str = "reinhard"
+
+    def __post_init__(self) -> None:
+        if self.method not in STAIN_METHODS:
+            raise LeukotypeError(f"unknown stain method {self.method!r}; choose one of {list(STAIN_METHODS)}")
+
+    def fit(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        return fit_stain_reference([np.asarray(image.convert("RGB")) for image in images], self.method)
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        if context.state is None:
+            raise LeukotypeError(f"stain normalisation ({self.method}) needs its fitted reference")
+        return Image.fromarray(normalise_stain(np.asarray(image.convert("RGB")), context.state))
+
+
+@register_step
+@dataclass(frozen=True)
+class ColourStep(Step):
+    """Stain and colour augmentation of the training part: ``views`` extra samples per
+    training image (``colour1..colourK``), each with a HED shift, brightness, contrast, blur
+    and scale change drawn from (``seed``, the image's md5, the view) (:func:`colour_jitter`).
+    Test, external and prediction images (view 0) pass unchanged."""
+
+    kind: ClassVar[str] = "colour"
+    views: int = 4
+    hed: float = 0.03
+    brightness: float = 0.1
+    contrast: float = 0.1
+    blur: float = 0.5
+    scale: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        colour_transforms(self.views)  # range check
+        if not 0 <= float(self.scale) <= 0.5 or min(self.hed, self.brightness, self.contrast, self.blur) < 0:
+            raise LeukotypeError(f"colour step: amplitudes must be >= 0 and scale <= 0.5, got {self}")
+
+    def jitter(self) -> ColourJitter:
+        return ColourJitter(
+            views=self.views, hed=self.hed, brightness=self.brightness, contrast=self.contrast,
+            blur=self.blur, scale=self.scale, seed=self.seed,
+        )
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        if context.view == 0:
+            return image
+        if context.view > self.views:
+            raise LeukotypeError(f"colour view {context.view} asked of a step with {self.views} views")
+        return colour_jitter(image, jitter_parameters(self.jitter(), context.key, context.view))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ``preprocessing`` entry: ``{name, steps: [{step: <kind>, ...}, ...], reference_images}``."""
+
+    name: str = NONE
+    steps: tuple[Step, ...] = ()
+    reference_images: int = 200
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any] | None) -> Variant:
+        entry = dict(entry or {})
+        unknown = sorted(set(entry) - {"name", "steps", "reference_images"})
+        if unknown:
+            raise LeukotypeError(f"preprocessing variant: unknown key(s) {unknown}")
+        return cls(
+            name=str(entry.get("name", NONE)),
+            steps=tuple(step_from_dict(s) for s in entry.get("steps") or ()),
+            reference_images=int(entry.get("reference_images", 200)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": [s.to_dict() for s in self.steps], "reference_images": self.reference_images}
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.steps
+
+    @property
+    def views(self) -> int:
+        """Training views the variant adds (``colour1..colourK``)."""
+        return sum(step.views for step in self.steps)
+
+    def view_transforms(self) -> list[str]:
+        return colour_transforms(self.views)
+
+    def per_image_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.per_image]
+
+    def analysis_keys(self) -> list[str]:
+        return list(dict.fromkeys(s.analysis_key() for s in self.per_image_steps()))
+
+    @property
+    def fitted(self) -> bool:
+        return any(s.fitted for s in self.steps)
+
+    def problems(self) -> list[str]:
+        where = f"preprocessing variant {self.name!r}"
+        problems = []
+        if self.name == NONE and self.steps:
+            problems.append(f"{where}: the name 'none' is reserved for no preprocessing; rename the variant")
+        if self.name != NONE and not self.steps:
+            problems.append(f"{where}: no steps; it would repeat 'none'")
+        if sum(1 for s in self.steps if s.views) > 1:
+            problems.append(f"{where}: at most one step may draw training views")
+        return problems
+
+
+def variants(cfg: Mapping[str, Any]) -> dict[str, Variant]:
+    """The config's preprocessing variants by name (``none`` alone when none is configured)."""
+    entries = cfg.get("preprocessing") or [{"name": NONE}]
+    return {v.name: v for v in (Variant.from_dict(e) for e in entries)}
+
+
+def variant_of(cfg: Mapping[str, Any], name: str) -> Variant:
+    if name == NONE:
+        return variants(cfg).get(NONE, Variant())
+    found = variants(cfg)
+    if name not in found:
+        raise LeukotypeError(f"unknown preprocessing variant {name!r}; configured: {sorted(found)}")
+    return found[name]
+
+
+def check_preprocessing_config(cfg: Mapping[str, Any]) -> list[str]:
+    """Problems of the ``preprocessing`` list: unknown steps or settings, duplicate names, a
+    ``none`` with steps, a fitted step (stain reference) where no image is never a test image
+    (k-fold: every image is a test image in one fold)."""
+    entries = cfg.get("preprocessing") or []
+    names = [str(e.get("name")) for e in entries]
+    problems = [f"preprocessing: variant name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for i, entry in enumerate(entries):
+        try:
+            variant = Variant.from_dict(entry)
+        except LeukotypeError as err:
+            problems.append(f"preprocessing[{i}]: {err}")
+            continue
+        problems += variant.problems()
+        if variant.fitted and (cfg.get("split") or {}).get("method") == "kfold":
+            problems.append(
+                f"preprocessing variant {variant.name!r} fits a step (stain reference) on training "
+                "images that are never test images; with split.method kfold every image is a test "
+                "image in one fold, so use split.method holdout for this variant"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# applying a variant inside a data loader
+
+
+class ImagePreparer:
+    """``(image, abspath, transform) -> image``: a variant's steps in order, each with its
+    context (per-image row by abspath, fitted state, the sample's colour view, the image's
+    md5). Picklable, so data-loader workers can use it."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        analyses: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+        states: Sequence[Mapping[str, Any] | None] | None = None,
+        keys: Mapping[str, str] | None = None,
+    ) -> None:
+        self.variant = variant
+        self.analyses = {k: dict(v) for k, v in (analyses or {}).items()}
+        self.states = list(states) if states is not None else [None] * len(variant.steps)
+        if len(self.states) != len(variant.steps):
+            raise LeukotypeError(f"variant {variant.name!r}: {len(self.states)} states for {len(variant.steps)} steps")
+        self.keys = dict(keys or {})
+
+    def analysis(self, step: Step, image: Image.Image, abspath: str) -> Mapping[str, Any]:
+        table = self.analyses.get(step.analysis_key(), {})
+        row = table.get(str(abspath))
+        return row if row is not None else step.analyse(image)
+
+    def __call__(self, image: Image.Image, abspath: str, transform: str = "identity") -> Image.Image:
+        original, view = image, colour_view(transform)
+        if view > self.variant.views:
+            raise LeukotypeError(
+                f"sample {abspath} asks for {transform!r}, but variant {self.variant.name!r} draws "
+                f"{self.variant.views} colour views"
+            )
+        key = self.keys.get(str(abspath), str(abspath))
+        for step, state in zip(self.variant.steps, self.states):
+            analysis = self.analysis(step, original, abspath) if step.per_image else None
+            image = step.apply(image, StepContext(analysis=analysis, state=state, view=view, key=key))
+        return image
+
+    def record(self) -> dict[str, Any]:
+        """What a model bundle stores to prepare new images the same way (per-image rows are
+        recomputed from each new image)."""
+        return {"variant": self.variant.to_dict(), "states": [dict(s) if s else None for s in self.states]}
+
+
+def preparer_from_record(record: Mapping[str, Any] | None) -> ImagePreparer | None:
+    """The preparer of a bundle's ``image_steps`` record (None: the images as they are). A step
+    kind this version lacks is refused with its name."""
+    if not record:
+        return None
+    variant = Variant.from_dict(record["variant"])
+    return None if variant.is_identity else ImagePreparer(variant, states=record.get("states"))
+
+
+def read_analysis_table(path: str | Path) -> dict[str, dict[str, Any]]:
+    """abspath -> row of a per-image table (``images.tsv``)."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t", keep_default_na=False, dtype=str)
+    return {row["abspath"]: row for row in table.to_dict("records")}
+
+
+def preparer_for(
+    variant_record: Mapping[str, Any] | None,
+    files: Sequence[str | Path] = (),
+    keys: Mapping[str, str] | None = None,
+) -> ImagePreparer | None:
+    """The preparer of a workflow job: its variant (a rule param), its preprocessing inputs
+    (the per-image tables ``<key>/images.tsv`` and the variant's ``state.json``) and the
+    images' md5 (``keys``: abspath -> md5). None for ``none``."""
+    variant = Variant.from_dict(variant_record)
+    if variant.is_identity:
+        return None
+    analyses, states = {}, None
+    for path in map(Path, files):
+        if path.name == ANALYSIS_TABLE:
+            analyses[path.parent.name] = read_analysis_table(path)
+        elif path.name == STATE_FILE:
+            states = json.loads(path.read_text(encoding="utf-8"))["states"]
+    missing = [k for k in variant.analysis_keys() if k not in analyses]
+    if missing:
+        raise LeukotypeError(f"variant {variant.name!r}: per-image table(s) {missing} not given to the job")
+    if variant.fitted and states is None:
+        raise LeukotypeError(f"variant {variant.name!r}: its fitted state ({STATE_FILE}) was not given to the job")
+    return ImagePreparer(variant, analyses, states, keys)
+
+
+def analysis_table(step: Step, validated: Any) -> Any:
+    """The per-image table of ``step`` for every valid image of a validated table."""
+    import pandas as pd
+
+    from leukotype.images import load_rgb
+
+    ok = validated[validated["status"] == "ok"]
+    rows = [
+        {"image_id": i, "path": p, "abspath": a, **step.analyse(load_rgb(a))}
+        for i, p, a in zip(ok["image_id"], ok["path"], ok["abspath"])
+    ]
+    columns = ["image_id", "path", "abspath", "status", "reason", *step.analysis_columns]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def reference_image_ids(splits: Sequence[Any], n: int, seed: int) -> list[str]:
+    """At most ``n`` images (seeded sample) that are training images and never a test image in
+    any fold of any task's split table: what a fitted step may see."""
+    train, test = set(), set()
+    for table in splits:
+        train |= set(table.loc[table["part"] == "train", "image_id"].astype(str))
+        test |= set(table.loc[table["part"] == "test", "image_id"].astype(str))
+    candidates = sorted(train - test)
+    if not candidates:
+        raise LeukotypeError(
+            "no image is a training image in every fold (k-fold makes every image a test image "
+            "once): a fitted preprocessing step needs a hold-out split"
+        )
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
+
+
+def fit_variant(
+    variant: Variant,
+    images: Sequence[tuple[str, Image.Image]],
+    analyses: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+) -> list[dict[str, Any] | None]:
+    """Each step's state: a fitted step sees ``images`` (abspath, decoded image) as the steps
+    before it (with their states) leave them."""
+    states: list[dict[str, Any] | None] = [None] * len(variant.steps)
+    for i, step in enumerate(variant.steps):
+        if not step.fitted:
+            continue
+        before = ImagePreparer(Variant(variant.name, variant.steps[:i]), analyses, states[:i])
+        states[i] = step.fit([before(image, path) for path, image in images])
+    return states

@@ -159,6 +159,11 @@ def _runs_of_task(summary_df: pd.DataFrame, task: str) -> pd.DataFrame:
         model_display_name(b, lyr, show_layer=(lyr.lower() in NAMED_LAYERS) or n > 1)
         for b, lyr, n in zip(rows["_backbone"], rows["_layer"], layers_per)
     ]
+    if "prep" in rows.columns:  # preprocessing variants side by side: "Lite0 [cropstain]"
+        rows["_display"] = [
+            name if str(prep) in ("", "none", "nan") else f"{name} [{prep}]"
+            for name, prep in zip(rows["_display"], rows["prep"])
+        ]
     if "scheme" in rows.columns:
         # The same run evaluated by hold-out and by k-fold: say which row is which.
         clash = rows.duplicated(["strategy", "_display"], keep=False)

@@ -188,7 +188,7 @@ def plot_external(
     labels = []
     for _, row in summary.iterrows():
         label = f"{model_display_name(row['backbone'], row['layer'])} — {technique_and_classifier(row['strategy'])[0]}"
-        if row["prep"]:
+        if row["prep"] not in ("", "none"):
             label += f" [{row['prep']}]"
         if row["adapt"] != "none":
             label += " + BN adapt"

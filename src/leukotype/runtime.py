@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from leukotype.augment import apply_transform, check_transform
+from leukotype.augment import apply_transform, check_transform, is_colour_transform
 from leukotype.errors import LeukotypeError
 from leukotype.images import load_rgb
 
@@ -107,7 +107,9 @@ class SampleDataset(Dataset):
 
     Decodes with :func:`leukotype.images.load_rgb`, applies the lossless transform to the
     full-resolution image (before any resize, so a rotation never interpolates), then
-    ``preprocess``.
+    ``preprocess``. ``prepare(image, abspath, transform)`` (a preprocessing variant:
+    ``leukotype.preprocessing.ImagePreparer``) runs first, on the image as decoded; colour
+    views (``colourK``) need it.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class SampleDataset(Dataset):
         abspaths: Sequence[str | os.PathLike],
         transforms: Sequence[str],
         preprocess: Callable[[Image.Image], torch.Tensor],
+        prepare: Callable[[Image.Image, str, str], Image.Image] | None = None,
     ) -> None:
         if len(abspaths) != len(transforms):
             raise LeukotypeError(
@@ -123,12 +126,19 @@ class SampleDataset(Dataset):
         self.abspaths = [str(p) for p in abspaths]
         self.transforms = [check_transform(str(t)) for t in transforms]
         self.preprocess = preprocess
+        self.prepare = prepare
+        colour = sorted({t for t in self.transforms if is_colour_transform(t)})
+        if colour and prepare is None:
+            raise LeukotypeError(f"colour views {colour[:3]} need the preprocessing variant that draws them")
 
     def __len__(self) -> int:
         return len(self.abspaths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = apply_transform(load_rgb(self.abspaths[index]), self.transforms[index])
+        image = load_rgb(self.abspaths[index])
+        if self.prepare is not None:  # a preprocessing variant (leukotype.preprocessing)
+            image = self.prepare(image, self.abspaths[index], self.transforms[index])
+        image = apply_transform(image, self.transforms[index])
         return self.preprocess(image), index
 
 

@@ -206,7 +206,7 @@ def explain_images(predictor: Any, abspaths: Sequence[str]) -> list[tuple[str, n
     features, prep = feature_network(predictor)
     results = []
     for path in abspaths:
-        image = load_rgb(path)
+        image = predictor.prepare(load_rgb(path), path)  # the bundle's variant (crop, stain)
         x = prep(image).unsqueeze(0)
         model, target, cls = score_module(predictor, features, x)
         cam = layer_cam(model, x, target)

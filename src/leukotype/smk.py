@@ -44,3 +44,18 @@ def logged(snakemake: Any) -> Iterator[logging.Logger]:
         sys.stdout, sys.stderr = old_out, old_err
         if handle is not real_stderr:
             handle.close()
+
+
+def run_meta(wildcards: Any) -> dict[str, Any]:
+    """A run's identity from its job's wildcards: ``prep`` as the variant's name (``none``) and,
+    for a variant, a ``model`` id that tells it apart (``efficientnet_lite0-pool@cropstain``)."""
+    from leukotype import paths
+    from leukotype.metrics import model_id
+
+    meta = dict(wildcards)
+    meta["prep"] = paths.prep_name(str(meta.get("prep", "")))
+    if "svm_strategy" in meta and "strategy" not in meta:
+        meta["strategy"] = meta.pop("svm_strategy")
+    if "backbone" in meta and meta["prep"] != paths.NO_PREP:
+        meta["model"] = model_id(meta["backbone"], meta.get("layer")) + paths.prep_suffix(meta["prep"])
+    return meta

@@ -80,11 +80,19 @@ def run_split(
 
 
 def run_augment(
-    split: PathLike, augmentation_cfg: Mapping[str, Any], out: PathLike, tta: bool = False
+    split: PathLike,
+    augmentation_cfg: Mapping[str, Any],
+    out: PathLike,
+    tta: bool = False,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
+    """The task's sample table; a ``preprocessing`` variant that draws colour views adds them
+    to the training rows (``colour1..colourK``), recorded per sample like the rotations."""
     from leukotype.augment import augmented_samples, transforms_from_config
+    from leukotype.preprocessing import Variant
 
-    samples = augmented_samples(read_tsv(split), transforms_from_config(augmentation_cfg), tta=tta)
+    views = Variant.from_dict(preprocessing).view_transforms()
+    samples = augmented_samples(read_tsv(split), transforms_from_config(augmentation_cfg), tta=tta, training_views=views)
     write_tsv(samples, out)
     return samples
 
@@ -92,17 +100,19 @@ def run_augment(
 # ------------------------------------------------------------------------------ features
 
 
-def extraction_samples(validated: pd.DataFrame, augmentation_cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """Every valid image under every configured transform.
+def extraction_samples(
+    validated: pd.DataFrame, augmentation_cfg: Mapping[str, Any], views: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Every valid image under every configured transform (and a variant's colour ``views``).
 
     A superset of what any split needs (test images are only read as `identity`), chosen so that
-    extraction depends on validation and augmentation alone: re-splitting, new folds or new
-    tasks never re-extract.
+    extraction depends on validation, augmentation and the variant alone: re-splitting, new
+    folds or new tasks never re-extract.
     """
     from leukotype.augment import transforms_from_config
 
     ok = validated[validated["status"] == "ok"][["image_id", "abspath"]]
-    transforms = transforms_from_config(augmentation_cfg)
+    transforms = transforms_from_config(augmentation_cfg) + list(views)
     rows = ok.merge(pd.DataFrame({"transform": transforms}), how="cross")
     return rows.sort_values(["image_id", "transform"], kind="stable").reset_index(drop=True)
 
@@ -119,9 +129,14 @@ def run_extract(
     out_dir: PathLike,
     threads: int = 1,
     memory_mb: float | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    preprocessing_files: Sequence[PathLike] = (),
 ) -> None:
+    """Features of every valid image x transform; ``preprocessing`` (a variant, with its
+    per-image tables and fitted state in ``preprocessing_files``) applies to every image."""
     from leukotype.features import extract_features
     from leukotype.memory import extraction_memory_parts, require_memory
+    from leukotype.preprocessing import Variant
     from leukotype.weights import resolve_weights
 
     # Before any weight is loaded: stop with a message if the job's mem_mb cannot hold it.
@@ -131,7 +146,9 @@ def run_extract(
         memory_mb,
         hint="or lower features.batch_size",
     )
-    samples = extraction_samples(read_tsv(validated), augmentation_cfg)
+    validated_table = read_tsv(validated)
+    views = Variant.from_dict(preprocessing).view_transforms()
+    samples = extraction_samples(validated_table, augmentation_cfg, views)
     weights_path = resolve_weights(backbone, weights, sha256=sha256, torch_home=torch_home)
     log.info("extracting %s %s for %d samples (weights: %s)", backbone, list(layers), len(samples), weights_path)
     extract_features(
@@ -147,7 +164,68 @@ def run_extract(
         precision=features_cfg["precision"],
         optimize=features_cfg["optimize"],
         adapt_batchnorm=features_cfg.get("adapt_batchnorm", False),
+        prepare=job_preparer(preprocessing, preprocessing_files, validated_table),
     )
+
+
+def job_preparer(
+    preprocessing: Mapping[str, Any] | None, files: Sequence[PathLike], validated: pd.DataFrame
+) -> Any:
+    """A job's :class:`leukotype.preprocessing.ImagePreparer` (None for ``none``): its variant,
+    per-image tables and fitted state, and the images' md5 (the key of colour views)."""
+    from leukotype.preprocessing import preparer_for
+
+    keys = dict(zip(validated["abspath"].astype(str), validated["md5"].astype(str))) if "md5" in validated else {}
+    return preparer_for(preprocessing, [str(f) for f in files], keys)
+
+
+# ------------------------------------------------------------------------ preprocessing data
+
+
+def run_analyse_images(validated: PathLike, step_cfg: Mapping[str, Any], out_table: PathLike) -> pd.DataFrame:
+    """A per-image step's table (crop boxes: ``images.tsv``) for every valid image; images it
+    finds nothing in (no cell) are listed with the reason and logged."""
+    from leukotype.preprocessing import analysis_table, step_from_dict
+
+    step = step_from_dict(step_cfg)
+    table = analysis_table(step, read_tsv(validated))
+    missed = table[table["status"] != "found"]
+    for row in missed.itertuples():
+        log.warning("%s: nothing found in %s: %s (the image is used whole)", step.kind, row.path, row.reason)
+    log.info("%s: found in %d of %d images", step.kind, len(table) - len(missed), len(table))
+    write_tsv(table, out_table)
+    return table
+
+
+def run_fit_preprocessing(
+    validated: PathLike,
+    splits: Sequence[PathLike],
+    preprocessing: Mapping[str, Any],
+    analyses: Sequence[PathLike],
+    seed: int,
+    out_state: PathLike,
+) -> dict[str, Any]:
+    """A variant's fitted states (stain reference) from at most ``reference_images`` training
+    images that are never test images in any fold of any task's ``splits``."""
+    from leukotype.images import load_rgb
+    from leukotype.preprocessing import Variant, fit_variant, read_analysis_table, reference_image_ids
+
+    variant = Variant.from_dict(preprocessing)
+    chosen = reference_image_ids([read_tsv(p) for p in splits], variant.reference_images, seed)
+    table = read_tsv(validated).set_index("image_id")
+    abspaths = table.loc[chosen, "abspath"].astype(str).tolist()
+    tables = {Path(p).parent.name: read_analysis_table(p) for p in analyses}
+    states = fit_variant(variant, [(p, load_rgb(p)) for p in abspaths], tables)
+    record = {
+        "variant": variant.to_dict(),
+        "states": states,
+        "image_ids": chosen,
+        "n_images": len(chosen),
+        "provenance": provenance(seed=seed),
+    }
+    write_json(record, out_state)
+    log.info("variant %s fitted on %d training images (never test images)", variant.name, len(chosen))
+    return record
 
 
 # ---------------------------------------------------------------------------- classifier
@@ -586,7 +664,7 @@ def run_collect(
     rows = []
     for path in metrics:
         record = read_json(path)
-        row = {k: record.get(k) for k in ("task", "strategy", "backbone", "layer", "fold", "weights", "n_test")}
+        row = {k: record.get(k) for k in ("task", "strategy", "backbone", "layer", "prep", "fold", "weights", "n_test")}
         row.update(record["metrics"])
         for name, (lo, hi) in record.get("ci", {}).items():
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = lo, hi
@@ -635,9 +713,13 @@ def run_finetune(
     feature_dirs: Sequence[PathLike] = (),
     threads: int = 1,
     sha256: str | None | Mapping[str, str | None] = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    preprocessing_files: Sequence[PathLike] = (),
 ) -> pd.DataFrame:
     """Fine-tune ``backbone`` on one task and fold; write model, history, curve, predictions
-    and the fine-tuned network's features (for ``finetune_svm``).
+    and the fine-tuned network's features (for ``finetune_svm``). ``preprocessing`` (a variant
+    and its data files) applies to every image the network reads; its colour views are
+    training samples of the sample table.
 
     With ``feature_dirs`` (the paper's policy: every pretrained layer frozen) the head trains on
     the cached penultimate features of those folders instead of running the backbone again.
@@ -659,7 +741,9 @@ def run_finetune(
 
     task = task_from_dict(task_cfg)
     classes = list(task.classes)
-    paths = read_tsv(validated)[["image_id", "abspath"]]
+    validated_table = read_tsv(validated)
+    prepare = job_preparer(preprocessing, preprocessing_files, validated_table)
+    paths = validated_table[["image_id", "abspath"]]
     train_rows, test_rows = (part.merge(paths, on="image_id", how="left") for part in fold_parts(read_tsv(samples), fold))
     cfg = FinetuneConfig.from_mapping({**settings, "threads": threads})
     precision = _native_precision(cfg)
@@ -670,9 +754,9 @@ def run_finetune(
         train_rows, val_rows = train_rows[~is_val], train_rows[is_val]
         log.info("validation part for early stopping: %d of %d training samples", len(val_rows), len(is_val))
     fold_samples = FoldSamples(
-        train=Samples.from_frame(train_rows, classes),
-        val=Samples.from_frame(val_rows, classes) if len(val_rows) else None,
-        test=Samples.from_frame(test_rows, classes),
+        train=Samples.from_frame(train_rows, classes, prepare=prepare),
+        val=Samples.from_frame(val_rows, classes, prepare=prepare) if len(val_rows) else None,
+        test=Samples.from_frame(test_rows, classes, prepare=prepare),
     )
 
     parts = list(catalog.parts(backbone))

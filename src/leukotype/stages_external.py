@@ -67,11 +67,20 @@ def run_extract_external(
     out_dir: PathLike,
     adapt: str = "none",
     threads: int = 1,
+    preprocessing: Mapping[str, Any] | None = None,
+    preprocessing_files: Sequence[PathLike] = (),
 ) -> None:
     """Features of every valid external image (identity only: external images are test images).
 
-    ``adapt: bn`` re-estimates BatchNorm statistics on these (unlabelled) images first.
+    ``adapt: bn`` re-estimates BatchNorm statistics on these (unlabelled) images first. A
+    ``preprocessing`` variant applies with the set's own per-image tables (crop boxes) and the
+    state fitted on the training part (stain reference); its colour views are training-only.
     """
+    from leukotype.preprocessing import Variant
+
+    if preprocessing is not None:  # external images are test images: no training views
+        variant = Variant.from_dict(preprocessing)
+        preprocessing = Variant(variant.name, tuple(s for s in variant.steps if not s.views), variant.reference_images).to_dict()
     from leukotype.stages import run_extract
 
     run_extract(
@@ -85,6 +94,8 @@ def run_extract_external(
         {**features_cfg, "adapt_batchnorm": adapt == "bn"},
         out_dir,
         threads=threads,
+        preprocessing=preprocessing,
+        preprocessing_files=preprocessing_files,
     )
 
 
@@ -133,9 +144,11 @@ def run_predict_external_finetune(
     feature_dirs: Sequence[PathLike] = (),
     adapt: str = "none",
     threads: int = 1,
+    preprocessing: Mapping[str, Any] | None = None,
+    preprocessing_files: Sequence[PathLike] = (),
 ) -> pd.DataFrame:
     """A fine-tuned network's predictions (and its features, for ``finetune_svm``) for the
-    scored external images.
+    scored external images (``preprocessing``: the run's variant, as for extraction).
 
     With ``feature_dirs`` (the paper's policy: the head trained on cached frozen features) the
     head runs on the external images' frozen features (BatchNorm-adapted ones for ``bn``);
@@ -167,7 +180,10 @@ def run_predict_external_finetune(
     model, preprocess = build_finetune_model(backbone, len(classes), cfg.policy, weights=None, seed=cfg.seed)
     load_finetuned(model, model_file)
     model.eval()
-    image_samples = Samples.from_frame(samples, classes)
+    from leukotype.stages import job_preparer
+
+    prepare = job_preparer(preprocessing, preprocessing_files, read_tsv(validated))
+    image_samples = Samples.from_frame(samples, classes, prepare=prepare)
     index = samples[["image_id", "transform"]]
     if feature_dirs:
         X = load_features([Path(d) for d in feature_dirs], penultimate_layer(catalog.parts(backbone)[0]), index)
@@ -189,7 +205,7 @@ def run_predict_external_finetune(
             seen = adapt_batchnorm(model, loader, device)
             log.info("BatchNorm statistics re-estimated on %d external images (labels unused)", seen)
         predictions = predict(model, image_samples, preprocess, classes, **inference)
-        write_finetuned_features(out_features, model, Samples.from_frame(samples), preprocess, **inference)
+        write_finetuned_features(out_features, model, Samples.from_frame(samples, prepare=prepare), preprocess, **inference)
     write_tsv(predictions, out_predictions)
     return predictions
 

@@ -4,17 +4,25 @@
 
 rule train_svm:
     input:
-        samples=rules.augment.output.samples,
+        samples=samples_input,
         features=feature_dirs,
     output:
-        model=paths.run_file(R, paths.SVM_MODEL, strategy="{svm_strategy}"),
-        predictions=paths.run_file(R, paths.PREDICTIONS, strategy="{svm_strategy}"),
-        cv_results=paths.run_file(R, paths.CV_RESULTS, strategy="{svm_strategy}"),
-        calibration=paths.run_file(R, paths.CALIBRATION, strategy="{svm_strategy}"),
+        model=paths.run_file(
+            R, paths.SVM_MODEL, strategy="{svm_strategy}", prep="{prep}"
+        ),
+        predictions=paths.run_file(
+            R, paths.PREDICTIONS, strategy="{svm_strategy}", prep="{prep}"
+        ),
+        cv_results=paths.run_file(
+            R, paths.CV_RESULTS, strategy="{svm_strategy}", prep="{prep}"
+        ),
+        calibration=paths.run_file(
+            R, paths.CALIBRATION, strategy="{svm_strategy}", prep="{prep}"
+        ),
     log:
-        f"{R}/logs/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}.log",
+        f"{R}/logs/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}.log",
     benchmark:
-        f"{R}/benchmarks/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}.tsv"
+        f"{R}/benchmarks/train_svm/{{task}}/{{svm_strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}.tsv"
     conda:
         CONDA_ENV
     threads: config["compute"]["threads_svm"]
@@ -31,16 +39,16 @@ rule train_svm:
 
 rule evaluate:
     input:
-        predictions=paths.run_file(R, paths.PREDICTIONS),
-        samples=rules.augment.output.samples,
+        predictions=paths.run_file(R, paths.PREDICTIONS, prep="{prep}"),
+        samples=paths.samples_file(R),
         features=run_feature_dirs,
         cv_results=svm_cv_results,
     output:
-        metrics=paths.run_file(R, paths.METRICS),
-        confusion=paths.run_file(R, paths.CONFUSION),
-        confusion_png=paths.run_file(R, paths.CONFUSION_PNG),
+        metrics=paths.run_file(R, paths.METRICS, prep="{prep}"),
+        confusion=paths.run_file(R, paths.CONFUSION, prep="{prep}"),
+        confusion_png=paths.run_file(R, paths.CONFUSION_PNG, prep="{prep}"),
     log:
-        f"{R}/logs/evaluate/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}.log",
+        f"{R}/logs/evaluate/{{task}}/{{strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}.log",
     conda:
         CONDA_ENV
     threads: 1

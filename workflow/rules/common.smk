@@ -25,6 +25,7 @@ from leukotype.config import (  # noqa: E402
 )
 from leukotype.config import validate_config as _validate_config  # noqa: E402
 from leukotype.errors import LeukotypeError  # noqa: E402
+from leukotype.preprocessing import step_from_dict, variants  # noqa: E402
 from leukotype.split import fold_ids  # noqa: E402
 from leukotype.stages import dataset_label  # noqa: E402
 
@@ -69,6 +70,62 @@ def _alternatives(values):
     return "|".join(sorted({re.escape(str(v)) for v in values}))
 
 
+# Preprocessing variants (leukotype.preprocessing), compared side by side like backbones: a
+# variant other than `none` is the suffix `@<name>` of the backbone's folders ({prep}).
+PREP = variants(config)
+# Per-image step tables (crop boxes), one per key, shared by the variants with that step.
+ANALYSES = {
+    step.analysis_key(): step.to_dict()
+    for variant in PREP.values()
+    for step in variant.per_image_steps()
+}
+
+
+def _optional_prep():
+    names = [n for n in PREP if n != paths.NO_PREP]
+    if not names:
+        return "(?:)"
+    return f"(?:{re.escape(paths.PREP_SEPARATOR)}(?:{_alternatives(names)}))?"
+
+
+def variant_of(wildcards):
+    return PREP.get(paths.prep_name(wildcards.prep)) or variants({})[paths.NO_PREP]
+
+
+def preprocessing_record(wildcards):
+    """The variant of a job (a param: changing its steps reruns the job)."""
+    return variant_of(wildcards).to_dict()
+
+
+def preprocessing_inputs(wildcards):
+    """Per-image tables and the fitted state a variant's image jobs read (none for `none`)."""
+    variant = variant_of(wildcards)
+    files = [paths.analysis_table(R, key) for key in variant.analysis_keys()]
+    if variant.fitted:
+        files.append(paths.prep_state(R, variant.name))
+    return files
+
+
+def external_preprocessing_inputs(wildcards):
+    """The external set's own per-image tables and the variant's state fitted on training."""
+    variant = variant_of(wildcards)
+    files = [
+        paths.external_analysis_table(R, wildcards.ext, key)
+        for key in variant.analysis_keys()
+    ]
+    if variant.fitted:
+        files.append(paths.prep_state(R, variant.name))
+    return files
+
+
+def samples_input(wildcards):
+    """The task's sample table; a variant that draws colour views has its own."""
+    variant = variant_of(wildcards)
+    return paths.samples_file(
+        R, wildcards.task, variant.name if variant.views else paths.NO_PREP
+    )
+
+
 wildcard_constraints:
     task=_alternatives(TASKS),
     fold=_alternatives(FOLDS),
@@ -76,6 +133,10 @@ wildcard_constraints:
     strategy=_alternatives(STRATEGIES),
     svm_strategy="features_svm|finetune_svm",
     layer=r"[A-Za-z0-9_]+",
+    # "" (no preprocessing: the paths of a study without variants) or "@<variant>"
+    prep=_optional_prep(),
+    variant=_alternatives(PREP),
+    key=_alternatives(ANALYSES or ["-"]),
     ext=_alternatives([e["name"] for e in config["evaluation"]["external"]] or ["-"]),
     adapt="none|bn",
 
@@ -112,14 +173,24 @@ def staged_weight_files():
 def feature_dirs(wildcards):
     """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
     return svm_feature_dirs(
-        R, wildcards.svm_strategy, wildcards.task, wildcards.backbone, wildcards.fold
+        R,
+        wildcards.svm_strategy,
+        wildcards.task,
+        wildcards.backbone,
+        wildcards.fold,
+        paths.prep_name(wildcards.prep),
     )
 
 
 def run_feature_dirs(wildcards):
     """Feature folders behind any run (their meta.json records its precision)."""
     return svm_feature_dirs(
-        R, wildcards.strategy, wildcards.task, wildcards.backbone, wildcards.fold
+        R,
+        wildcards.strategy,
+        wildcards.task,
+        wildcards.backbone,
+        wildcards.fold,
+        paths.prep_name(wildcards.prep),
     )
 
 
@@ -127,15 +198,25 @@ def svm_cv_results(wildcards):
     """An SVM run's cv_results.tsv (its solver goes into metrics.json); none for finetune."""
     if wildcards.strategy == "finetune":
         return []
-    run = (
-        f"{wildcards.task}/{wildcards.strategy}/{wildcards.backbone}/{wildcards.layer}"
-    )
-    return [f"{R}/runs/{run}/{wildcards.fold}/cv_results.tsv"]
+    return [
+        paths.run_file(
+            R,
+            paths.CV_RESULTS,
+            wildcards.task,
+            wildcards.strategy,
+            wildcards.backbone,
+            wildcards.layer,
+            wildcards.fold,
+            paths.prep_name(wildcards.prep),
+        )
+    ]
 
 
 def finetune_feature_dirs(wildcards):
     """Cached backbone features the head trains on (paper policy), else nothing."""
-    return _finetune_feature_dirs(config, wildcards.backbone)
+    return _finetune_feature_dirs(
+        config, wildcards.backbone, paths.prep_name(wildcards.prep)
+    )
 
 
 def finetune_result_settings(backbone):
@@ -182,11 +263,12 @@ def comparison_settings():
 
 
 def feature_map_targets():
-    """One t-SNE map per extracted backbone and layer."""
+    """One t-SNE map per extracted backbone (and variant) and layer."""
     return [
-        f"{R}/figures/features/{backbone}-{layer}.png"
+        f"{R}/figures/features/{backbone}{paths.prep_suffix(prep)}-{layer}.png"
         for backbone, layers in EXTRACT.items()
         for layer in layers
+        for prep in PREP
     ]
 
 
@@ -236,6 +318,7 @@ def export_classifier_files(wildcards):
                 run.backbone,
                 run.layer,
                 run.fold,
+                run.prep,
             )
             for run in _task_runs(wildcards)
         }
@@ -249,7 +332,7 @@ def export_feature_dirs(wildcards):
             folder
             for run in _task_runs(wildcards)
             for folder in svm_feature_dirs(
-                R, run.strategy, run.task, run.backbone, run.fold
+                R, run.strategy, run.task, run.backbone, run.fold, run.prep
             )
         }
     )
@@ -287,6 +370,17 @@ def external_runs():
     ]
 
 
+def export_preprocessing_files(wildcards):
+    """The fitted states of the task's variants (the bundle records its run's)."""
+    return sorted(
+        {
+            paths.prep_state(R, run.prep)
+            for run in _task_runs(wildcards)
+            if PREP[run.prep].fitted
+        }
+    )
+
+
 def external_source(wildcards):
     """The external set's class folder or manifest (the demo's is generated)."""
     source = EXTERNAL[wildcards.ext].source
@@ -302,23 +396,34 @@ def external_source(wildcards):
 
 def external_feature_dirs(wildcards):
     """External features an SVM run reads: the backbone parts', or its fine-tuned network's."""
-    where = f"{wildcards.ext}/{wildcards.adapt}"
+    prep = paths.prep_name(wildcards.prep)
     if wildcards.svm_strategy == "features_svm":
         return [
-            f"{R}/external/{wildcards.ext}/features/{wildcards.adapt}/{part}"
+            paths.external_features_dir(R, wildcards.ext, wildcards.adapt, part, prep)
             for part in catalog.parts(wildcards.backbone)
         ]
-    layer = paths.STRATEGY_LAYER["finetune"]
     return [
-        f"{R}/runs/{wildcards.task}/finetune/{wildcards.backbone}/{layer}/{wildcards.fold}/external/{where}/features"
+        paths.external_run_file(
+            R,
+            paths.FINETUNED_FEATURES,
+            wildcards.task,
+            "finetune",
+            wildcards.backbone,
+            paths.STRATEGY_LAYER["finetune"],
+            wildcards.fold,
+            ext=wildcards.ext,
+            adapt=wildcards.adapt,
+            prep=prep,
+        )
     ]
 
 
 def external_finetune_feature_dirs(wildcards):
     """Frozen external features the fine-tuned head reads (paper policy), else nothing."""
     if _finetune_feature_dirs(config, wildcards.backbone):
+        prep = paths.prep_name(wildcards.prep)
         return [
-            f"{R}/external/{wildcards.ext}/features/{wildcards.adapt}/{part}"
+            paths.external_features_dir(R, wildcards.ext, wildcards.adapt, part, prep)
             for part in catalog.parts(wildcards.backbone)
         ]
     return []
@@ -338,6 +443,7 @@ def _external_run_files(name, task, ext=None):
             run.fold,
             ext=run_ext,
             adapt=adapt,
+            prep=run.prep,
         )
         for run, run_ext, adapt in external_runs()
         if run.task == task and ext in (None, run_ext)
@@ -373,7 +479,9 @@ def external_task_comparisons(wildcards):
 def external_map_features(wildcards):
     """Every external set's (unadapted) features of a mapped backbone: drawn on its map."""
     return [
-        paths.external_features_dir(R, name, "none", wildcards.backbone)
+        paths.external_features_dir(
+            R, name, "none", wildcards.backbone, paths.prep_name(wildcards.prep)
+        )
         for name in EXTERNAL
     ]
 

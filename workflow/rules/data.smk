@@ -66,9 +66,10 @@ rule augment:
     input:
         split=rules.split.output.table,
     output:
-        samples=f"{R}/data/samples/{{task}}.tsv",
+        # a variant that draws colour views has its own table (its training views)
+        samples=paths.samples_file(R, prep="{prep}"),
     log:
-        f"{R}/logs/augment/{{task}}.log",
+        f"{R}/logs/augment/{{task}}{{prep}}.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -78,5 +79,6 @@ rule augment:
     params:
         augmentation=config["augmentation"],
         tta=config["evaluation"]["tta"],
+        preprocessing=preprocessing_record,
     script:
         "../scripts/augment.py"

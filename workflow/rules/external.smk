@@ -42,16 +42,39 @@ rule validate_external:
         "../scripts/validate_external.py"
 
 
+rule analyse_external_images:
+    input:
+        validated=rules.validate_external.output.table,
+    output:
+        table=paths.external_analysis_table(R),
+    log:
+        f"{R}/logs/analyse_external_images/{{ext}}/{{key}}.log",
+    benchmark:
+        f"{R}/benchmarks/analyse_external_images/{{ext}}/{{key}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        step=lambda wildcards: ANALYSES[wildcards.key],
+    script:
+        "../scripts/analyse_images.py"
+
+
 rule extract_external_features:
     input:
         validated=rules.validate_external.output.table,
         weights=lambda wildcards: weights_input(wildcards.backbone),
+        # the set's own crop boxes; a stain reference fitted on the training part only
+        preprocessing=external_preprocessing_inputs,
     output:
-        directory(f"{R}/external/{{ext}}/features/{{adapt}}/{{backbone}}"),
+        directory(paths.external_features_dir(R, prep="{prep}")),
     log:
-        f"{R}/logs/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}.log",
+        f"{R}/logs/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}{{prep}}.log",
     benchmark:
-        f"{R}/benchmarks/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}.tsv"
+        f"{R}/benchmarks/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}{{prep}}.tsv"
     conda:
         CONDA_ENV
     threads: config["compute"]["threads"]
@@ -64,6 +87,7 @@ rule extract_external_features:
         weights=lambda wildcards: weights_setting(config, wildcards.backbone)[0],
         sha256=lambda wildcards: weights_setting(config, wildcards.backbone)[1],
         precision=config["features"]["precision"],
+        preprocessing=preprocessing_record,
     script:
         "../scripts/extract_external_features.py"
 
@@ -74,9 +98,11 @@ rule predict_external_svm:
         validated=rules.validate_external.output.table,
         features=external_feature_dirs,
     output:
-        predictions=f"{R}/runs/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/external/{{ext}}/{{adapt}}/predictions.tsv",
+        predictions=paths.external_run_file(
+            R, paths.PREDICTIONS, strategy="{svm_strategy}", prep="{prep}"
+        ),
     log:
-        f"{R}/logs/predict_external/{{task}}/{{svm_strategy}}/{{backbone}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
+        f"{R}/logs/predict_external/{{task}}/{{svm_strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -96,15 +122,28 @@ rule predict_external_finetune:
         validated=rules.validate_external.output.table,
         weights=lambda wildcards: weights_input(wildcards.backbone),
         features=external_finetune_feature_dirs,
+        preprocessing=external_preprocessing_inputs,
     output:
-        predictions=f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/external/{{ext}}/{{adapt}}/predictions.tsv",
+        predictions=paths.external_run_file(
+            R,
+            paths.PREDICTIONS,
+            strategy="finetune",
+            layer=paths.STRATEGY_LAYER["finetune"],
+            prep="{prep}",
+        ),
         features=directory(
-            f"{R}/runs/{{task}}/finetune/{{backbone}}/softmax/{{fold}}/external/{{ext}}/{{adapt}}/features"
+            paths.external_run_file(
+                R,
+                paths.FINETUNED_FEATURES,
+                strategy="finetune",
+                layer=paths.STRATEGY_LAYER["finetune"],
+                prep="{prep}",
+            )
         ),
     log:
-        f"{R}/logs/predict_external/{{task}}/finetune/{{backbone}}/{{fold}}/{{ext}}/{{adapt}}.log",
+        f"{R}/logs/predict_external/{{task}}/finetune/{{backbone}}{{prep}}/{{fold}}/{{ext}}/{{adapt}}.log",
     benchmark:
-        f"{R}/benchmarks/predict_external/{{task}}/finetune/{{backbone}}/{{fold}}/{{ext}}/{{adapt}}.tsv"
+        f"{R}/benchmarks/predict_external/{{task}}/finetune/{{backbone}}{{prep}}/{{fold}}/{{ext}}/{{adapt}}.tsv"
     conda:
         CONDA_ENV
     threads: config["compute"]["threads"]
@@ -116,20 +155,21 @@ rule predict_external_finetune:
         task=lambda wildcards: TASKS[wildcards.task],
         external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
         settings=lambda wildcards: finetune_result_settings(wildcards.backbone),
+        preprocessing=preprocessing_record,
     script:
         "../scripts/predict_external_finetune.py"
 
 
 rule evaluate_external:
     input:
-        predictions=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/external/{{ext}}/{{adapt}}/predictions.tsv",
-        internal=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/predictions.tsv",
-        samples=rules.augment.output.samples,
+        predictions=paths.external_run_file(R, paths.PREDICTIONS, prep="{prep}"),
+        internal=paths.run_file(R, paths.PREDICTIONS, prep="{prep}"),
+        samples=paths.samples_file(R),
         validated=rules.validate_external.output.table,
     output:
-        metrics=f"{R}/runs/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/external/{{ext}}/{{adapt}}/metrics.json",
+        metrics=paths.external_run_file(R, paths.METRICS, prep="{prep}"),
     log:
-        f"{R}/logs/evaluate_external/{{task}}/{{strategy}}/{{backbone}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
+        f"{R}/logs/evaluate_external/{{task}}/{{strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -148,7 +188,7 @@ rule compare_external:
     input:
         metrics=external_set_metrics,
         predictions=external_set_predictions,
-        samples=rules.augment.output.samples,
+        samples=paths.samples_file(R),
         validated=rules.validate_external.output.table,
     output:
         csv=report(

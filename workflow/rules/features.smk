@@ -7,12 +7,13 @@ rule extract_features:
     input:
         validated=rules.validate_images.output.table,
         weights=lambda wildcards: weights_input(wildcards.backbone),
+        preprocessing=preprocessing_inputs,
     output:
-        directory(paths.features_dir(R)),
+        directory(paths.features_dir(R, prep="{prep}")),
     log:
-        f"{R}/logs/extract_features/{{backbone}}.log",
+        f"{R}/logs/extract_features/{{backbone}}{{prep}}.log",
     benchmark:
-        f"{R}/benchmarks/extract_features/{{backbone}}.tsv"
+        f"{R}/benchmarks/extract_features/{{backbone}}{{prep}}.tsv"
     conda:
         CONDA_ENV
     threads: config["compute"]["threads"]
@@ -28,5 +29,7 @@ rule extract_features:
         # what changes the values (precision); batch size, workers, device and the optimised
         # path change speed only: the job reads those from the config, so they never rerun it
         features=features_result_settings(config),
+        # the variant's steps (crop, stain, colour views): one feature folder per variant
+        preprocessing=preprocessing_record,
     script:
         "../scripts/extract_features.py"

@@ -6,21 +6,22 @@
 
 rule finetune:
     input:
-        samples=rules.augment.output.samples,
+        samples=samples_input,
         validated=rules.validate_images.output.table,
         weights=lambda wildcards: weights_input(wildcards.backbone),
         features=finetune_feature_dirs,
+        preprocessing=preprocessing_inputs,
     output:
-        model=paths.finetune_file(R, paths.FINETUNED_MODEL),
-        history=paths.finetune_file(R, paths.HISTORY),
-        curve=paths.finetune_file(R, paths.LEARNING_CURVE),
-        predictions=paths.finetune_file(R, paths.PREDICTIONS),
-        calibration=paths.finetune_file(R, paths.CALIBRATION),
-        features=directory(paths.finetuned_features_dir(R)),
+        model=paths.finetune_file(R, paths.FINETUNED_MODEL, prep="{prep}"),
+        history=paths.finetune_file(R, paths.HISTORY, prep="{prep}"),
+        curve=paths.finetune_file(R, paths.LEARNING_CURVE, prep="{prep}"),
+        predictions=paths.finetune_file(R, paths.PREDICTIONS, prep="{prep}"),
+        calibration=paths.finetune_file(R, paths.CALIBRATION, prep="{prep}"),
+        features=directory(paths.finetuned_features_dir(R, prep="{prep}")),
     log:
-        f"{R}/logs/finetune/{{task}}/{{backbone}}/{{fold}}.log",
+        f"{R}/logs/finetune/{{task}}/{{backbone}}{{prep}}/{{fold}}.log",
     benchmark:
-        f"{R}/benchmarks/finetune/{{task}}/{{backbone}}/{{fold}}.tsv"
+        f"{R}/benchmarks/finetune/{{task}}/{{backbone}}{{prep}}/{{fold}}.tsv"
     conda:
         CONDA_ENV
     threads: config["compute"]["threads"]
@@ -33,7 +34,8 @@ rule finetune:
         settings=lambda wildcards: finetune_result_settings(wildcards.backbone),
         weights=weights_name,
         sha256=weights_sha256,
+        preprocessing=preprocessing_record,
         # a plain pattern (Snakemake fills in the wildcards): cheaper than a function per job
-        checkpoint_dir=paths.checkpoint_dir(R),
+        checkpoint_dir=paths.checkpoint_dir(R, prep="{prep}"),
     script:
         "../scripts/finetune.py"

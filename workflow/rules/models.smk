@@ -5,10 +5,11 @@
 rule export_model:
     input:
         metrics=task_metrics,
-        samples=rules.augment.output.samples,
+        samples=paths.samples_file(R),
         classifiers=export_classifier_files,
         features=export_feature_dirs,
         weights=export_weight_files,
+        preprocessing=export_preprocessing_files,
     output:
         bundle=directory(f"{R}/models/{{task}}"),
     log:

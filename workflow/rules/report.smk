@@ -77,7 +77,7 @@ rule compare_runs:
     input:
         metrics=task_metrics,
         predictions=task_predictions,
-        samples=rules.augment.output.samples,
+        samples=paths.samples_file(R),
     output:
         csv=report(
             f"{R}/tables/{{task}}_comparisons.csv",
@@ -111,19 +111,19 @@ rule compare_runs:
 
 rule feature_map:
     input:
-        features=paths.features_dir(R),
-        samples=expand(rules.augment.output.samples, task=list(TASKS)),
+        features=paths.features_dir(R, prep="{prep}"),
+        samples=[paths.samples_file(R, task) for task in TASKS],
         external_features=external_map_features,
         external_validated=external_map_tables,
     output:
         figure=report(
-            f"{R}/figures/features/{{backbone}}-{{layer}}.png",
+            f"{R}/figures/features/{{backbone}}{{prep}}-{{layer}}.png",
             caption="../report/feature_map.rst",
             category="Feature maps",
-            labels={"backbone": "{backbone}", "layer": "{layer}"},
+            labels={"backbone": "{backbone}{prep}", "layer": "{layer}"},
         ),
     log:
-        f"{R}/logs/feature_map/{{backbone}}-{{layer}}.log",
+        f"{R}/logs/feature_map/{{backbone}}{{prep}}-{{layer}}.log",
     conda:
         CONDA_ENV
     threads: 1

@@ -4,4 +4,10 @@ from leukotype.smk import logged
 from leukotype.stages import run_augment
 
 with logged(snakemake):
-    run_augment(snakemake.input.split, snakemake.params.augmentation, snakemake.output.samples, tta=snakemake.params.tta)
+    run_augment(
+        snakemake.input.split,
+        snakemake.params.augmentation,
+        snakemake.output.samples,
+        tta=snakemake.params.tta,
+        preprocessing=snakemake.params.preprocessing,
+    )

@@ -1,10 +1,10 @@
 """Snakemake adapter: metrics, confidence intervals and confusion matrix of one run."""
 
-from leukotype.smk import logged
+from leukotype.smk import logged, run_meta
 from leukotype.stages import run_evaluate
 
 with logged(snakemake):
-    meta = {**dict(snakemake.wildcards), "weights": snakemake.params.weights, "config": snakemake.config}
+    meta = {**run_meta(snakemake.wildcards), "weights": snakemake.params.weights, "config": snakemake.config}
     run_evaluate(
         snakemake.input.predictions,
         snakemake.input.samples,

@@ -16,4 +16,6 @@ with logged(snakemake):
         snakemake.output[0],
         adapt=snakemake.wildcards.adapt,
         threads=snakemake.threads,
+        preprocessing=snakemake.params.preprocessing,
+        preprocessing_files=snakemake.input.preprocessing,
     )

@@ -18,4 +18,6 @@ with logged(snakemake):
         snakemake.output[0],
         threads=snakemake.threads,
         memory_mb=snakemake.resources.get("mem_mb"),
+        preprocessing=snakemake.params.preprocessing,
+        preprocessing_files=snakemake.input.preprocessing,
     )

@@ -30,4 +30,6 @@ with logged(snakemake):
         feature_dirs=snakemake.input.features,
         threads=snakemake.threads,
         sha256=snakemake.params.sha256,
+        preprocessing=snakemake.params.preprocessing,
+        preprocessing_files=snakemake.input.preprocessing,
     )

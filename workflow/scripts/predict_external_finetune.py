@@ -17,4 +17,6 @@ with logged(snakemake):
         feature_dirs=snakemake.input.features,
         adapt=snakemake.wildcards.adapt,
         threads=snakemake.threads,
+        preprocessing=snakemake.params.preprocessing,
+        preprocessing_files=snakemake.input.preprocessing,
     )

@@ -27,6 +27,9 @@ class Samples:
     abspaths: tuple[str, ...]
     transforms: tuple[str, ...]
     labels: tuple[int, ...] | None = None
+    #: a preprocessing variant's ``(image, abspath, transform) -> image``
+    #: (``leukotype.preprocessing.ImagePreparer``); None: the images as they are
+    prepare: Callable[[Any, str, str], Any] | None = None
 
     def __post_init__(self) -> None:
         lengths = {len(self.image_ids), len(self.abspaths), len(self.transforms)}
@@ -39,7 +42,11 @@ class Samples:
 
     @classmethod
     def from_frame(
-        cls, df: pd.DataFrame, classes: Sequence[str] | None = None, label_column: str = "label"
+        cls,
+        df: pd.DataFrame,
+        classes: Sequence[str] | None = None,
+        label_column: str = "label",
+        prepare: Callable[[Any, str, str], Any] | None = None,
     ) -> Samples:
         """From a table with ``image_id, abspath, transform`` (and ``label_column`` if classes).
 
@@ -62,17 +69,22 @@ class Samples:
             abspaths=tuple(df["abspath"].astype(str)),
             transforms=tuple(df["transform"].astype(str)),
             labels=labels,
+            prepare=prepare,
         )
 
     @classmethod
     def concat(cls, parts: Sequence[Samples]) -> Samples:
         """The parts' samples one after the other (labels kept only when every part has them)."""
         labelled = all(part.labels is not None for part in parts)
+        prepares = {id(part.prepare): part.prepare for part in parts}
+        if len(prepares) > 1:
+            raise LeukotypeError("Samples.concat: the parts are prepared differently")
         return cls(
             image_ids=tuple(v for part in parts for v in part.image_ids),
             abspaths=tuple(v for part in parts for v in part.abspaths),
             transforms=tuple(v for part in parts for v in part.transforms),
             labels=tuple(v for part in parts for v in part.labels) if labelled else None,
+            prepare=next(iter(prepares.values()), None),
         )
 
     def __len__(self) -> int:
@@ -85,6 +97,7 @@ class Samples:
             abspaths=tuple(self.abspaths[i] for i in rows),
             transforms=tuple(self.transforms[i] for i in rows),
             labels=tuple(self.labels[i] for i in rows) if self.labels is not None else None,
+            prepare=self.prepare,
         )
 
     def key(self) -> str:
@@ -98,7 +111,7 @@ class Samples:
         """A ``runtime.SampleDataset`` yielding ``(tensor, index)``."""
         from leukotype.runtime import SampleDataset
 
-        return SampleDataset(list(self.abspaths), list(self.transforms), preprocess)
+        return SampleDataset(list(self.abspaths), list(self.transforms), preprocess, self.prepare)
 
 
 @dataclass(frozen=True)

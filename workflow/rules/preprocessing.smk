@@ -1,0 +1,52 @@
+# Preprocessing variants' data (leukotype.preprocessing), computed once and shared: each
+# per-image step's table (crop boxes: one per margin, whichever variants use it) and each
+# variant's fitted states (stain reference: training images that are never test images).
+# The external sets' own tables are made in external.smk.
+
+
+rule analyse_images:
+    input:
+        validated=rules.validate_images.output.table,
+    output:
+        table=paths.analysis_table(R),
+    log:
+        f"{R}/logs/analyse_images/{{key}}.log",
+    benchmark:
+        f"{R}/benchmarks/analyse_images/{{key}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        step=lambda wildcards: ANALYSES[wildcards.key],
+    script:
+        "../scripts/analyse_images.py"
+
+
+rule fit_preprocessing:
+    input:
+        validated=rules.validate_images.output.table,
+        # every task's split: the fitted images are test images in none of them
+        splits=[f"{R}/data/splits/{task}.tsv" for task in TASKS],
+        analyses=lambda wildcards: [
+            paths.analysis_table(R, key) for key in PREP[wildcards.variant].analysis_keys()
+        ],
+    output:
+        state=paths.prep_state(R),
+    log:
+        f"{R}/logs/fit_preprocessing/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/fit_preprocessing/{{variant}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        preprocessing=lambda wildcards: PREP[wildcards.variant].to_dict(),
+        seed=config["split"]["seed"],
+    script:
+        "../scripts/fit_preprocessing.py"
