@@ -229,6 +229,42 @@ def test_no_training_job_reads_an_external_file_in_the_job_graph(tmp_path):
         assert {f"results/external/{s}/features/none/{backbone}" for s in ("lab2", "lab3")} <= set(inputs)
 
 
+def test_no_training_job_reads_an_external_file_with_preprocessing_variants(tmp_path):
+    """Variants (crop boxes per image, a stain reference fitted on training images, colour
+    views) join the DAG: still no training job, nor the jobs that fit a variant's data, reads
+    an external file; a variant's external features read the set's own crop boxes and the
+    reference fitted on the training part."""
+    cfg = {
+        "results": "results",
+        "evaluation": {"external": [{"name": "lab2", "source": "demo", "tasks": ["subtype"]}]},
+        "preprocessing": [
+            {"name": "none"},
+            {"name": "cropstain", "steps": [{"step": "crop", "margin": 0.15}, {"step": "stain", "method": "reinhard"}]},
+            {"name": "colour", "steps": [{"step": "colour", "views": 2}]},
+        ],
+    }
+    overlay = tmp_path / "ext.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "configs" / "test.yaml"), str(overlay))
+    jobs = _jobs(result.stdout)
+    external_marks = ("results/external/", "results/demo_external/", "/external/")
+    for rule in (*TRAINING_RULES, "analyse_images", "fit_preprocessing"):
+        assert rule in jobs, rule
+        for inputs in jobs[rule]:
+            assert not [p for p in inputs if any(m in p for m in external_marks)], (rule, inputs)
+    (fit_inputs,) = jobs["fit_preprocessing"]  # one variant fits a state, on the training data
+    assert "results/preprocessing/crop_m0.15/images.tsv" in fit_inputs
+    assert any(p.startswith("results/data/splits/") for p in fit_inputs)
+    extract = {tuple(i) for i in jobs["extract_features"]}
+    assert any("results/preprocessing/cropstain/state.json" in i for i in extract)
+    external = [i for i in jobs["extract_external_features"] if "results/preprocessing/cropstain/state.json" in i]
+    assert external and all("results/external/lab2/preprocessing/crop_m0.15/images.tsv" in i for i in external)
+    # one feature folder per backbone and variant; one sample table more per task (colour views)
+    assert len(jobs["extract_features"]) == 3  # efficientnet_lite0 x 3 variants
+    assert len(jobs["augment"]) == 2 * len(TEST_CONFIG["tasks"])
+    assert len(jobs["evaluate_external"]) == 3 * (3 + 2)  # every subtype run, per variant
+
+
 def test_demo_external_set_differs_in_stain_and_scale(tmp_path):
     from PIL import Image
 

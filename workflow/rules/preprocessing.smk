@@ -31,7 +31,8 @@ rule fit_preprocessing:
         # every task's split: the fitted images are test images in none of them
         splits=[f"{R}/data/splits/{task}.tsv" for task in TASKS],
         analyses=lambda wildcards: [
-            paths.analysis_table(R, key) for key in PREP[wildcards.variant].analysis_keys()
+            paths.analysis_table(R, key)
+            for key in PREP[wildcards.variant].analysis_keys()
         ],
     output:
         state=paths.prep_state(R),

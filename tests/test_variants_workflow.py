@@ -1,0 +1,151 @@
+"""End-to-end: preprocessing variants as a DAG dimension on a tiny synthetic study.
+
+One model (EfficientNet-Lite0 features -> SVM), one task, no rotations, three variants (none,
+crop + Reinhard, colour views) and the demo's external set: a handful of small jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import REPO, planned_jobs, snakemake
+
+pytestmark = pytest.mark.e2e
+
+VARIANTS = [
+    {"name": "none"},
+    {"name": "cropstain", "steps": [{"step": "crop", "margin": 0.15}, {"step": "stain", "method": "reinhard"}]},
+    {"name": "colour", "steps": [{"step": "colour", "views": 2}]},
+]
+RUN = "results/runs/subtype/features_svm/efficientnet_lite0{}/pool/holdout"
+EXTERNAL = "external/lab2/none/metrics.json"
+
+
+def _config(workdir: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    cfg["tasks"] = [t for t in cfg["tasks"] if t["name"] == "subtype"]
+    cfg["augmentation"] = {"rotations": []}
+    cfg["models"] = [{"backbone": "efficientnet_lite0", "weights": "imagenet", "strategies": ["features_svm"]}]
+    cfg["preprocessing"] = VARIANTS
+    cfg["evaluation"] = {"n_bootstrap": 50, "external": [{"name": "lab2", "source": "demo", "tasks": ["subtype"]}]}
+    path = workdir / "variants.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _targets() -> list[str]:
+    runs = [RUN.format(s) for s in ("", "@cropstain", "@colour")]
+    return [f"{r}/metrics.json" for r in runs] + [f"{RUN.format('@cropstain')}/{EXTERNAL}"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, Path]:
+    workdir = tmp_path_factory.mktemp("variants")
+    config = _config(workdir)
+    snakemake(workdir, *_targets(), configfile=config)
+    return workdir, config
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"group": str, "image_id": str})
+
+
+def _features(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    return read(folder / "index.tsv"), np.load(folder / "pool.npy")
+
+
+def test_variants_have_their_own_features_cached_per_image_and_transform(study):
+    workdir, config = study
+    validated = read(workdir / "results/data/validated.tsv")
+    n_images = int((validated["status"] == "ok").sum())
+    plain_index, plain = _features(workdir / "results/features/efficientnet_lite0")
+    crop_index, crop = _features(workdir / "results/features/efficientnet_lite0@cropstain")
+    colour_index, colour = _features(workdir / "results/features/efficientnet_lite0@colour")
+    assert len(plain_index) == len(crop_index) == n_images  # identity only: rotations are off
+    assert colour_index.groupby("transform").size().to_dict() == {"identity": n_images, "colour1": n_images, "colour2": n_images}
+    assert plain_index.equals(crop_index)
+    # the variant changes what the network sees: every image's features differ
+    assert (np.abs(crop - plain).max(axis=1) > 1e-3).all()
+    # colour views are training samples; the identity rows are the plain images
+    identity = colour_index["transform"] == "identity"
+    np.testing.assert_allclose(colour[identity.to_numpy()], plain, rtol=0, atol=1e-5)
+    assert (np.abs(colour[~identity.to_numpy()][:n_images] - plain).max(axis=1) > 1e-3).all()
+    meta = json.loads((workdir / "results/features/efficientnet_lite0@cropstain/meta.json").read_text())
+    assert [s["step"] for s in meta["image_steps"]["variant"]["steps"]] == ["crop", "stain"]
+    # the colour variant's SVM trained on three samples per training image, the others on one
+    train = {v: read(workdir / f"results/data/samples/subtype{s}.tsv") for v, s in (("none", ""), ("colour", "@colour"))}
+    n_train = int((train["none"]["part"] == "train").sum())
+    assert int((train["colour"]["part"] == "train").sum()) == 3 * n_train
+    assert not (workdir / "results/data/samples/subtype@cropstain.tsv").exists()  # no views: the plain table
+    # nothing changed: nothing reruns (the cache is per image x transform and variant)
+    result = snakemake(workdir, "-n", *_targets(), configfile=config)
+    assert planned_jobs(result) == {}
+
+
+def test_crop_boxes_per_image_and_a_stain_reference_from_training_images_only(study):
+    workdir, _ = study
+    crops = read(workdir / "results/preprocessing/crop_m0.15/images.tsv")
+    validated = read(workdir / "results/data/validated.tsv")
+    assert crops["image_id"].tolist() == validated.loc[validated["status"] == "ok", "image_id"].tolist()
+    found = crops[crops["status"] == "found"]
+    assert len(found) >= 0.9 * len(crops) and (found["reason"] == "").all()
+    assert (crops.loc[crops["status"] != "found", "reason"].str.startswith("no_cell:")).all()
+    assert (found["side"].astype(int) > 0).all()
+    # the external set's own boxes, from its own images (the training table holds none of them)
+    external = read(workdir / "results/external/lab2/validated.tsv")
+    external_crops = read(workdir / "results/external/lab2/preprocessing/crop_m0.15/images.tsv")
+    assert external_crops["abspath"].tolist() == external.loc[external["status"] == "ok", "abspath"].tolist()
+    assert not set(external_crops["abspath"]) & set(crops["abspath"])
+    state = json.loads((workdir / "results/preprocessing/cropstain/state.json").read_text())
+    split = read(workdir / "results/data/splits/subtype.tsv")
+    train = set(split.loc[split["part"] == "train", "image_id"])
+    assert state["image_ids"] and set(state["image_ids"]) <= train  # never a test image
+    assert state["n_images"] == len(train)  # all of them (fewer than reference_images)
+    reference = state["states"][1]
+    assert reference["method"] == "reinhard" and len(reference["mean"]) == 3
+    assert state["states"][0] is None  # the crop step fits nothing
+
+
+def test_a_variant_is_scored_on_the_external_set(study):
+    workdir, _ = study
+    record = json.loads((workdir / RUN.format("@cropstain") / EXTERNAL).read_text())
+    assert record["prep"] == "cropstain" and record["model"] == "efficientnet_lite0-pool@cropstain"
+    external = read(workdir / "results/external/lab2/validated.tsv")
+    assert record["n_external"] == int((external["status"] == "ok").sum()) > 0
+    low, high = record["external_ci"]["accuracy"]
+    assert 0.0 <= low <= record["external_metrics"]["accuracy"] <= high <= 1.0
+    internal = json.loads((workdir / RUN.format("@cropstain") / "metrics.json").read_text())
+    assert internal["prep"] == "cropstain"
+
+
+def test_bundle_of_a_crop_and_stain_run_reproduces_its_predictions(study, tmp_path):
+    """The bundle records the variant's steps and stain reference; predict finds each image's
+    cell itself and reproduces the run's test scores."""
+    from leukotype.bundle import load_bundle
+    from leukotype.config import Run
+    from leukotype.export import export_run
+    from leukotype.predict import Predictor, run_predict
+
+    workdir, _ = study
+    run = Run("subtype", "features_svm", "efficientnet_lite0", "pool", "holdout", "cropstain")
+    bundle = load_bundle(export_run(workdir / "results", run, tmp_path / "bundle"))
+    state = json.loads((workdir / "results/preprocessing/cropstain/state.json").read_text())
+    assert bundle.spec["image_steps"]["states"] == state["states"]
+    expected = read(workdir / RUN.format("@cropstain") / "predictions.tsv")
+    validated = read(workdir / "results/data/validated.tsv")[["image_id", "abspath"]]
+    samples = expected[["image_id", "transform"]].merge(validated, on="image_id", how="left")
+    got = Predictor(bundle, device="cpu").predict_samples(samples)
+    classes = bundle.classes
+    assert got["pred"].tolist() == expected["pred"].tolist()
+    np.testing.assert_allclose(
+        got[[f"score_{c}" for c in classes]].to_numpy(), expected[[f"score_{c}" for c in classes]].to_numpy(), rtol=0, atol=1e-6
+    )
+    # through `leukotype predict` on the image files
+    table = run_predict(tmp_path / "bundle", samples["abspath"].tolist(), tmp_path / "pred.csv", device="cpu")
+    assert table["pred"].tolist() == expected["pred"].tolist()
