@@ -355,6 +355,16 @@ def _backbone_sources(parts: list[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _image_steps_text(record: Mapping[str, Any] | None) -> str:
+    """The bundle's preprocessing variant in words (``leukotype.preprocessing``)."""
+    if not record:
+        return "none"
+    steps = ", then ".join(
+        s["step"] + "".join(f" {k} {v}" for k, v in s.items() if k != "step") for s in record["variant"]["steps"]
+    )
+    return f"variant `{record['variant']['name']}`: {steps} (fitted on training images only; applied by predict and explain)"
+
+
 def model_card(spec: Mapping[str, Any]) -> str:
     """MODEL_CARD.md text from a bundle spec."""
     task, run, data = spec["task"], spec["run"], spec["training_data"]
@@ -417,6 +427,7 @@ def model_card(spec: Mapping[str, Any]) -> str:
         f"- Out-of-distribution flag: {ood['method']} distance above {ood['threshold']:.3g}"
         f" (the {100 * ood['quantile']:.0f}th percentile of out-of-fold training distances).",
         f"- Test-time augmentation: {'on, ' + ', '.join(spec['tta']['transforms']) if spec['tta']['enabled'] else 'off'}.",
+        f"- Image preprocessing before the backbone's: {_image_steps_text(spec.get('image_steps'))}.",
         "",
         "## Test metrics",
         "",
