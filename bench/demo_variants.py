@@ -1,13 +1,15 @@
-"""What external sets and preprocessing variants add to the demo: job count and wall time.
+"""What external sets and preprocessing variants add to the demo: jobs and wall time.
 
-Runs the demo (config.yaml) three ways, each in a fresh folder, one after the other on the same
-machine: without external sets (the baseline), as shipped (one synthetic external set), and as
-shipped plus preprocessing variants. For each: the dry run's job count, then a timed
-``snakemake --cores N`` run at ``nice -n 15`` (the project's rule on a shared machine), with
-the 1-minute load average before and after so a row says how busy the machine was. The ratios
-against the baseline are the result; absolute seconds depend on the load.
+The demo (config.yaml) three ways, in ONE results folder, one after the other: without
+external sets (the baseline, run from scratch), then as shipped (one synthetic external set:
+only its jobs run), then as shipped plus preprocessing variants (only the variants' jobs and
+the aggregations that list their runs run). For each step: the dry run's job count from
+scratch (a fresh folder) and of the step itself, and the step's wall time at ``nice -n 15``
+(the project's rule on a shared machine) with the 1-minute load average before and after, so
+a row says how busy the machine was. The extra wall time of a step is its own row's wall_s;
+absolute seconds depend on the load.
 
-    python bench/demo_variants.py [--cores 2] [--only shipped,variants]
+    python bench/demo_variants.py [--cores 2] [--dry-run-only]
 
 Writes ``bench/results/demo_variants.csv``.
 """
@@ -54,57 +56,59 @@ def snakemake(workdir: Path, config: Path, cores: int, *args: str) -> subprocess
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, check=True)
 
 
-def job_count(text: str) -> int:
-    match = re.search(r"^total\s+(\d+)$", text, flags=re.M)
-    return int(match.group(1)) if match else 0
+def job_count(workdir: Path, config: Path, cores: int) -> int:
+    """Jobs a run would do now (0 when nothing is to be done; the `all` target not counted)."""
+    dry = snakemake(workdir, config, cores, "-n", "--quiet", "rules")
+    match = re.search(r"^total\s+(\d+)$", dry.stdout + dry.stderr, flags=re.M)
+    return max(0, int(match.group(1)) - 1) if match else 0
 
 
-def measure(name: str, cfg: dict, cores: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"demo-{name}-") as tmp:
-        workdir = Path(tmp)
-        cfg = {**cfg, "results": "results"}
-        config = workdir / "config.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        dry = snakemake(workdir, config, cores, "-n", "--quiet", "rules")
-        jobs = job_count(dry.stdout + dry.stderr)
-        load_before = os.getloadavg()[0]
-        start = time.perf_counter()
-        snakemake(workdir, config, cores)
-        wall = time.perf_counter() - start
-        return {
-            **machine_info(),
-            "case": name,
-            "variants": ",".join(v["name"] for v in cfg.get("preprocessing") or [{"name": "none"}]),
-            "external_sets": len(cfg["evaluation"]["external"]),
-            "jobs": jobs,
-            "cores": cores,
-            "nice": 15,
-            "wall_s": round(wall, 1),
-            "load_before_1m": round(load_before, 2),
-            "load_after_1m": round(os.getloadavg()[0], 2),
-        }
+def write_config(folder: Path, name: str, cfg: dict) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "results": "results"}))
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated cases (default: all)")
+    parser.add_argument("--dry-run-only", action="store_true", help="job counts only, no timed runs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "demo_variants.csv")
     args = parser.parse_args()
-    cases = case_configs()
-    chosen = [c for c in args.only.split(",") if c] or list(cases)
     rows = []
-    for name in chosen:
-        rows.append(measure(name, cases[name], args.cores))
-        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory(prefix="demo-variants-") as tmp:
+        shared, fresh = Path(tmp) / "study", Path(tmp) / "fresh"
+        shared.mkdir()
+        fresh.mkdir()
+        for name, cfg in case_configs().items():
+            config = write_config(Path(tmp), name, cfg)
+            row = {
+                **machine_info(),
+                "case": name,
+                "variants": ",".join(v["name"] for v in cfg.get("preprocessing") or [{"name": "none"}]),
+                "external_sets": len(cfg["evaluation"]["external"]),
+                "jobs_from_scratch": job_count(fresh, config, args.cores),
+                "jobs_this_step": job_count(shared, config, args.cores),
+                "cores": args.cores,
+                "nice": 15,
+            }
+            if not args.dry_run_only:
+                row["load_before_1m"] = round(os.getloadavg()[0], 2)
+                start = time.perf_counter()
+                snakemake(shared, config, args.cores)
+                row["wall_s_this_step"] = round(time.perf_counter() - start, 1)
+                row["load_after_1m"] = round(os.getloadavg()[0], 2)
+            rows.append(row)
+            print(row, flush=True)
     table = pd.DataFrame(rows)
-    if "no_external" in set(table["case"]):
-        base = table.loc[table["case"] == "no_external"].iloc[0]
-        table["jobs_vs_no_external"] = (table["jobs"] / base["jobs"]).round(2)
-        table["wall_vs_no_external"] = (table["wall_s"] / base["wall_s"]).round(2)
+    base = table.loc[table["case"] == "no_external"].iloc[0]
+    table["jobs_vs_no_external"] = (table["jobs_from_scratch"] / base["jobs_from_scratch"]).round(2)
+    if "wall_s_this_step" in table:
+        table["extra_wall_vs_no_external"] = (table["wall_s_this_step"] / base["wall_s_this_step"]).round(2)
+        table.loc[table["case"] == "no_external", "extra_wall_vs_no_external"] = None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    print(table[["case", "jobs", "wall_s", "load_before_1m", "load_after_1m"]].to_string(index=False))
+    print(table.drop(columns=[c for c in machine_info() if c in table]).to_string(index=False))
 
 
 if __name__ == "__main__":
