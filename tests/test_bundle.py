@@ -165,3 +165,38 @@ def test_reliability_diagram_from_metrics_records(tmp_path):
     assert (tmp_path / "rel.png").stat().st_size > 5_000
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any("Fine tuning" in t and "ECE" in t for t in legend) and "perfectly calibrated" in legend
+
+
+def test_predict_validates_new_images_with_the_bundles_training_settings(tmp_path):
+    """A strip fails max_aspect_ratio; a manifest row outside the manifest's folder fails the
+    outside-path rule (unless the bundle was trained with allow_outside_paths); each gets a row
+    with its reason, the cell passes. Bundles from before these keys read the embedded config."""
+    from PIL import Image
+
+    from leukotype.predict import gather_inputs, validate_inputs
+
+    inbox, lab = tmp_path / "inbox", tmp_path / "lab"
+    inbox.mkdir(), lab.mkdir()
+    Image.new("RGB", (64, 64), (200, 120, 160)).save(inbox / "cell.png")
+    Image.new("RGB", (400, 40), (200, 120, 160)).save(inbox / "strip.png")  # 10:1
+    Image.new("RGB", (64, 64), (90, 60, 150)).save(tmp_path / "elsewhere.png")
+    Image.new("RGB", (64, 64), (90, 60, 150)).save(lab / "inside.png")
+    (lab / "list.csv").write_text("path,label\ninside.png,x\n../elsewhere.png,x\n")
+
+    old = fmt.Bundle(tmp_path, {"validation": {"min_side": 32, "max_pixels": 10**6},
+                                "provenance": {"config": {"validation": {"max_aspect_ratio": 5,
+                                                                         "allow_outside_paths": False}}}})
+    assert old.validation == {"min_side": 32, "max_pixels": 10**6, "max_aspect_ratio": 5, "allow_outside_paths": False}
+    table = validate_inputs(gather_inputs([inbox, lab / "list.csv"]), old.validation)
+    reasons = dict(zip(table["path"].map(lambda p: p.rsplit("/", 1)[-1]), table["reason"]))
+    assert set(reasons) == {"cell.png", "strip.png", "inside.png", "elsewhere.png"}  # nothing skipped
+    assert reasons["cell.png"] == reasons["inside.png"] == ""
+    assert reasons["strip.png"].startswith("extreme_aspect_ratio: 400x40 is 10.0:1 > 5:1")
+    assert reasons["elsewhere.png"].startswith("outside_dataset: ")
+    assert "allow_outside_paths" in reasons["elsewhere.png"]
+    assert table.loc[table["reason"] != "", "status"].eq("rejected").all()
+
+    permissive = fmt.Bundle(tmp_path, {"validation": {"min_side": 32, "max_pixels": 10**6, "max_aspect_ratio": 20,
+                                                      "allow_outside_paths": True}})
+    table = validate_inputs(gather_inputs([inbox, lab / "list.csv"]), permissive.validation)
+    assert table["status"].eq("ok").all()

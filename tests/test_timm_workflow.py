@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_helpers import planned_jobs, snakemake
+from workflow_helpers import bundle_round_trip, planned_jobs, snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -93,3 +93,28 @@ def test_finetuning_policies_ran_and_nothing_reruns(study):
         probs = predictions[["prob_nucleus", "prob_cellula"]].to_numpy()
         np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert planned_jobs(snakemake(study, "-n", configfile=study / "config.yaml")) == {}
+
+
+def test_combined_backbone_bundle_reproduces_its_runs_predictions(study, tmp_path, capsys):
+    """Export the A+B run, load it fresh: same labels, scores and probabilities as its
+    predictions.tsv (within 1e-6), features of both parts from random weights checked by their
+    fingerprints. explain states why a combined bundle has no single map."""
+    from leukotype.cli import main
+    from leukotype.config import Run
+    from leukotype.export import export_run
+
+    combo = "timm:test_vit+timm:test_resnet"
+    bundle = export_run(study / "results", Run("cellular", "features_svm", combo, "penultimate", "holdout"), tmp_path / "combo")
+    spec = json.loads((bundle / "bundle.json").read_text())
+    assert [p["name"] for p in spec["backbone"]["parts"]] == ["timm:test_vit", "timm:test_resnet"]
+    assert spec["features"]["dim"] == 64 + 96 and set(spec["preprocessing"]) == {"timm:test_vit", "timm:test_resnet"}
+    bundle_round_trip(bundle, study)
+
+    image = next((study / "results/data").rglob("validated.tsv"))
+    first = pd.read_csv(image, sep="\t")["abspath"].iloc[0]
+    out = tmp_path / "maps"
+    assert main(["explain", "--model", str(bundle), first, "--out", str(out)]) == 2
+    assert not out.exists()  # refused before anything was written
+    message = capsys.readouterr().err
+    assert "timm:test_vit: 160 px" in message and "share no feature map" in message
+    assert "runs/cellular/features_svm/timm:test_vit/" in message  # what to explain instead

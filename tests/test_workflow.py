@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_helpers import REPO, planned_jobs, snakemake
+from workflow_helpers import REPO, bundle_round_trip, planned_jobs, snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -304,31 +304,6 @@ def test_offline_node_without_staged_weights_stops_before_extraction(tmp_path):
 # ------------------------------------------------------------------ model bundles (issue 11)
 
 
-def _round_trip(bundle_dir: Path, study: Path) -> None:
-    """A bundle, loaded fresh, reproduces its run's test predictions from the image files."""
-    from leukotype.bundle import load_bundle
-    from leukotype.predict import Predictor
-
-    bundle = load_bundle(bundle_dir)
-    run = bundle.spec["run"]
-    expected = read(study / "results" / run["path"] / "predictions.tsv")
-    validated = read(study / "results/data/validated.tsv")[["image_id", "abspath"]]
-    samples = expected[["image_id", "transform"]].merge(validated, on="image_id", how="left")
-    got = Predictor(bundle, device="cpu").predict_samples(samples)
-    classes = bundle.classes
-    assert got["pred"].tolist() == expected["pred"].tolist(), run["path"]
-    if bundle.kind == "svm":  # raw decision scores as the workflow wrote them
-        reference = expected[[f"score_{c}" for c in classes]].to_numpy()
-        mine = got[[f"score_{c}" for c in classes]].to_numpy()
-        np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6, err_msg=run["path"])
-    # probabilities: the workflow's (calibrated) prob_ columns, with the run's temperature
-    probs = got[[f"prob_{c}" for c in classes]].to_numpy()
-    np.testing.assert_allclose(probs, expected[[f"prob_{c}" for c in classes]].to_numpy(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
-    calibration = json.loads((study / "results" / run["path"] / "calibration.json").read_text())
-    assert bundle.temperature == calibration["temperature"]
-
-
 def test_export_model_bundles_the_best_run_of_each_task(study):
     for task in TASKS:
         folder = study / "results/models" / task
@@ -344,6 +319,9 @@ def test_export_model_bundles_the_best_run_of_each_task(study):
         files = {p.relative_to(folder).as_posix() for p in folder.rglob("[!.]*") if p.is_file()}
         assert listed == files - {"MANIFEST.sha256"}
     lineage = json.loads((study / "results/models/lineage/bundle.json").read_text())
+    # the training data's validation, which predict applies to new images
+    assert lineage["validation"] == {"min_side": 32, "max_pixels": 50_000_000, "max_aspect_ratio": 5,
+                                     "allow_outside_paths": False}
     assert lineage["task"]["derive"] == {"ALL": ["L1", "L2"], "AML": ["M2", "M3", "M5"]}
     assert lineage["provenance"]["config"]["split"]["seed"] == 7
 
@@ -354,14 +332,14 @@ def test_bundles_reproduce_the_workflows_test_predictions(study, tmp_path):
     from leukotype.config import Run
     from leukotype.export import export_run
 
-    _round_trip(study / "results/models/subtype", study)  # features -> SVM (the best run)
+    bundle_round_trip(study / "results/models/subtype", study)  # features -> SVM (the best run)
     for strategy, backbone, layer in [
         ("finetune", "efficientnet_lite0", "softmax"),
         ("finetune", "paper_cnn", "softmax"),
         ("finetune_svm", "paper_cnn", "finetuned"),
     ]:
         run = Run("subtype", strategy, backbone, layer, "holdout")
-        _round_trip(export_run(study / "results", run, tmp_path / strategy / backbone), study)
+        bundle_round_trip(export_run(study / "results", run, tmp_path / strategy / backbone), study)
 
 
 def test_predict_rule_lists_bad_files_with_reasons_and_predicts_the_rest(study):
@@ -377,6 +355,7 @@ def test_predict_rule_lists_bad_files_with_reasons_and_predicts_the_rest(study):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(inbox / "tiny.png")
+    Image.new("RGB", (400, 40)).save(inbox / "strip.png")  # the bundle's max_aspect_ratio: 5
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["predict"] = {"model": "results/models/subtype", "images": ["inbox"]}
     path = study / "predict.yaml"
@@ -384,10 +363,11 @@ def test_predict_rule_lists_bad_files_with_reasons_and_predicts_the_rest(study):
     result = snakemake(study, "results/predictions/predictions.csv", configfile=path)
     assert planned_jobs(result) == {"predict": 1}  # the rest of the study is up to date
     table = pd.read_csv(study / "results/predictions/predictions.csv", keep_default_na=False)
-    assert len(table) == 7  # nothing skipped
+    assert len(table) == 8  # nothing skipped
     reasons = dict(zip(table["path"].map(lambda p: Path(p).name), table["reason"].str.split(":").str[0]))
     assert reasons["empty.png"] == "zero_bytes" and reasons["notes.txt"] == "not_an_image"
     assert reasons["cut.png"] in {"truncated", "not_an_image"} and reasons["tiny.png"] == "too_small"
+    assert reasons["strip.png"] == "extreme_aspect_ratio"
     ok = table[table["status"] == "ok"]
     assert len(ok) == 3 and set(ok["pred"]) <= {"L1", "L2", "M2", "M3", "M5"}
     probs = ok[[f"prob_{c}" for c in ["L1", "L2", "M2", "M3", "M5"]]].astype(float).to_numpy()

@@ -42,3 +42,37 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
         if match.group(1) != "total":
             jobs[match.group(1)] = int(match.group(2))
     return jobs
+
+
+def bundle_round_trip(bundle_dir: Path, study: Path) -> None:
+    """A bundle, loaded fresh, reproduces its run's test predictions from the image files:
+    the same labels, and the same raw scores (SVM) and calibrated probabilities within 1e-6."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from leukotype.bundle import load_bundle
+    from leukotype.predict import Predictor
+
+    def read(path: Path) -> pd.DataFrame:
+        return pd.read_csv(path, sep="\t", keep_default_na=False, dtype={"group": str, "image_id": str})
+
+    bundle = load_bundle(bundle_dir)
+    run = bundle.spec["run"]
+    expected = read(study / "results" / run["path"] / "predictions.tsv")
+    validated = read(study / "results/data/validated.tsv")[["image_id", "abspath"]]
+    samples = expected[["image_id", "transform"]].merge(validated, on="image_id", how="left")
+    got = Predictor(bundle, device="cpu").predict_samples(samples)
+    classes = bundle.classes
+    assert got["pred"].tolist() == expected["pred"].tolist(), run["path"]
+    if bundle.kind == "svm":  # raw decision scores as the workflow wrote them
+        reference = expected[[f"score_{c}" for c in classes]].to_numpy()
+        mine = got[[f"score_{c}" for c in classes]].to_numpy()
+        np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6, err_msg=run["path"])
+    # probabilities: the workflow's (calibrated) prob_ columns, with the run's temperature
+    probs = got[[f"prob_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(probs, expected[[f"prob_{c}" for c in classes]].to_numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    calibration = json.loads((study / "results" / run["path"] / "calibration.json").read_text())
+    assert bundle.temperature == calibration["temperature"]

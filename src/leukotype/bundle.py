@@ -51,6 +51,8 @@ HEAD_FILE = "head.safetensors"
 NETWORK_FILE = "network.safetensors"
 OOD_FILE = "ood.safetensors"
 WEIGHTS_DIR = "weights"
+#: The training data's validation settings a bundle records and predict applies to new images.
+VALIDATION_KEYS = ("min_side", "max_pixels", "max_aspect_ratio", "allow_outside_paths")
 
 #: Preprocessing operations this version applies, in the order recorded in ``bundle.json``.
 #: New steps (cell-centred crop, stain normalisation) are added here and recorded before the
@@ -272,6 +274,18 @@ class Bundle:
     def kind(self) -> str:
         """``svm`` or ``softmax``: the classifier on top of the features."""
         return str(self.spec["classifier"]["kind"])
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        """The validation settings the model's training data passed (``VALIDATION_KEYS``).
+
+        A bundle from before ``max_aspect_ratio``/``allow_outside_paths`` were recorded takes
+        them from the training config it embeds (which holds the schema's defaults)."""
+        trained = self.spec.get("provenance", {}).get("config", {}).get("validation", {}) or {}
+        merged = {**trained, **self.spec.get("validation", {})}
+        merged.setdefault("max_aspect_ratio", None)
+        merged.setdefault("allow_outside_paths", False)
+        return {key: merged[key] for key in VALIDATION_KEYS}
 
     @property
     def temperature(self) -> float:

@@ -26,6 +26,7 @@ from leukotype.config import (
     finetune_settings,
     study_runs,
     svm_feature_dirs,
+    svm_feature_layers,
     task_from_dict,
     weights_setting,
 )
@@ -160,7 +161,8 @@ def export_run(
     finetuned_model = Path(paths.finetune_file(str(results), paths.FINETUNED_MODEL, run.task, run.backbone, run.fold, run.prep))
     feature_dirs = [Path(d) for d in svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, run.prep)]
     if run.strategy == "features_svm":
-        feature_layer = run.layer
+        # one layer per feature dir: a combination reads each part's penultimate layer
+        feature_layer = svm_feature_layers(run.strategy, run.backbone, run.layer)
         settings: dict[str, Any] = {}
     else:
         feature_layer = paths.STRATEGY_LAYER["finetune_svm"]
@@ -277,7 +279,7 @@ def export_run(
                 "threshold": density.threshold, "quantile": density.quantile,
                 "n_components": int(len(density.variances))},
         "tta": tta_setting(config, test),
-        "validation": {k: config["validation"][k] for k in ("min_side", "max_pixels")},
+        "validation": {k: config["validation"].get(k) for k in fmt.VALIDATION_KEYS},
         "metrics": {k: record.get(k) for k in ("metrics", "ci", "ci_method", "n_test", "per_class")},
         "training_data": {
             "name": dataset_label(dataset_cfg),

@@ -2,9 +2,10 @@
 
 Inputs are image files, folders (searched recursively; hidden files skipped) or manifests
 (CSV/TSV with a ``path`` column, as for training). Every input goes through the training
-data's validation (:func:`leukotype.validate.check_file` with the bundle's ``min_side`` and
-``max_pixels``): a file that fails gets a row with ``status = rejected`` and its reason, and the
-others are predicted. Features are computed exactly as the workflow computed them (the same
+data's validation with the settings the bundle was trained with (:attr:`Bundle.validation`:
+``min_side``, ``max_pixels``, ``max_aspect_ratio``, and the rule that a manifest row may not
+point outside the manifest's folder unless ``allow_outside_paths``): a file that fails gets a
+row with ``status = rejected`` and its reason, and the others are predicted. Features are computed exactly as the workflow computed them (the same
 extraction code and settings, batched, on a GPU when one is visible), so a bundle reproduces its
 run's test predictions.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,13 @@ DEFAULT_TOP_K = 3
 
 
 def gather_inputs(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """``input, path, abspath`` (and ``label`` where a manifest gives one) for every input.
+    """``input, path, abspath, root`` (and ``label`` where a manifest gives one) per input.
 
-    Nothing is dropped: a path that does not exist is kept (validation gives it its reason).
+    ``root`` is the manifest's folder for a manifest row (its paths must stay inside it, as in
+    training), empty otherwise. Nothing is dropped: a path that does not exist is kept
+    (validation gives it its reason).
     """
-    from leukotype.dataset import read_dataset
+    from leukotype.dataset import dataset_root, read_dataset
 
     rows: list[dict[str, str]] = []
     for item in inputs:
@@ -50,39 +53,51 @@ def gather_inputs(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
                 p for p in path.rglob("*")
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
-            rows += [{"input": str(item), "path": str(p), "abspath": str(p.resolve())} for p in found]
+            rows += [{"input": str(item), "path": str(p), "abspath": str(p.resolve()), "root": ""} for p in found]
             if not found:
                 log.warning("input folder %s holds no files", path)
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
             table = read_dataset(path)
             label = "label" if "label" in table.columns else None
             for row in table.itertuples(index=False):
-                entry = {"input": str(item), "path": row.path, "abspath": row.abspath}
+                entry = {"input": str(item), "path": row.path, "abspath": row.abspath, "root": str(dataset_root(path))}
                 if label:
                     entry["label"] = str(getattr(row, label))
                 rows.append(entry)
         else:
-            rows.append({"input": str(item), "path": str(item), "abspath": str(path.resolve())})
-    frame = pd.DataFrame(rows, columns=["input", "path", "abspath", "label"] if any("label" in r for r in rows) else ["input", "path", "abspath"])
+            rows.append({"input": str(item), "path": str(item), "abspath": str(path.resolve()), "root": ""})
+    columns = ["input", "path", "abspath", "root"] + (["label"] if any("label" in r for r in rows) else [])
+    frame = pd.DataFrame(rows, columns=columns)
     return frame.fillna("")
 
 
-def validate_inputs(table: pd.DataFrame, min_side: int, max_pixels: int, threads: int = 1) -> pd.DataFrame:
-    """Add ``status`` (ok|rejected) and ``reason`` to ``table`` with the training data's checks."""
+def validate_inputs(table: pd.DataFrame, validation: Mapping[str, Any], threads: int = 1) -> pd.DataFrame:
+    """Add ``status`` (ok|rejected) and ``reason`` to ``table`` (from :func:`gather_inputs`)
+    with the training data's checks under ``validation`` (:attr:`Bundle.validation`); drops
+    ``root``."""
     import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
-    from leukotype.validate import check_file
+    from leukotype.validate import check_file, outside_reason
+
+    def check(abspath: str, root: str) -> str:
+        if root and not validation["allow_outside_paths"]:
+            outside = outside_reason(abspath, root)
+            if outside:  # not opened, as in training
+                return outside
+        return check_file(
+            abspath, validation["min_side"], validation["max_pixels"], validation["max_aspect_ratio"]
+        ).reason
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            checks = list(pool.map(lambda p: check_file(p, min_side, max_pixels), table["abspath"]))
-    table = table.copy()
-    table["status"] = ["rejected" if c.reason else "ok" for c in checks]
-    table["reason"] = [c.reason for c in checks]
+            reasons = list(pool.map(check, table["abspath"], table["root"]))
+    table = table.drop(columns=["root"])
+    table["status"] = ["rejected" if r else "ok" for r in reasons]
+    table["reason"] = reasons
     return table
 
 
@@ -259,7 +274,7 @@ def prediction_table(
     """One row per input image (rejected ones with their reason); see README for the columns."""
     spec = predictor.bundle.spec
     classes = predictor.bundle.classes
-    table = validate_inputs(gather_inputs(inputs), spec["validation"]["min_side"], spec["validation"]["max_pixels"], threads)
+    table = validate_inputs(gather_inputs(inputs), predictor.bundle.validation, threads)
     table.insert(0, "image_id", [f"in{i:06d}" for i in range(len(table))])
     ok = table[table["status"] == "ok"]
     transforms = spec["tta"]["transforms"] if spec["tta"]["enabled"] else ["identity"]

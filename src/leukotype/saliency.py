@@ -134,6 +134,29 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module |
     return np.asarray(maps[0], dtype=np.float64)
 
 
+def check_explainable(bundle: Any) -> None:
+    """Raise, saying why, for a bundle no single saliency map can be drawn for.
+
+    A combined backbone ``A+B`` concatenates two networks' features, each computed from its own
+    preprocessing of the image (own input size, crop and normalisation): there is no one feature
+    map whose positions both parts' evidence lies on, so a map of the combined score would be
+    two maps in two geometries. Each part's own run is explainable.
+    """
+    from leukotype.backbones import get_spec
+
+    parts = bundle.spec["backbone"]["parts"]
+    if bundle.spec["features"]["kind"] == "backbone" and len(parts) > 1:
+        run = bundle.spec["run"]
+        inputs = ", ".join(f"{p['name']}: {get_spec(p['name']).input_size} px" for p in parts)
+        raise LeukotypeError(
+            f"explain: {bundle.folder} is a bundle of the combined backbone {bundle.spec['backbone']['name']}, "
+            f"whose parts read differently preprocessed inputs ({inputs}) and share no feature map, so "
+            "no single saliency map of its score exists; explain a bundle of one part instead, e.g. "
+            f"`leukotype export --run runs/{run['task']}/{run['strategy']}/{parts[0]['name']}/"
+            f"<layer>/{run['fold']} --out DIR`"
+        )
+
+
 def feature_network(predictor: Any) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
     """(module mapping a normalised image batch to the classifier's input, preprocess)."""
     from leukotype.backbones import build_model, get_spec, named_stages, preprocess
@@ -145,13 +168,8 @@ def feature_network(predictor: Any) -> tuple[nn.Module, Callable[[Any], torch.Te
         if not isinstance(prep, Callable) or isinstance(prep, tuple):  # pragma: no cover
             raise LeukotypeError("saliency needs a single-input network")
         return _Features(model), prep
-    parts = spec["backbone"]["parts"]
-    if len(parts) != 1:
-        raise LeukotypeError(
-            f"saliency maps for combined backbones ({spec['backbone']['name']}) are not supported: "
-            "explain a run of one of its parts"
-        )
-    part = parts[0]
+    check_explainable(predictor.bundle)
+    part = spec["backbone"]["parts"][0]
     bspec = get_spec(part["name"])
     model = build_model(bspec, predictor.weights_path(part), seed=int(part.get("seed", 0)))
     layer = source["layers"][part["name"]]
@@ -228,8 +246,8 @@ def run_explain(
     from leukotype.predict import Predictor, gather_inputs, validate_inputs
 
     predictor = Predictor(model, device="cpu", batch_size=batch_size, torch_home=torch_home, threads=threads)
-    spec = predictor.bundle.spec
-    table = validate_inputs(gather_inputs(inputs), spec["validation"]["min_side"], spec["validation"]["max_pixels"], threads)
+    check_explainable(predictor.bundle)  # before anything is read or written
+    table = validate_inputs(gather_inputs(inputs), predictor.bundle.validation, threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ok = table["status"] == "ok"
