@@ -877,3 +877,84 @@ def test_fold_activations_spill_to_memmaps_above_the_budget_and_are_reused(tmp_p
     before = runs["n"]
     again = fold_activations(model, preprocess, fold, on_disk_cfg, cache_dir=tmp_path / "c")
     assert runs["n"] == before and np.array_equal(again["test"].array, in_ram["test"].array)
+
+
+def _noisy_cells(root: Path, n_groups: int, per_group: int, seed: int) -> pd.DataFrame:
+    """64 px 'cells' of two classes told apart by a tint, with one label in each group flipped:
+    a network trained from scratch memorises the flipped training labels too and is then
+    over-confident on new cells (it is right on about 3 in 4 but says so with near certainty)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, other, tint in (("a", "b", (12, 0, -12)), ("b", "a", (-12, 0, 12))):
+        for g in range(n_groups):
+            for i in range(per_group):
+                pixels = rng.normal(150, 45, size=(64, 64, 3)) + np.asarray(tint)
+                path = root / f"{label}{g}_{i}.png"
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+                rows.append({"image_id": f"img{len(rows):06d}", "abspath": str(path),
+                             "label": other if i == 0 else label, "group": f"{label}-p{g}"})
+    return pd.DataFrame(rows)
+
+
+def test_paper_cnn_without_validation_part_is_calibrated_on_a_held_out_slice_of_the_training_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No validation part, network trained from scratch: the temperature comes from a
+    group-aware calibration slice of the training part that no gradient step saw (never the
+    test part), and it lowers NLL and ECE of the over-confident network on the test part."""
+    import json
+
+    from leukotype.calibration import expected_calibration_error, negative_log_likelihood, softmax
+    from leukotype.finetune import job, training
+    from leukotype.stages import FinetuneOutputs, run_finetune
+
+    cells = _noisy_cells(tmp_path, n_groups=10, per_group=4, seed=0)
+    cells.assign(status="ok").to_csv(tmp_path / "validated.tsv", sep="\t", index=False)
+    test_groups = {"a-p0", "a-p1", "a-p2", "b-p0", "b-p1", "b-p2"}
+    samples = cells.assign(transform="identity", fold="holdout",
+                           part=np.where(cells["group"].isin(test_groups), "test", "train"))
+    samples.drop(columns="abspath").to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    trained_on: list[int] = []
+    original_fit = training.fit
+
+    def recording_fit(model, train_data, train_labels, cfg, **kwargs):
+        trained_on.append(len(train_labels))
+        return original_fit(model, train_data, train_labels, cfg, **kwargs)
+
+    monkeypatch.setattr(training, "fit", recording_fit)
+    monkeypatch.setattr(job, "fit", recording_fit)
+    out = tmp_path / "run"
+    predictions = run_finetune(
+        tmp_path / "samples.tsv", tmp_path / "validated.tsv",
+        {"name": "t", "column": "label", "classes": ["a", "b"]}, "paper_cnn", "holdout", "none", None,
+        {"policy": "all", "epochs": 40, "batch_size": 8, "lr": 0.01, "device": "cpu", "seed": 3,
+         "calibration_fraction": 0.25},
+        out / "ckpt",
+        FinetuneOutputs(model=out / "model.pt", history=out / "history.tsv", curve=out / "curve.png",
+                        predictions=out / "predictions.tsv", features=out / "features",
+                        calibration=out / "calibration.json"),
+    )
+    record = json.loads((out / "calibration.json").read_text())
+    train_ids = set(samples.loc[samples["part"] == "train", "image_id"])
+    test_ids = set(samples.loc[samples["part"] == "test", "image_id"])
+    held = set(record["image_ids"])
+    assert record["held_out"] == "calibration" and "calibration slice" in record["fitted_on"]
+    assert held < train_ids and not held & test_ids and record["n"] == len(held)
+    held_groups = set(samples.set_index("image_id").loc[sorted(held), "group"])
+    assert {g[0] for g in held_groups} == {"a", "b"}  # whole groups of every class
+    assert set(samples.loc[samples["group"].isin(held_groups), "image_id"]) == held
+    assert trained_on == [len(train_ids) - len(held)]  # the slice took no gradient step
+    assert set(predictions["image_id"]) == test_ids
+
+    # it learnt (memorised every training label, flipped ones too; right on most new cells),
+    # is over-confident on new cells, and the slice's temperature tempers it
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    assert history["train_acc"].iloc[-1] == 1.0 and history["val_loss"].notna().all()
+    assert (predictions["true"] == predictions["pred"]).mean() >= 0.65
+    assert record["temperature"] > 1.5
+    labels = (predictions["true"] == "b").astype(int).to_numpy()
+    calibrated = predictions[["prob_a", "prob_b"]].to_numpy()
+    logits = np.log(np.clip(calibrated, 1e-300, None)) * record["temperature"]  # up to a shift per row
+    nll_after, nll_before = (negative_log_likelihood(logits, labels, t) for t in (record["temperature"], 1.0))
+    assert nll_after < 0.8 * nll_before
+    assert expected_calibration_error(calibrated, labels) < 0.6 * expected_calibration_error(softmax(logits), labels)

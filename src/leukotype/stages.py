@@ -338,8 +338,11 @@ def run_evaluate(
     out_confusion_png: PathLike,
     feature_dirs: Sequence[PathLike] = (),
     cv_results: PathLike | None = None,
+    calibration: PathLike | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one run; ``feature_dirs`` (the features it ran on) give its precision."""
+    """Metrics of one run; ``feature_dirs`` (the features it ran on) give its precision;
+    ``calibration`` (the run's calibration.json) is recorded as how its probabilities were
+    calibrated (without the held-out image list)."""
     from leukotype.hardware import run_precision
     from leukotype.metrics import confusion_csv, evaluate_predictions
     from leukotype.report import plot_confusion
@@ -362,6 +365,8 @@ def run_evaluate(
     )
     _add_calibration_metrics(record, read_tsv(predictions), list(task.classes), groups, evaluation_cfg)
     _add_tta_metrics(record, read_tsv(predictions), list(task.classes), groups, evaluation_cfg)
+    if calibration is not None:
+        record["calibration"] = {k: v for k, v in read_json(calibration).items() if k != "image_ids"}
     write_json(record, out_metrics)
     confusion_csv(record, out_confusion)
     plot_confusion(record, out_confusion_png)
@@ -736,6 +741,7 @@ def run_finetune(
     )
     from leukotype.finetune.outputs import write_features
     from leukotype.report import plot_learning_curve
+    from leukotype.head_calibration import calibration_slice
     from leukotype.split import carve_validation
     from leukotype.weights import resolve_weights
 
@@ -749,10 +755,18 @@ def run_finetune(
     precision = _native_precision(cfg)
     cfg = dataclasses.replace(cfg, precision=precision.effective)
     val_rows = train_rows.iloc[0:0]
+    held_out = "validation"
     if cfg.val_fraction > 0:
         is_val = carve_validation(train_rows, cfg.val_fraction, cfg.seed)
         train_rows, val_rows = train_rows[~is_val], train_rows[is_val]
         log.info("validation part for early stopping: %d of %d training samples", len(val_rows), len(is_val))
+    is_cal, no_slice_reason = calibration_slice(
+        train_rows, cfg, trains_layers=cfg.policy != "head" or catalog.is_from_scratch(backbone)
+    )
+    if is_cal is not None:
+        # evaluated each epoch (history's val_ columns), never trained on: the temperature's data
+        train_rows, val_rows, held_out = train_rows[~is_cal], train_rows[is_cal], "calibration"
+        log.info("calibration slice: %d of %d training samples held out", len(val_rows), len(is_cal))
     fold_samples = FoldSamples(
         train=Samples.from_frame(train_rows, classes, prepare=prepare),
         val=Samples.from_frame(val_rows, classes, prepare=prepare) if len(val_rows) else None,
@@ -796,6 +810,7 @@ def run_finetune(
         calibration = fit_head_calibration(
             model.head, cfg, job.features, job.feature_index, fold_samples,
             train_rows["group"].astype(str).tolist(), frozen_features=not any(True for _ in model.trainable.parameters()),
+            held_out=held_out, no_slice_reason=no_slice_reason,
         )
         log.info("calibration: temperature %.4g (%s)", calibration["temperature"], calibration["fitted_on"])
         write_json(calibration, outputs.calibration)

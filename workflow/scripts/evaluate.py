@@ -16,4 +16,5 @@ with logged(snakemake):
         snakemake.output.confusion_png,
         feature_dirs=snakemake.input.features,
         cv_results=(snakemake.input.cv_results or [None])[0],
+        calibration=snakemake.input.calibration,
     )

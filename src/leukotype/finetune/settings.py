@@ -27,6 +27,9 @@ class FinetuneConfig:
 
     ``val_fraction``: share of the training images the caller holds out as validation samples
     (see ``leukotype.split.carve_validation``); ``fit`` itself uses whatever validation samples it is given.
+    ``calibration_fraction``: without a validation part, the share of the training images held
+    out from the gradient steps of a network whose layers train, to fit its probability
+    temperature on (``leukotype.head_calibration.calibration_slice``).
     ``threads``: torch intra-op threads during training (0 leaves the current setting).
     ``fast_path_memory_mb``: cached frozen activations up to this size stay in RAM; larger
     caches are float32 memmaps on disk.
@@ -42,6 +45,7 @@ class FinetuneConfig:
     class_weighted: bool = False
     early_stopping_patience: int | None = None
     val_fraction: float = 0.0
+    calibration_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -67,10 +71,9 @@ class FinetuneConfig:
                 "finetune early_stopping_patience must be a positive integer or null, "
                 f"got {self.early_stopping_patience!r}"
             )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise LeukotypeError(
-                f"finetune val_fraction must be in [0, 1), got {self.val_fraction!r}"
-            )
+        for name in ("val_fraction", "calibration_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LeukotypeError(f"finetune {name} must be in [0, 1), got {getattr(self, name)!r}")
         for name in ("num_workers", "threads", "fast_path_memory_mb"):
             if getattr(self, name) < 0:
                 raise LeukotypeError(f"finetune {name} must be >= 0, got {getattr(self, name)!r}")
