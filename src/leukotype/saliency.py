@@ -134,8 +134,8 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module |
     return np.asarray(maps[0], dtype=np.float64)
 
 
-def check_explainable(bundle: Any) -> None:
-    """Raise, saying why, for a bundle no single saliency map can be drawn for.
+def unexplainable_reason(bundle: Any) -> str:
+    """Why no single saliency map can be drawn for ``bundle`` ('' when one can).
 
     A combined backbone ``A+B`` concatenates two networks' features, each computed from its own
     preprocessing of the image (own input size, crop and normalisation): there is no one feature
@@ -145,15 +145,24 @@ def check_explainable(bundle: Any) -> None:
     from leukotype.backbones import get_spec
 
     parts = bundle.spec["backbone"]["parts"]
-    if bundle.spec["features"]["kind"] == "backbone" and len(parts) > 1:
-        run = bundle.spec["run"]
-        inputs = ", ".join(f"{p['name']}: {get_spec(p['name']).input_size} px" for p in parts)
+    if bundle.spec["features"]["kind"] != "backbone" or len(parts) == 1:
+        return ""
+    inputs = ", ".join(f"{p['name']}: {get_spec(p['name']).input_size} px" for p in parts)
+    return (
+        f"the combined backbone {bundle.spec['backbone']['name']}'s parts read differently "
+        f"preprocessed inputs ({inputs}) and share no feature map"
+    )
+
+
+def check_explainable(bundle: Any) -> None:
+    """Raise, saying why and what to explain instead, where :func:`unexplainable_reason` says so."""
+    reason = unexplainable_reason(bundle)
+    if reason:
+        run, first = bundle.spec["run"], bundle.spec["backbone"]["parts"][0]["name"]
         raise LeukotypeError(
-            f"explain: {bundle.folder} is a bundle of the combined backbone {bundle.spec['backbone']['name']}, "
-            f"whose parts read differently preprocessed inputs ({inputs}) and share no feature map, so "
-            "no single saliency map of its score exists; explain a bundle of one part instead, e.g. "
-            f"`leukotype export --run runs/{run['task']}/{run['strategy']}/{parts[0]['name']}/"
-            f"<layer>/{run['fold']} --out DIR`"
+            f"explain: no single saliency map exists for {bundle.folder}: {reason}; explain a "
+            f"bundle of one part instead, e.g. `leukotype export --run runs/{run['task']}/"
+            f"{run['strategy']}/{first}/<layer>/{run['fold']} --out DIR`"
         )
 
 
