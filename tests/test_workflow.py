@@ -396,3 +396,27 @@ def test_explain_writes_an_overlay_per_valid_image_and_lists_bad_ones(study, tmp
         with Image.open(out / name) as overlay:
             assert overlay.size == (224, 224) and overlay.mode == "RGB"  # EfficientNet-Lite0's input
     assert set(listed["pred"].iloc[:2]) <= {"L1", "L2", "M2", "M3", "M5"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_gallery_shows_the_best_runs_most_confident_right_and_wrong_test_cells(study, task):
+    """figures/<task>_gallery.png: of the run export_model bundled, the 4 most confident correct
+    and 4 most confident wrong test cells (fewer if fewer), true classes in turn, with maps."""
+    bundle = json.loads((study / f"results/models/{task}/bundle.json").read_text())
+    predictions = read(study / "results" / bundle["run"]["path"] / "predictions.tsv")
+    test = predictions[predictions["transform"] == "identity"].copy()
+    classes = bundle["classes"]
+    test["confidence"] = test[[f"prob_{c}" for c in classes]].max(axis=1)
+    gallery = read(study / f"results/tables/{task}_gallery.tsv")
+    truth = test.set_index("image_id")
+    for kind, right in (("correct", True), ("wrong", False)):
+        pool = test[(test["true"] == test["pred"]) == right]
+        pool = pool.sort_values(["confidence", "image_id"], ascending=[False, True])
+        pool = pool.assign(rank=pool.groupby("true").cumcount()).sort_values(["rank", "true"], kind="stable")
+        shown = gallery[gallery["kind"] == kind]
+        assert len(shown) == min(4, len(pool))
+        assert shown["image_id"].tolist() == pool["image_id"].head(4).tolist()
+        assert ((truth.loc[shown["image_id"], "true"] == truth.loc[shown["image_id"], "pred"]) == right).all()
+        assert shown["pred"].tolist() == truth.loc[shown["image_id"], "pred"].tolist()
+    assert len(gallery) > 0 and (gallery["map"] == "yes").all()
+    assert (study / f"results/figures/{task}_gallery.png").stat().st_size > 10_000

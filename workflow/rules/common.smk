@@ -290,6 +290,8 @@ def final_targets():
     targets.append(f"{R}/tables/all_runs.tsv")
     targets += [f"{R}/models/{task}" for task in TASKS]
     targets += [f"{R}/figures/{task}_reliability.png" for task in TASKS]
+    if config["gallery"]["correct"] or config["gallery"]["wrong"]:
+        targets += [f"{R}/figures/{task}_gallery.png" for task in TASKS]
     if config["predict"]["model"]:
         targets.append(f"{R}/predictions/predictions.csv")
     return targets + external_targets()

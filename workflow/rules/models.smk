@@ -72,3 +72,32 @@ rule predict:
         top_k=config["predict"]["top_k"],
     script:
         "../scripts/predict.py"
+
+
+rule saliency_gallery:
+    input:
+        bundle=rules.export_model.output.bundle,
+        predictions=task_predictions,
+        validated=rules.validate_images.output.table,
+        weights=export_weight_files,
+    output:
+        figure=report(
+            f"{R}/figures/{{task}}_gallery.png",
+            caption="../report/gallery.rst",
+            category="Figures",
+            labels={"task": "{task}", "figure": "saliency gallery"},
+        ),
+        cells=f"{R}/tables/{{task}}_gallery.tsv",
+    log:
+        f"{R}/logs/gallery/{{task}}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        gallery=config["gallery"],
+        dataset=dataset_label(config["dataset"]),
+    script:
+        "../scripts/saliency_gallery.py"
