@@ -128,7 +128,8 @@ def run_gallery(
     if not reason:
         try:
             explained = explain_images(predictor, abspaths)
-        except LeukotypeError as error:  # e.g. a network without a spatial feature map
+        except (LeukotypeError, RuntimeError, ValueError) as error:  # e.g. no spatial feature map
+            log.warning("no saliency maps for the gallery: %s", error)
             reason = str(error)
     if reason:
         steps = next(iter(spec["preprocessing"].values()))
