@@ -43,7 +43,7 @@ rule evaluate:
         samples=paths.samples_file(R),
         features=run_feature_dirs,
         cv_results=svm_cv_results,
-        calibration=paths.run_file(R, paths.CALIBRATION),
+        calibration=paths.run_file(R, paths.CALIBRATION, prep="{prep}"),
     output:
         metrics=paths.run_file(R, paths.METRICS, prep="{prep}"),
         confusion=paths.run_file(R, paths.CONFUSION, prep="{prep}"),
