@@ -22,6 +22,7 @@ sys share can be attributed:
 The feature store's memory map itself is written once per row (4 bytes x 1,280 per sample).
 
     python bench/extraction_systime.py            # ~3 min on 2 cores
+    python bench/extraction_systime.py --settings 0 6 --tag _after_fix   # defaults vs the fix
     python bench/extraction_systime.py --quick    # smoke test (synthetic images, seconds)
 """
 
@@ -107,10 +108,14 @@ def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=320, help="samples per run")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--settings", type=int, nargs="+", default=None,
+                        help="indices into SETTINGS to run (default: all), e.g. 0 6: glibc's "
+                             "defaults and the package default")
+    parser.add_argument("--tag", default="", help="results go to extraction_systime<tag>.csv")
     args = parser.parse_args()
     backbone, layer, weights = "efficientnet_lite0", "pool", True
     n = args.samples
-    settings = SETTINGS
+    settings = SETTINGS if args.settings is None else [SETTINGS[i] for i in args.settings]
     if args.quick:
         backbone, layer, weights, n = "paper_cnn", "flatten", False, 64
         settings = SETTINGS[:2]
@@ -140,7 +145,7 @@ def main() -> None:
                       f"{result['user_s']:6.1f} s  sys {result['sys_s']:6.1f} s "
                       f"({rows[-1]['sys_share']:.0%})  faults/sample "
                       f"{rows[-1]['faults_per_sample']:.0f}  load {load}", flush=True)
-    path = common.write_results(rows, NAME, args.out)
+    path = common.write_results(rows, NAME + args.tag, args.out)
     print(f"wrote {path}")
 
 

@@ -6,9 +6,11 @@ from them by the generator stated there (same dimension, scale and class structu
 accuracies describe the generator, not PBC).
 
 1. ``accuracy_real``: exact vs scalable ``fit_svm`` (default grid: linear and rbf, C 0.1/1/10,
-   3 grouped inner folds) in 4-fold grouped outer cross-validation over the 800 real images
-   (3,600 training rows per fold, every image a test image once, identity view): accuracy of
-   each, difference in points with a paired bootstrap 95 % CI over images.
+   3 grouped inner folds; ``--kernels rbf`` forces the RBF kernel) in 4-fold grouped outer
+   cross-validation over the 800 real images (3,600 training rows per fold, every image a test
+   image once, identity view): accuracy of each, difference in points with a paired bootstrap
+   95 % CI over images; each solver's searches run in a child process (wall and CPU seconds,
+   peak RSS).
 2. ``size``: ``fit_svm`` at 7k, 24k, 50k and 200k derived training rows, one child process per
    (solver, size) that memory-maps the rows from disk as the workflow's feature store does:
    wall and CPU seconds of the fit (CPU = user + sys: on a shared machine the wall time says
@@ -18,6 +20,7 @@ accuracies describe the generator, not PBC).
 
     python bench/svm_scaling.py                 # ~30 min on 2 idle cores
     python bench/svm_scaling.py --sizes 7000 24000 --skip-accuracy
+    python bench/svm_scaling.py --skip-sizes --kernels rbf --tag _rbf   # exact vs Nystroem RBF
     python bench/svm_scaling.py --quick         # smoke test (synthetic features, seconds)
 """
 
@@ -91,43 +94,90 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int =
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
-def accuracy_real(X, table, args) -> list[dict]:
-    """Part 1 (module doc): exact vs scalable on the real rows, 4-fold outer CV."""
-    from leukotype.classify import fit_svm
+ACCURACY_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+args = json.loads(sys.argv[1])
+from leukotype.classify import fit_svm
+X = np.load(args["X"]); labels = np.load(args["y"]); groups = np.load(args["g"])
+fold = np.load(args["fold"]); identity = np.load(args["identity"])
+def status(key):  # this process's own memory
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+def cpu():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+correct, chosen, seconds, cpu_seconds, reasons = [], [], 0.0, 0.0, []
+for k in range(args["outer_folds"]):
+    train = fold != k
+    test = (fold == k) & identity
+    cpu_started, started = cpu(), time.perf_counter()
+    pipeline, cv = fit_svm(X[train], labels[train], groups[train], args["grid"], cv_folds=3,
+                           seed=0, n_jobs=args["threads"], solver=args["solver"],
+                           n_components=args["n_components"])
+    seconds += time.perf_counter() - started
+    cpu_seconds += cpu() - cpu_started
+    correct.append(pipeline.predict(X[test]) == labels[test])
+    best = cv[cv["selected"]].iloc[0]
+    chosen.append(f"{best['kernel']}/C={best['C']:g}")
+    reasons.append(str(best["solver_reason"]))
+    print(f"outer fold {k} {args['solver']:8s} accuracy {correct[-1].mean():.4f} {chosen[-1]} "
+          f"({cpu_seconds:.0f} CPU s so far)", file=sys.stderr, flush=True)
+np.save(args["correct"], np.concatenate(correct))
+print("RESULT " + json.dumps({"fit_seconds": seconds, "fit_cpu_seconds": cpu_seconds,
+                              "selected": ";".join(chosen), "solver_reason": reasons[0],
+                              "peak_rss_mib": status("VmHWM")}))
+"""
+
+
+def accuracy_real(X, table, args, scratch: Path) -> list[dict]:
+    """Part 1 (module doc): exact vs scalable on the real rows, 4-fold outer CV; each solver's
+    four searches run in a child process of their own (its CPU seconds and peak RSS)."""
     from leukotype.split import kfold_split
 
     images = table.drop_duplicates("image_id")
     folds = kfold_split(images["label"].to_numpy(), images["image_id"].to_numpy(),
                         n_splits=args.outer_folds, seed=0)[0]
     fold = table["image_id"].map(dict(zip(images["image_id"], folds))).to_numpy()
-    labels = table["label"].to_numpy()
-    correct = {"exact": [], "scalable": []}
-    seconds = {"exact": 0.0, "scalable": 0.0}
-    chosen = {"exact": [], "scalable": []}
-    for k in range(args.outer_folds):
-        train = fold != k
-        test = (fold == k) & (table["transform"] == "identity").to_numpy()
-        for solver in ("exact", "scalable"):
-            started = time.perf_counter()
-            pipeline, cv = fit_svm(X[train], labels[train], table["group"].to_numpy()[train],
-                                   None, cv_folds=3, seed=0, n_jobs=args.threads,
-                                   solver=solver, n_components=args.n_components)
-            seconds[solver] += time.perf_counter() - started
-            correct[solver].append(pipeline.predict(X[test]) == labels[test])
-            best = cv[cv["selected"]].iloc[0]
-            chosen[solver].append(f"{best['kernel']}/C={best['C']:g}")
-            print(f"outer fold {k} {solver:8s} accuracy {correct[solver][-1].mean():.4f} "
-                  f"{chosen[solver][-1]} ({seconds[solver]:.0f} s so far)", flush=True)
-    a, b = (np.concatenate(correct[s]) for s in ("exact", "scalable"))
+    arrays = {"X": np.asarray(X, dtype=np.float32), "y": table["label"].to_numpy().astype(str),
+              "g": table["group"].to_numpy().astype(str), "fold": fold.astype(np.int64),
+              "identity": (table["transform"] == "identity").to_numpy()}
+    for name, array in arrays.items():
+        np.save(scratch / f"acc_{name}.npy", array)
+    grid = None if not args.kernels else {"kernel": list(args.kernels), "C": [0.1, 1.0, 10.0]}
+    grid_text = ("default (linear+rbf x C 0.1,1,10)" if grid is None
+                 else f"{'+'.join(args.kernels)} x C 0.1,1,10 (kernel forced)")
+    correct, result = {}, {}
+    for solver in ("exact", "scalable"):
+        child = {name: str(scratch / f"acc_{name}.npy") for name in arrays}
+        child.update({"correct": str(scratch / f"acc_correct_{solver}.npy"), "solver": solver,
+                      "grid": grid, "threads": args.threads, "outer_folds": args.outer_folds,
+                      "n_components": args.n_components})
+        env = {**os.environ}
+        env.setdefault("PYTHONPATH", str(common.REPO_ROOT / "src"))
+        load = common.load_avg()
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", ACCURACY_CHILD, json.dumps(child)], env=env,
+                             capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        print(out.stderr[-3000:], file=sys.stderr)
+        if out.returncode != 0:
+            raise SystemExit(f"accuracy child failed for {solver}")
+        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+        result[solver] = {**json.loads(line.removeprefix("RESULT ")), "process_seconds": wall,
+                          "load_avg_1m": load, "load_avg_1m_after": common.load_avg()}
+        correct[solver] = np.load(scratch / f"acc_correct_{solver}.npy")
+    a, b = correct["exact"], correct["scalable"]
     lo, hi = paired_bootstrap(a, b)
     rows = []
     for solver, c in (("exact", a), ("scalable", b)):
         rows.append({"measurement": "accuracy_real", "solver": solver,
                      "data": f"real: {scaling_data.BACKBONE} features, 800 PBC images x 6 views",
+                     "grid": grid_text, "kernels": "+".join(args.kernels) or "linear+rbf",
                      "n_train_rows": int((fold != 0).sum()), "n_test": len(c),
                      "outer_folds": args.outer_folds, "n_components": args.n_components,
-                     "accuracy": float(c.mean()), "fit_seconds": seconds[solver],
-                     "selected": ";".join(chosen[solver]), "load_avg_1m": common.load_avg()})
+                     "threads": args.threads, "accuracy": float(c.mean()), **result[solver]})
     rows[1].update({"accuracy_diff_points": 100 * float(b.mean() - a.mean()),
                     "diff_ci_lo_points": 100 * lo, "diff_ci_hi_points": 100 * hi,
                     "n_predictions_differ": int((a != b).sum())})
@@ -272,6 +322,10 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--outer-folds", type=int, default=4)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-sizes", action="store_true", help="accuracy part only")
+    parser.add_argument("--kernels", nargs="+", default=[], choices=["linear", "rbf"],
+                        help="force the accuracy part's grid to these kernels (C 0.1/1/10); "
+                             "default: the default grid (linear and rbf)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="an earlier svm_scaling CSV whose 24k-row SVM time the estimate uses")
     parser.add_argument("--tag", default="",
@@ -302,8 +356,9 @@ def main() -> None:
             rows += store_rows(args.cache or scratch / "cache")
             rows.append(validation_rate(args.data))
         if not args.skip_accuracy:
-            rows += accuracy_real(X, table, args)
-        rows += size_rows(X, table, args, scratch, rows)
+            rows += accuracy_real(X, table, args, scratch)
+        if not args.skip_sizes:
+            rows += size_rows(X, table, args, scratch, rows)
     extraction = {f"extraction_{k}": v for k, v in info.items() if k != "source"}
     known = list(rows)
     if args.reference:  # the 24k-row SVM rows of an earlier run (e.g. svm_scaling.csv)

@@ -1,0 +1,220 @@
+"""The whole ``features_svm`` path at dataset size, run for real by Snakemake and timed.
+
+A new user's run, at the sizes of issue 12: ``snakemake --cores 2`` with the default config
+except for the data and the study:
+
+- data: ``--images`` distinct images derived from the 800 real PBC images
+  (``bench/derived_images.py``: seeded crops, translations, reflections, mild colour and JPEG
+  changes, the originals' size), in a folder outside the repository, with a manifest whose
+  ``group`` is each image's source image, so the group-aware split keeps every source image
+  on one side;
+- task ``cell_type`` over the 8 PBC classes; EfficientNet-Lite0 with its ImageNet weights
+  (shipped in a pip package: offline); strategy ``features_svm`` only; the paper's rotations
+  (90/180/270, training part only), 75/25 hold-out: 8,000 images -> 24,000 training rows.
+
+Everything else is the schema's default (``compute.threads`` 2 per extraction job,
+``compute.threads_svm`` 1, ``compute.mem_mb_svm`` 8000, ``svm.solver: auto``, the default grid
+linear+rbf x C 0.1/1/10, 3 grouped inner folds), and the default target: validate -> split
+-> augment -> extract -> train_svm -> evaluate -> tables, comparisons, feature map, model
+bundle and reliability figure, in a fresh results folder.
+
+Rows appended to ``bench/results/full_path.csv`` (a row of the same ``--images`` and
+``--tag`` is replaced): per rule (jobs, wall seconds summed, CPU seconds and peak RSS from
+Snakemake's benchmark files where the rule has one, else wall from the log's stamps), and
+the whole run: wall, CPU seconds of the whole process tree (user + sys of every waited-for
+descendant, ``RUSAGE_CHILDREN``), peak RSS of its largest process, load average before and
+after, the process's niceness, training rows, the SVM's solver, reason and grid, accuracy
+with its CI, and the machine (``bench/common.py``).
+
+    python bench/full_path.py --images 8000                       # ~20-25 min on 2 idle cores
+    python bench/full_path.py --images 17092 --class-counts pbc   # the full PBC size
+    python bench/full_path.py --images 800 --tag _smoke --out /tmp/x
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import derived_images  # noqa: E402
+from paper_grid import job_times  # noqa: E402
+
+NAME = "full_path"
+TASK = "cell_type"
+BACKBONE = "efficientnet_lite0"
+LAYER = "pool"
+CLASSES = sorted(derived_images.PBC_CLASS_COUNTS)
+#: Columns of a Snakemake benchmark file that are summed / maxed per rule.
+BENCH_SUM = ("s", "cpu_time")
+BENCH_MAX = ("max_rss",)
+
+
+def run_config(manifest: Path, results: Path, out: Path) -> Path:
+    """The study: default config except data, task, model and strategy (module doc)."""
+    cfg = {
+        "results": str(results),
+        "dataset": {"source": str(manifest), "name": f"PBC-derived ({manifest.parent.name})"},
+        "tasks": [{"name": TASK, "column": "label", "classes": CLASSES}],
+        "models": [{"backbone": BACKBONE, "weights": "imagenet", "layers": [LAYER],
+                    "strategies": ["features_svm"]}],
+    }
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def benchmark_rows(results: Path) -> pd.DataFrame:
+    """One row per Snakemake benchmark file: ``rule, file, s, cpu_time, max_rss``."""
+    rows = []
+    root = Path(results) / "benchmarks"
+    for path in sorted(root.rglob("*.tsv")):
+        rule = path.relative_to(root).parts[0].removesuffix(".tsv")
+        frame = pd.read_csv(path, sep="\t")
+        record = {"rule": rule, "file": str(path.relative_to(root))}
+        for column in (*BENCH_SUM, *BENCH_MAX):
+            value = pd.to_numeric(frame.get(column), errors="coerce")
+            record[column] = float(value.iloc[-1]) if value is not None and len(value) else None
+        rows.append(record)
+    return pd.DataFrame(rows, columns=["rule", "file", *BENCH_SUM, *BENCH_MAX])
+
+
+def per_rule(log: str, results: Path) -> pd.DataFrame:
+    """``rule, jobs, seconds (wall, summed), cpu_seconds, max_rss_mib, source`` per rule:
+    Snakemake's benchmark files where the rule writes one, else the log's stamps (1 s)."""
+    jobs = job_times(log)
+    from_log = jobs.groupby("rule")["seconds"].agg(jobs="count", seconds="sum")
+    bench = benchmark_rows(results)
+    rows = []
+    for rule in sorted(set(from_log.index) | set(bench["rule"])):
+        mine = bench[bench["rule"] == rule]
+        if len(mine):
+            rows.append({"rule": rule, "jobs": len(mine), "seconds": mine["s"].sum(),
+                         "cpu_seconds": mine["cpu_time"].sum(),
+                         "max_rss_mib": mine["max_rss"].max(), "source": "benchmark file"})
+        else:
+            rows.append({"rule": rule, "jobs": int(from_log.loc[rule, "jobs"]),
+                         "seconds": float(from_log.loc[rule, "seconds"]),
+                         "source": "log stamps"})
+    return pd.DataFrame(rows)
+
+
+def svm_facts(results: Path, fold: str = "holdout") -> dict:
+    """The SVM's solver, reason and searched grid, and the run's accuracy, from its files."""
+    run = Path(results) / "runs" / TASK / "features_svm" / BACKBONE / LAYER / fold
+    cv = pd.read_csv(run / "cv_results.tsv", sep="\t")
+    best = cv[cv["selected"].astype(str) == "True"].iloc[0]
+    grid = ";".join(f"{k}/C={c:g}" for k, c in zip(cv["kernel"], cv["C"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    ci = metrics.get("ci", {}).get("accuracy") or [None, None]
+    return {"svm_solver": best["solver"], "svm_reason": best["solver_reason"],
+            "svm_grid": grid, "svm_candidates": len(cv),
+            "svm_inner_folds": int(best.get("n_splits", 0)),
+            "svm_selected": f"{best['kernel']}/C={best['C']:g}",
+            "svm_cv_score": float(best.get("mean_test_score", float("nan"))),
+            "accuracy": float(metrics["metrics"]["accuracy"]),
+            "accuracy_ci_lo": ci[0], "accuracy_ci_hi": ci[1],
+            "balanced_accuracy": float(metrics["metrics"].get("balanced_accuracy", float("nan")))}
+
+
+def sample_counts(results: Path) -> dict:
+    """Images that passed validation, training rows and test rows of the hold-out."""
+    samples = pd.read_csv(Path(results) / "data" / "samples" / f"{TASK}.tsv", sep="\t", dtype=str)
+    holdout = samples[samples["fold"] == "holdout"] if "fold" in samples else samples
+    return {"n_images": int(holdout["image_id"].nunique()),
+            "n_train_rows": int((holdout["part"] == "train").sum()),
+            "n_test_rows": int((holdout["part"] == "test").sum()),
+            "n_extracted_samples": int(samples[["image_id", "transform"]].drop_duplicates().shape[0])}
+
+
+def append_rows(rows: list[dict], path: Path, images: int, tag: str) -> Path:
+    """Replace the rows of the same (images, tag) in ``path`` and write it (machine columns)."""
+    previous: list[dict] = []
+    if path.is_file():
+        old = pd.read_csv(path, dtype={"tag": str})
+        keep = ~((old["images"] == images) & (old["tag"].fillna("").astype(str) == tag))
+        previous = old[keep].to_dict("records")
+    fresh = [{**common.machine_info(), **row} for row in rows]
+    frame = pd.DataFrame(previous + fresh)
+    from leukotype.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--class-counts", choices=["balanced", "pbc"], default="balanced")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--images-dir", type=Path, default=None,
+                        help="derived images (default $TMPDIR/leukotype_bench/derived_N)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="fresh working folder (default $TMPDIR/leukotype_bench/full_path_N)")
+    parser.add_argument("--tag", default="", help="kept in the row; same images+tag replaces")
+    args = parser.parse_args(argv)
+    images_dir = args.images_dir or derived_images.default_out(args.images)
+    manifest = derived_images.write_derived(args.data, args.images, images_dir,
+                                            args.class_counts, workers=args.cores)
+    run_dir = args.run_dir or images_dir.parent / f"full_path_{args.images}{args.tag}"
+    if run_dir.exists():  # a fresh results folder every time
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    results = run_dir / "results"
+    config = run_config(manifest, results, run_dir / "config.yaml")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(common.REPO_ROOT / "Snakefile"),
+           "--directory", str(run_dir), "--configfile", str(config), "--cores", str(args.cores)]
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "src")}
+    load_before = os.getloadavg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_after = os.getloadavg()
+    log = done.stdout + done.stderr
+    (run_dir / "snakemake.log").write_text(log)
+    if done.returncode != 0:
+        raise SystemExit(f"snakemake failed ({done.returncode}), log in {run_dir}:\n{log[-4000:]}")
+    user = after.ru_utime - before.ru_utime
+    system = after.ru_stime - before.ru_stime
+    base = {"benchmark": NAME, "images": args.images, "tag": args.tag,
+            "class_counts": args.class_counts, "cores": args.cores, "nice": os.nice(0),
+            "data": f"derived from {Path(args.data).name} ({derived_images.summary(manifest)['n_sources']} real images)",
+            "backbone": BACKBONE, "strategy": "features_svm"}
+    total = {**base, "measurement": "total", **sample_counts(results), **svm_facts(results),
+             "seconds_wall": wall, "minutes_wall": wall / 60,
+             "cpu_seconds": user + system, "user_seconds": user, "sys_seconds": system,
+             "peak_rss_mib_largest_process": after.ru_maxrss / 1024,
+             "load_avg_before_1m": round(load_before[0], 2),
+             "load_avg_before_5m": round(load_before[1], 2),
+             "load_avg_after_1m": round(load_after[0], 2),
+             "load_avg_after_5m": round(load_after[1], 2),
+             "load_avg_1m": round(load_after[0], 2),
+             "jobs": int(len(job_times(log)))}
+    rules = per_rule(log, results)
+    rows = [{**base, "measurement": "rule", **row} for row in rules.to_dict("records")]
+    svm = rules[rules["rule"] == "train_svm"]
+    if len(svm):
+        total["svm_seconds"] = float(svm["seconds"].iloc[0])
+        total["svm_cpu_seconds"] = float(svm["cpu_seconds"].iloc[0])
+    path = append_rows([total, *rows], Path(args.out) / f"{NAME}.csv", args.images, args.tag)
+    common.print_table([total, *rows], ["measurement", "rule", "jobs", "seconds", "cpu_seconds",
+                                        "max_rss_mib", "minutes_wall", "accuracy"])
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
