@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -133,7 +134,15 @@ def sample_counts(results: Path) -> dict:
     return {"n_images": int(holdout["image_id"].nunique()),
             "n_train_rows": int((holdout["part"] == "train").sum()),
             "n_test_rows": int((holdout["part"] == "test").sum()),
-            "n_extracted_samples": int(samples[["image_id", "transform"]].drop_duplicates().shape[0])}
+            # what the split uses vs what extraction computed (every image x every transform,
+            # so that re-splitting never re-extracts: test images' rotations included)
+            "n_used_samples": int(samples[["image_id", "transform"]].drop_duplicates().shape[0]),
+            "n_extracted_samples": _index_rows(Path(results) / "features" / BACKBONE)}
+
+
+def _index_rows(folder: Path) -> int | None:
+    index = folder / "index.tsv"
+    return len(pd.read_csv(index, sep="\t")) if index.is_file() else None
 
 
 def append_rows(rows: list[dict], path: Path, images: int, tag: str) -> Path:
@@ -163,11 +172,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="fresh working folder (default $TMPDIR/leukotype_bench/full_path_N)")
     parser.add_argument("--tag", default="", help="kept in the row; same images+tag replaces")
+    parser.add_argument("--from-run", action="store_true",
+                        help="only summarise the finished run folder again (no run)")
     args = parser.parse_args(argv)
     images_dir = args.images_dir or derived_images.default_out(args.images)
     manifest = derived_images.write_derived(args.data, args.images, images_dir,
                                             args.class_counts, workers=args.cores)
     run_dir = args.run_dir or images_dir.parent / f"full_path_{args.images}{args.tag}"
+    if args.from_run:
+        return summarise(run_dir, manifest, args)
     if run_dir.exists():  # a fresh results folder every time
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -177,6 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
            "--directory", str(run_dir), "--configfile", str(config), "--cores", str(args.cores)]
     env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "src")}
     load_before = os.getloadavg()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True, env=env)
@@ -185,18 +199,34 @@ def main(argv: list[str] | None = None) -> Path:
     load_after = os.getloadavg()
     log = done.stdout + done.stderr
     (run_dir / "snakemake.log").write_text(log)
+    # what only this process saw, kept next to the run (--from-run re-reads it)
+    info = {"wall": wall, "user": after.ru_utime - before.ru_utime,
+            "system": after.ru_stime - before.ru_stime, "maxrss_kib": after.ru_maxrss,
+            "load_before": load_before, "load_after": load_after, "nice": os.nice(0),
+            "returncode": done.returncode, "started_utc": started_at,
+            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
     if done.returncode != 0:
         raise SystemExit(f"snakemake failed ({done.returncode}), log in {run_dir}:\n{log[-4000:]}")
-    user = after.ru_utime - before.ru_utime
-    system = after.ru_stime - before.ru_stime
+    return summarise(run_dir, manifest, args)
+
+
+def summarise(run_dir: Path, manifest: Path, args) -> Path:
+    """The rows of one finished run folder (its log, files and ``run_info.json``)."""
+    results = run_dir / "results"
+    log = (run_dir / "snakemake.log").read_text()
+    info = json.loads((run_dir / "run_info.json").read_text())
+    wall, load_before, load_after = info["wall"], info["load_before"], info["load_after"]
+    user, system = info["user"], info["system"]
     base = {"benchmark": NAME, "images": args.images, "tag": args.tag,
-            "class_counts": args.class_counts, "cores": args.cores, "nice": os.nice(0),
+            "class_counts": args.class_counts, "cores": args.cores, "nice": info["nice"],
             "data": f"derived from {Path(args.data).name} ({derived_images.summary(manifest)['n_sources']} real images)",
             "backbone": BACKBONE, "strategy": "features_svm"}
     total = {**base, "measurement": "total", **sample_counts(results), **svm_facts(results),
+             "started_utc": info.get("started_utc"), "finished_utc": info.get("finished_utc"),
              "seconds_wall": wall, "minutes_wall": wall / 60,
              "cpu_seconds": user + system, "user_seconds": user, "sys_seconds": system,
-             "peak_rss_mib_largest_process": after.ru_maxrss / 1024,
+             "peak_rss_mib_largest_process": info["maxrss_kib"] / 1024,
              "load_avg_before_1m": round(load_before[0], 2),
              "load_avg_before_5m": round(load_before[1], 2),
              "load_avg_after_1m": round(load_after[0], 2),
