@@ -454,3 +454,70 @@ def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
     record = json.loads((out / "metrics.json").read_text())
     assert record["classifier"]["solver"] == "scalable"
     assert record["classifier"]["solver_reason"] == chosen[2000]["solver_reason"]
+
+
+@pytest.mark.parametrize("solver", ["exact", "scalable"])
+def test_search_hands_the_calibration_the_out_of_fold_scores_it_would_refit(solver, monkeypatch):
+    """The grid search already fitted the selected setting on the calibration's inner folds:
+    its out-of-fold decision scores equal what calibration.out_of_fold_svm_scores refits, and
+    run_svm's calibration uses them without refitting (issue 12: 3 fewer fits per SVM job)."""
+    from leukotype.calibration import fit_svm_calibration, out_of_fold_svm_scores
+
+    X, y, groups = _four_class_problem(n_images=90, copies=3, seed=5)
+    grid = {"kernel": ["linear", "rbf"], "C": [0.1, 1.0]}
+    out_of_fold: dict = {}
+    pipeline, cv = fit_svm(X, y, groups, grid, cv_folds=3, seed=7, solver=solver,
+                           n_components=48, out_of_fold=out_of_fold)
+    classes = ["d", "b", "a", "c"]  # a task's order, not the sorted one
+    assert out_of_fold["classes"] == ["a", "b", "c", "d"]
+    assert (out_of_fold["cv_folds"], out_of_fold["seed"]) == (3, 7)
+    order = [out_of_fold["classes"].index(c) for c in classes]
+    reused = out_of_fold["scores"][:, order]
+    refitted = out_of_fold_svm_scores(pipeline, X, y, groups, classes, cv_folds=3, seed=7)
+    assert reused.shape == (len(X), 4) and np.isfinite(reused).all()
+    np.testing.assert_allclose(reused, refitted, rtol=1e-6, atol=1e-8)
+    # the calibration given those scores refits nothing and records the same temperature
+    expected = fit_svm_calibration(pipeline, X, y, groups, classes, cv_folds=3, seed=7)
+    monkeypatch.setattr("leukotype.calibration.out_of_fold_svm_scores",
+                        lambda *a, **k: pytest.fail("refitted the inner folds"))
+    record = fit_svm_calibration(pipeline, X, y, groups, classes, cv_folds=3, seed=7,
+                                 scores=reused)
+    assert record["temperature"] == pytest.approx(expected["temperature"], rel=1e-6)
+    with pytest.raises(LeukotypeError, match="do not cover"):
+        fit_svm_calibration(pipeline, X, y, groups, classes, scores=reused[:-1])
+
+
+def test_train_svm_stage_calibrates_on_the_searchs_scores_without_refitting(tmp_path, monkeypatch):
+    from leukotype.feature_store import write_feature_matrix
+    from leukotype.io import read_json, write_tsv
+    from leukotype.stages import run_svm
+
+    X, y, groups = _four_class_problem(n_images=80, copies=2, seed=4)
+    index = pd.DataFrame({"image_id": groups, "transform": np.tile(["identity", "rot90"], 80)})
+    write_feature_matrix(tmp_path / "features", "pool", index, X)
+    test_image = np.array([int(g[1:]) % 4 == 0 for g in groups])
+    samples = index.assign(label=y, group=groups, fold="holdout",
+                           part=np.where(test_image, "test", "train"))
+    samples = samples[(samples["part"] == "train") | (samples["transform"] == "identity")]
+    write_tsv(samples, tmp_path / "samples.tsv")
+    task = {"name": "t", "column": "label", "classes": ["d", "c", "b", "a"]}
+    svm_cfg = {"C": [0.1, 1.0], "kernel": ["linear"], "gamma": ["scale"], "cv_folds": 2,
+               "class_weight": None, "solver": "auto"}
+    args = (tmp_path / "samples.tsv", task, "holdout", [tmp_path / "features"], "pool", svm_cfg)
+    search = classify.fit_svm
+    # as before: a search that hands nothing on, so the calibration refits the inner folds
+    monkeypatch.setattr(classify, "fit_svm", lambda *a, out_of_fold=None, **k: search(*a, **k))
+    run_svm(*args, tmp_path / "a.skops", tmp_path / "a.tsv", tmp_path / "a_cv.tsv",
+            out_calibration=tmp_path / "a.json")
+    monkeypatch.setattr(classify, "fit_svm", search)
+    monkeypatch.setattr("leukotype.calibration.out_of_fold_svm_scores",
+                        lambda *a, **k: pytest.fail("refitted the inner folds"))
+    # a search: the calibration takes the search's scores, the same temperature as refitting
+    run_svm(*args, tmp_path / "b.skops", tmp_path / "b.tsv", tmp_path / "b_cv.tsv",
+            out_calibration=tmp_path / "b.json")
+    before, after = read_json(tmp_path / "a.json"), read_json(tmp_path / "b.json")
+    assert after["temperature"] == pytest.approx(before["temperature"], rel=1e-6)
+    assert after["n"] == before["n"] == 120
+    a, b = pd.read_csv(tmp_path / "a.tsv", sep="\t"), pd.read_csv(tmp_path / "b.tsv", sep="\t")
+    prob = [f"prob_{c}" for c in task["classes"]]
+    np.testing.assert_allclose(b[prob].to_numpy(), a[prob].to_numpy(), rtol=1e-6)

@@ -112,13 +112,23 @@ def fit_svm_calibration(
     classes: Sequence[str],
     cv_folds: int = 3,
     seed: int = 0,
+    scores: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Temperature for the SVM's decision scores, fitted on out-of-fold training scores.
 
+    ``scores``: those out-of-fold scores (N, K, columns in ``classes`` order) when the grid
+    search already computed them on the same inner folds (``classify.fit_svm(out_of_fold=)``);
+    otherwise the selected setting is refitted on the inner folds here.
     Returns the calibration record stored with the run and in model bundles.
     """
     classes = [str(c) for c in classes]
-    scores = out_of_fold_svm_scores(pipeline, X, y, groups, classes, cv_folds=cv_folds, seed=seed)
+    if scores is None:
+        scores = out_of_fold_svm_scores(pipeline, X, y, groups, classes, cv_folds=cv_folds, seed=seed)
+    elif np.shape(scores) != (len(y), len(classes)) or not np.isfinite(scores).all():
+        raise LeukotypeError(
+            f"out-of-fold scores of shape {np.shape(scores)} (finite: "
+            f"{bool(np.isfinite(scores).all())}) do not cover {len(y)} rows x {len(classes)} classes"
+        )
     lookup = {c: i for i, c in enumerate(classes)}
     labels = np.array([lookup[str(v)] for v in y])
     temperature = fit_temperature(scores, labels)

@@ -572,8 +572,10 @@ def _score_fold(
     seed: int,
     scorer,
     gram_mb: float = DEFAULT_GRAM_MB,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validation score and fit seconds of every candidate on one inner fold.
+    classes: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validation score and fit seconds of every candidate on one inner fold, and (with
+    ``classes``) each candidate's decision scores of the validation rows (:func:`_fold_decisions`).
 
     The fold's scaler is fitted on its training rows only (as a Pipeline would); the linear Gram
     matrices are computed once and shared by all candidates, which is what makes the search
@@ -584,13 +586,16 @@ def _score_fold(
     B = scaler.transform(X_val).astype(np.float64)
     scores = np.empty(len(candidates))
     seconds = np.empty(len(candidates))
+    decisions = _fold_decisions(len(candidates), len(B), classes, y_fit)
     if not gram_fits(len(A), gram_mb):  # too big to share: each SVC computes its own kernels
         for i, candidate in enumerate(candidates):
             started = time.perf_counter()
             model = _candidate_estimator(candidate, class_weight, seed, gram_mb).fit(A, y_fit)
             seconds[i] = time.perf_counter() - started
             scores[i] = scorer(model, B, y_val)
-        return scores, seconds
+            if decisions is not None:
+                decisions[i] = decision_scores(model, B, classes)
+        return scores, seconds, decisions
     gram_fit, sq_fit, _ = _gram(A, A)
     gram_val, sq_val, _ = _gram(B, A)
     for i, candidate in enumerate(candidates):
@@ -598,8 +603,22 @@ def _score_fold(
         model = _candidate_estimator(candidate, class_weight, seed, gram_mb)
         model._fit_gram(gram_fit, sq_fit, A, y_fit)
         seconds[i] = time.perf_counter() - started
-        scores[i] = scorer(model.svc_, model._kernel(gram_val, sq_val, sq_fit), y_val)
-    return scores, seconds
+        K_val = model._kernel(gram_val, sq_val, sq_fit)
+        scores[i] = scorer(model.svc_, K_val, y_val)
+        if decisions is not None:
+            decisions[i] = decision_scores(model.svc_, K_val, classes)
+    return scores, seconds, decisions
+
+
+def _fold_decisions(
+    n_candidates: int, n_val: int, classes: Sequence[str] | None, y_fit: np.ndarray
+) -> np.ndarray | None:
+    """Room for every candidate's (n_val, K) validation decision scores, columns in
+    ``classes`` order; None when not asked for or when the fold's training rows lack a class
+    (its models could not score every class)."""
+    if classes is None or len(np.unique(y_fit)) != len(classes):
+        return None
+    return np.empty((n_candidates, n_val, len(classes)))
 
 
 def _score_fold_scalable(
@@ -612,7 +631,8 @@ def _score_fold_scalable(
     seed: int,
     scorer,
     n_components: int = DEFAULT_N_COMPONENTS,
-) -> tuple[np.ndarray, np.ndarray]:
+    classes: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`_score_fold` for the scalable path: the fold's scaler and each (kernel, gamma)'s
     feature map (Nystroem, or none for linear) are fitted once on the fold's training rows and
     shared by every C; ``seconds`` of a candidate = its share of the map plus its solver."""
@@ -621,6 +641,7 @@ def _score_fold_scalable(
     B = scaler.transform(X_val).astype(np.float32, copy=False)
     scores = np.empty(len(candidates))
     seconds = np.empty(len(candidates))
+    decisions = _fold_decisions(len(candidates), len(B), classes, y_fit)
     by_map: dict[tuple[str, Any], list[int]] = {}
     for i, candidate in enumerate(candidates):
         gamma = candidate.get("svm__gamma", "") if candidate["svm__kernel"] != "linear" else ""
@@ -640,8 +661,10 @@ def _score_fold_scalable(
             model._fit_mapped(Z_fit, y_fit, feature_map, A.shape[1])
             seconds[i] = time.perf_counter() - started + map_seconds
             scores[i] = scorer(model.linear_, Z_val, y_val)
+            if decisions is not None:
+                decisions[i] = decision_scores(model.linear_, Z_val, classes)
         del Z_fit, Z_val
-    return scores, seconds
+    return scores, seconds, decisions
 
 
 def _cv_results_frame(
@@ -683,6 +706,7 @@ def fit_svm(
     gram_mb: float = DEFAULT_GRAM_MB,
     solver: str = "auto",
     n_components: int = DEFAULT_N_COMPONENTS,
+    out_of_fold: dict[str, Any] | None = None,
 ) -> tuple[Pipeline, pd.DataFrame]:
     """Choose kernel, C (and gamma) by grouped grid search on the training rows, then refit.
 
@@ -703,6 +727,13 @@ def fit_svm(
     (primal linear SVM; rbf through a Nystroem map of ``n_components`` landmarks), searched on
     the same grouped inner folds with each fold's map shared by every C. The returned frame
     records ``solver``, ``solver_reason``, ``kernel_budget_mb`` and ``n_components``.
+
+    ``out_of_fold``: a dict that, after a search, receives ``scores`` (N, K): the selected
+    setting's decision scores of every training row from the inner fold's model that did not
+    see its group, columns in ``classes`` (sorted labels) order, and ``cv_folds``/``seed`` of
+    those folds. They are exactly what refitting the selected setting on the same inner folds
+    gives (``calibration.out_of_fold_svm_scores``), which the SVM's calibration then need not
+    redo. Left empty when nothing was searched or an inner fold lacked a class.
     """
     X = np.asarray(X)
     y = np.asarray(y).astype(str)
@@ -763,22 +794,34 @@ def fit_svm(
     folds = list(splitter.split(X, y, groups))
     scores = np.empty((len(candidates), len(folds)))
     seconds = np.empty_like(scores)
+    classes = [str(c) for c in np.unique(y)] if out_of_fold is not None else None
+    decisions = (
+        np.full((len(candidates), len(X), len(classes)), np.nan) if classes else None
+    )
     with threadpool_limits(limits=max(1, int(n_jobs)), user_api="blas"):
         for k, (fit_rows, val_rows) in enumerate(folds):
             if resolved == "scalable":
-                scores[:, k], seconds[:, k] = _score_fold_scalable(
+                scores[:, k], seconds[:, k], fold_decisions = _score_fold_scalable(
                     X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                    candidates, class_weight, seed, scorer, n_components,
+                    candidates, class_weight, seed, scorer, n_components, classes,
                 )
             else:
-                scores[:, k], seconds[:, k] = _score_fold(
+                scores[:, k], seconds[:, k], fold_decisions = _score_fold(
                     X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                    candidates, class_weight, seed, scorer, gram_mb,
+                    candidates, class_weight, seed, scorer, gram_mb, classes,
                 )
+            if decisions is not None and fold_decisions is None:
+                decisions = None  # a fold's models could not score every class
+            if decisions is not None:
+                decisions[:, val_rows] = fold_decisions
         frame = _cv_results_frame(candidates, scores, seconds, scoring)
         for column, value in solver_columns.items():
             frame[column] = value
-        best = candidates[int(np.flatnonzero(frame["selected"])[0])]
+        selected = int(np.flatnonzero(frame["selected"])[0])
+        best = candidates[selected]
+        if out_of_fold is not None and decisions is not None:
+            out_of_fold.update(scores=decisions[selected], classes=classes,
+                               cv_folds=int(cv_folds), seed=int(seed))
         pipeline = new_pipeline()
         pipeline.set_params(**best)
         pipeline.fit(X, y)

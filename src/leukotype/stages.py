@@ -284,6 +284,9 @@ def run_svm(
     X_train = load_features(dirs, layer, train[["image_id", "transform"]])
     X_test = load_features(dirs, layer, test[["image_id", "transform"]])
     grid = {k: svm_cfg[k] for k in ("C", "kernel", "gamma")}
+    # the search's out-of-fold scores of the chosen setting: the calibration reuses them
+    # instead of refitting that setting on the same inner folds
+    out_of_fold: dict[str, Any] = {}
     pipeline, cv_results = fit_svm(
         X_train,
         train["label"].to_numpy(),
@@ -296,6 +299,7 @@ def run_svm(
         gram_mb=gram_mb,
         solver=svm_cfg.get("solver", "auto"),
         n_components=svm_cfg.get("n_components", DEFAULT_N_COMPONENTS),
+        out_of_fold=out_of_fold if out_calibration is not None else None,
     )
     log.info("SVM chosen: %s", pipeline.named_steps)
     save_model(pipeline, out_model)
@@ -304,9 +308,15 @@ def run_svm(
     if out_calibration is not None:
         # Probabilities: a temperature on the decision scores, fitted on out-of-fold scores of
         # the training part (the test part is never used to fit anything).
+        reused = None
+        if out_of_fold.get("scores") is not None and sorted(out_of_fold["classes"]) == sorted(
+            str(c) for c in task.classes
+        ):
+            order = [out_of_fold["classes"].index(str(c)) for c in task.classes]
+            reused = out_of_fold["scores"][:, order]
         calibration = fit_svm_calibration(
             pipeline, X_train, train["label"].to_numpy(), train["group"].to_numpy(),
-            list(task.classes), cv_folds=svm_cfg["cv_folds"], seed=seed,
+            list(task.classes), cv_folds=svm_cfg["cv_folds"], seed=seed, scores=reused,
         )
         log.info("calibration: temperature %.4g (%s)", calibration["temperature"], calibration["fitted_on"])
         write_json(calibration, out_calibration)
