@@ -28,6 +28,7 @@ with its CI, and the machine (``bench/common.py``).
 
     python bench/full_path.py --images 8000                       # ~20-25 min on 2 idle cores
     python bench/full_path.py --images 17092 --class-counts pbc   # the full PBC size
+    python bench/full_path.py --images 8000 --rerun train_svm    # only the SVM job again
     python bench/full_path.py --images 800 --tag _smoke --out /tmp/x
 """
 
@@ -109,13 +110,20 @@ def per_rule(log: str, results: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def svm_facts(results: Path, fold: str = "holdout") -> dict:
-    """The SVM's solver, reason and searched grid, and the run's accuracy, from its files."""
+def svm_facts(results: Path, fold: str = "holdout", from_predictions: bool = False) -> dict:
+    """The SVM's solver, reason and searched grid, and the run's accuracy, from its files
+    (``from_predictions``: from predictions.tsv, when train_svm ran again without evaluate)."""
     run = Path(results) / "runs" / TASK / "features_svm" / BACKBONE / LAYER / fold
     cv = pd.read_csv(run / "cv_results.tsv", sep="\t")
     best = cv[cv["selected"].astype(str) == "True"].iloc[0]
     grid = ";".join(f"{k}/C={c:g}" for k, c in zip(cv["kernel"], cv["C"]))
-    metrics = json.loads((run / "metrics.json").read_text())
+    if from_predictions:
+        table = pd.read_csv(run / "predictions.tsv", sep="\t", dtype=str)
+        table = table[table["transform"] == "identity"]
+        correct = float((table["pred"] == table["true"]).mean())
+        metrics = {"metrics": {"accuracy": correct}, "ci": {}}
+    else:
+        metrics = json.loads((run / "metrics.json").read_text())
     ci = metrics.get("ci", {}).get("accuracy") or [None, None]
     return {"svm_solver": best["solver"], "svm_reason": best["solver_reason"],
             "svm_grid": grid, "svm_candidates": len(cv),
@@ -174,20 +182,34 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--tag", default="", help="kept in the row; same images+tag replaces")
     parser.add_argument("--from-run", action="store_true",
                         help="only summarise the finished run folder again (no run)")
+    parser.add_argument("--rerun", default=None, metavar="RULE",
+                        help="in the finished run folder, run only RULE's jobs again (forced) "
+                             "and record them with the tag _rerun_RULE (e.g. train_svm after a "
+                             "change to the SVM)")
     args = parser.parse_args(argv)
+    if args.rerun and not args.tag:
+        args.tag = f"_rerun_{args.rerun}"
     images_dir = args.images_dir or derived_images.default_out(args.images)
     manifest = derived_images.write_derived(args.data, args.images, images_dir,
                                             args.class_counts, workers=args.cores)
-    run_dir = args.run_dir or images_dir.parent / f"full_path_{args.images}{args.tag}"
+    run_dir = args.run_dir or images_dir.parent / (
+        f"full_path_{args.images}{'' if args.rerun else args.tag}")
     if args.from_run:
         return summarise(run_dir, manifest, args)
-    if run_dir.exists():  # a fresh results folder every time
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    results = run_dir / "results"
-    config = run_config(manifest, results, run_dir / "config.yaml")
+    if args.rerun:  # the finished run's folder, only RULE forced
+        if not (run_dir / "run_info.json").is_file():
+            raise SystemExit(f"--rerun needs a finished run in {run_dir}")
+        config = run_dir / "config.yaml"
+        extra = ["--forcerun", args.rerun, "--until", args.rerun]
+    else:
+        if run_dir.exists():  # a fresh results folder every time
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        config = run_config(manifest, run_dir / "results", run_dir / "config.yaml")
+        extra = []
     cmd = [sys.executable, "-m", "snakemake", "-s", str(common.REPO_ROOT / "Snakefile"),
-           "--directory", str(run_dir), "--configfile", str(config), "--cores", str(args.cores)]
+           "--directory", str(run_dir), "--configfile", str(config), "--cores", str(args.cores),
+           *extra]
     env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "src")}
     load_before = os.getloadavg()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -198,7 +220,7 @@ def main(argv: list[str] | None = None) -> Path:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = os.getloadavg()
     log = done.stdout + done.stderr
-    (run_dir / "snakemake.log").write_text(log)
+    (run_dir / f"snakemake{args.tag}.log").write_text(log)
     # what only this process saw, kept next to the run (--from-run re-reads it)
     info = {"wall": wall, "user": after.ru_utime - before.ru_utime,
             "system": after.ru_stime - before.ru_stime, "maxrss_kib": after.ru_maxrss,
@@ -206,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
             "autogroup": _autogroup(),
             "returncode": done.returncode, "started_utc": started_at,
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+    (run_dir / f"run_info{args.tag}.json").write_text(json.dumps(info, indent=1))
     if done.returncode != 0:
         raise SystemExit(f"snakemake failed ({done.returncode}), log in {run_dir}:\n{log[-4000:]}")
     return summarise(run_dir, manifest, args)
@@ -228,8 +250,9 @@ def _autogroup() -> str:
 def summarise(run_dir: Path, manifest: Path, args) -> Path:
     """The rows of one finished run folder (its log, files and ``run_info.json``)."""
     results = run_dir / "results"
-    log = (run_dir / "snakemake.log").read_text()
-    info = json.loads((run_dir / "run_info.json").read_text())
+    suffix = args.tag if args.rerun else ""
+    log = (run_dir / f"snakemake{suffix}.log").read_text()
+    info = json.loads((run_dir / f"run_info{suffix}.json").read_text())
     wall, load_before, load_after = info["wall"], info["load_before"], info["load_after"]
     user, system = info["user"], info["system"]
     base = {"benchmark": NAME, "images": args.images, "tag": args.tag,
@@ -237,7 +260,8 @@ def summarise(run_dir: Path, manifest: Path, args) -> Path:
             "autogroup": info.get("autogroup", ""),
             "data": f"derived from {Path(args.data).name} ({derived_images.summary(manifest)['n_sources']} real images)",
             "backbone": BACKBONE, "strategy": "features_svm"}
-    total = {**base, "measurement": "total", **sample_counts(results), **svm_facts(results),
+    total = {**base, "measurement": "total", **sample_counts(results),
+             **svm_facts(results, from_predictions=bool(args.rerun)),
              "started_utc": info.get("started_utc"), "finished_utc": info.get("finished_utc"),
              "seconds_wall": wall, "minutes_wall": wall / 60,
              "cpu_seconds": user + system, "user_seconds": user, "sys_seconds": system,
@@ -249,6 +273,9 @@ def summarise(run_dir: Path, manifest: Path, args) -> Path:
              "load_avg_1m": round(load_after[0], 2),
              "jobs": int(len(job_times(log)))}
     rules = per_rule(log, results)
+    if args.rerun:  # the other rules' benchmark files are the first run's
+        rules = rules[rules["rule"] == args.rerun]
+        total["rerun"] = args.rerun
     rows = [{**base, "measurement": "rule", **row} for row in rules.to_dict("records")]
     svm = rules[rules["rule"] == "train_svm"]
     if len(svm):
