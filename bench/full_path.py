@@ -130,6 +130,9 @@ def svm_facts(results: Path, fold: str = "holdout", from_predictions: bool = Fal
             "svm_inner_folds": int(best.get("n_splits", 0)),
             "svm_selected": f"{best['kernel']}/C={best['C']:g}",
             "svm_cv_score": float(best.get("mean_test_score", float("nan"))),
+            # where the search's time went: each setting's mean seconds per inner fold
+            "svm_fit_seconds_per_fold": ";".join(
+                f"{k}/C={c:g}:{t:.1f}" for k, c, t in zip(cv["kernel"], cv["C"], cv["mean_fit_time"])),
             "accuracy": float(metrics["metrics"]["accuracy"]),
             "accuracy_ci_lo": ci[0], "accuracy_ci_hi": ci[1],
             "balanced_accuracy": float(metrics["metrics"].get("balanced_accuracy", float("nan")))}

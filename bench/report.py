@@ -135,9 +135,10 @@ def _pick(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 def svm_accuracy(results: Path) -> str:
     frame = _scaling_frame(results)
     acc = frame[frame["measurement"] == "accuracy_real"]
-    return _md(_pick(acc, ["solver", "n_train_rows", "n_test", "accuracy",
+    return _md(_pick(acc, ["solver", "kernels", "n_train_rows", "n_test", "accuracy",
                            "accuracy_diff_points", "diff_ci_lo_points", "diff_ci_hi_points",
-                           "n_predictions_differ", "fit_seconds", "load_avg_1m", "file"]))
+                           "n_predictions_differ", "fit_seconds", "fit_cpu_seconds",
+                           "peak_rss_mib", "selected", "load_avg_1m", "file"]))
 
 
 def svm_sizes(results: Path) -> str:
@@ -173,9 +174,31 @@ def svm_scaling(results: Path) -> str:
 
 
 def systime(results: Path) -> str:
-    frame = pd.read_csv(results / "extraction_systime.csv")
-    return _md(frame[["setting", "n_samples", "samples_per_s", "user_s", "sys_s", "sys_share",
-                      "faults_per_sample", "involuntary_switches", "load_avg_1m"]])
+    files = [results / "extraction_systime.csv"]
+    files += sorted(f for f in results.glob("extraction_systime_*.csv"))  # later re-runs
+    frame = pd.concat([pd.read_csv(f).assign(file=f"bench/results/{f.name}") for f in files],
+                      ignore_index=True)
+    return _md(_pick(frame, ["setting", "n_samples", "samples_per_s", "user_s", "sys_s",
+                             "sys_share", "faults_per_sample", "involuntary_switches",
+                             "load_avg_1m", "date", "file"]))
+
+
+def full_path(results: Path) -> str:
+    """The whole features_svm path at dataset size (bench/full_path.py): one row per run, then
+    the run's rules."""
+    frame = pd.read_csv(results / "full_path.csv")
+    totals = frame[frame["measurement"] == "total"].sort_values("images")
+    rules = frame[frame["measurement"] == "rule"].sort_values(["images", "seconds"],
+                                                              ascending=[True, False])
+    return "\n\n".join([
+        _md(_pick(totals, ["images", "tag", "n_train_rows", "n_used_samples", "n_extracted_samples", "jobs",
+                           "minutes_wall", "cpu_seconds", "peak_rss_mib_largest_process",
+                           "svm_seconds", "svm_cpu_seconds", "svm_solver", "svm_candidates",
+                           "svm_selected", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi",
+                           "nice", "load_avg_before_1m", "load_avg_after_1m"])),
+        _md(_pick(rules, ["images", "tag", "rule", "jobs", "seconds", "cpu_seconds",
+                          "max_rss_mib", "source"])),
+    ]) + "\n\nSource: `bench/results/full_path.csv`"
 
 
 def ceiling_targets(results: Path) -> str:
@@ -203,6 +226,7 @@ def ceiling_targets(results: Path) -> str:
 
 #: The tables of README.md's Performance section, in order, each with the file it comes from.
 README_TABLES = [
+    ("The features_svm path at dataset size, run", full_path),
     ("Targets 1-4 against the measured ceiling", ceiling_targets),
     ("Scalable vs exact SVM on real features", svm_accuracy),
     ("SVM stage by training rows", svm_sizes),
@@ -236,7 +260,8 @@ def main() -> None:
     for title, fn in [("Extraction", extraction), ("Memory", memory), ("Fine-tuning", finetune),
                       ("Fine-tuning job", finetune_job),
                       ("Workflow", workflow), ("Paper grid, run", paper_grid),
-                      ("Grid estimate", grid), ("SVM scaling", svm_scaling),
+                      ("Grid estimate", grid), ("Full path at size", full_path),
+                      ("SVM scaling", svm_scaling),
                       ("Extraction sys time", systime), ("GPU check", gpu_check)]:
         try:
             print(f"### {title}\n\n{fn(results)}\n")

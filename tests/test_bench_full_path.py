@@ -148,6 +148,7 @@ def test_full_path_reads_rules_svm_and_accuracy_from_the_run_files(tmp_path: Pat
     run.mkdir(parents=True)
     pd.DataFrame({"kernel": ["linear", "linear", "rbf", "rbf"], "C": [0.1, 1.0, 0.1, 1.0],
                   "mean_test_score": [0.8, 0.9, 0.7, 0.85], "n_splits": 3,
+                  "mean_fit_time": [1.0, 2.0, 3.5, 4.25],
                   "selected": [False, True, False, False], "solver": "scalable",
                   "solver_reason": "auto: above it"}).to_csv(run / "cv_results.tsv", sep="\t", index=False)
     (run / "metrics.json").write_text(json.dumps(
@@ -163,6 +164,8 @@ def test_full_path_reads_rules_svm_and_accuracy_from_the_run_files(tmp_path: Pat
     assert facts["svm_grid"] == "linear/C=0.1;linear/C=1;rbf/C=0.1;rbf/C=1"
     assert facts["svm_candidates"] == 4 and facts["svm_inner_folds"] == 3
     assert facts["accuracy"] == 0.875 and facts["accuracy_ci_hi"] == 0.9
+    assert facts["svm_fit_seconds_per_fold"] == (
+        "linear/C=0.1:1.0;linear/C=1:2.0;rbf/C=0.1:3.5;rbf/C=1:4.2")
 
 
 def test_full_path_rows_replace_only_the_same_size_and_tag(tmp_path: Path) -> None:

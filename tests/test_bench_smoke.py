@@ -223,3 +223,29 @@ def test_report_prints_every_table_from_the_committed_results() -> None:
     speed = ceiling[ceiling["measurement"] != "svm_accuracy"]
     for backbone in speed["backbone"].unique():
         assert f"| {backbone} |" in table
+
+
+def test_report_prints_the_full_path_runs_and_the_forced_rbf_comparison() -> None:
+    """The README's tables of the dataset-size runs come from the committed files: every run of
+    full_path.csv (its size, minutes and SVM seconds) and the forced-rbf exact vs Nystroem rows."""
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    results = BENCH / "results"
+    full = pd.read_csv(results / "full_path.csv")
+    text = report.full_path(results)
+    totals = full[full["measurement"] == "total"]
+    assert len(totals) >= 1
+    for row in totals.itertuples():
+        tag = "" if pd.isna(row.tag) else row.tag
+        line = next(x for x in text.splitlines() if x.startswith(f"| {row.images} | {tag} |"))
+        assert f"{row.minutes_wall:.3g}" in line and row.svm_solver in line
+    rules = full[full["measurement"] == "rule"]
+    assert set(rules["rule"]) >= {"validate_images", "extract_features", "train_svm"}
+    assert "`bench/results/full_path.csv`" in text
+    accuracy = report.svm_accuracy(results)
+    rbf = pd.read_csv(results / "svm_scaling_rbf.csv")
+    assert (rbf["kernels"] == "rbf").all() and "bench/results/svm_scaling_rbf.csv" in accuracy
+    readme = subprocess.run([sys.executable, str(BENCH / "report.py"), "--readme"],
+                            capture_output=True, text=True, timeout=120).stdout
+    assert "The features_svm path at dataset size, run" in readme and "(missing" not in readme
