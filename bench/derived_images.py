@@ -14,15 +14,15 @@ class's real images; then a random resized crop (75-100 % of the area, aspect 0.
 resized back to the source's size (360x363 or 366x369, so the backbones' resizing work is
 the real one), a translation of up to 12 px (border filled with the image's median border
 colour), a reflection (none, horizontal, vertical or both), mild colour changes (brightness,
-contrast, saturation each x0.92-1.08) and a JPEG quality of 70-90 (the originals: 75). The md5 of every written
-file is checked to be unique, also against the sources (the workflow would merge identical
-files into one group).
+contrast, saturation each x0.92-1.08) and a JPEG quality of 70-90 (the originals: 75). The
+md5 of every written file is checked to be unique, also against the sources (the workflow
+would merge identical files into one group).
 
 Class counts: ``balanced`` (N / 8 per class; the issue's 8,000 = 1,000 per class) or
 ``pbc`` (proportional to the full PBC data set's 17,092 images, Acevedo et al. 2020).
 
-    python bench/derived_images.py --n 8000 --out /tmp/leukotype_bench/derived_8000
-    python bench/derived_images.py --n 17092 --class-counts pbc --out /tmp/leukotype_bench/derived_17092
+    python bench/derived_images.py --n 8000          # -> $TMPDIR/leukotype_bench/derived_8000
+    python bench/derived_images.py --n 17092 --class-counts pbc
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ with its CI, and the machine (``bench/common.py``).
     python bench/full_path.py --images 8000                       # ~20-25 min on 2 idle cores
     python bench/full_path.py --images 17092 --class-counts pbc   # the full PBC size
     python bench/full_path.py --images 8000 --rerun train_svm    # only the SVM job again
-    python bench/full_path.py --images 800 --tag _smoke --out /tmp/x
+    python bench/full_path.py --images 800 --tag _smoke --out SCRATCH   # smoke run
 """
 
 from __future__ import annotations
