@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="in the finished run folder, run only RULE's jobs again (forced) "
                              "and record them with the tag _rerun_RULE (e.g. train_svm after a "
                              "change to the SVM)")
+    parser.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="passed to snakemake --config (e.g. 'svm={kernel: [linear]}' with "
+                             "--rerun train_svm and a --tag: a non-default setting, recorded)")
     args = parser.parse_args(argv)
     if args.rerun and not args.tag:
         args.tag = f"_rerun_{args.rerun}"
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> Path:
         if not (run_dir / "run_info.json").is_file():
             raise SystemExit(f"--rerun needs a finished run in {run_dir}")
         config = run_dir / "config.yaml"
-        extra = ["--forcerun", args.rerun, "--until", args.rerun]
+        # mtime only: a code change elsewhere (e.g. after a rebase) must not re-extract
+        extra = ["--forcerun", args.rerun, "--until", args.rerun, "--rerun-triggers", "mtime"]
     else:
         if run_dir.exists():  # a fresh results folder every time
             shutil.rmtree(run_dir)
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> Path:
         extra = []
     cmd = [sys.executable, "-m", "snakemake", "-s", str(common.REPO_ROOT / "Snakefile"),
            "--directory", str(run_dir), "--configfile", str(config), "--cores", str(args.cores),
-           *extra]
+           *extra, *(["--config", *args.config] if args.config else [])]
     env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "src")}
     load_before = os.getloadavg()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -259,6 +263,7 @@ def summarise(run_dir: Path, manifest: Path, args) -> Path:
     wall, load_before, load_after = info["wall"], info["load_before"], info["load_after"]
     user, system = info["user"], info["system"]
     base = {"benchmark": NAME, "images": args.images, "tag": args.tag,
+            "config_override": " ".join(args.config),
             "class_counts": args.class_counts, "cores": args.cores, "nice": info["nice"],
             "autogroup": info.get("autogroup", ""),
             "data": f"derived from {Path(args.data).name} ({derived_images.summary(manifest)['n_sources']} real images)",
