@@ -208,3 +208,125 @@ def test_fitted_steps_see_training_images_that_are_never_test_images():
     assert any("kfold" in p for p in check_preprocessing_config(cfg))
     cfg["preprocessing"].append({"name": "none", "steps": [{"step": "crop"}]})
     assert any("reserved" in p for p in check_preprocessing_config(cfg))
+# ------------------------------------------------------------------ steps that remove lab differences
+
+
+def _cast(rgb, gains):
+    """A lab's lamp/camera colour cast: one gain per channel."""
+    return (rgb.astype(np.float32) * np.asarray(gains)).round().clip(0, 255).astype(np.uint8)
+
+
+def test_cell_mask_covers_the_cell_and_its_box_matches_locate_cell():
+    from leukotype.preprocessing import box_from_mask, cell_mask
+
+    img = synthetic_cell(360, (200, 150), 60, seed=3)
+    mask, reason = cell_mask(img)
+    assert reason == "" and mask.shape == (360, 360)
+    truth = np.zeros((360, 360), bool)
+    truth[disk((200, 150), 60, shape=truth.shape)] = True
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.85
+    box, _ = locate_cell(img, margin=0.2)
+    from_mask = box_from_mask(mask, 0.2)
+    assert abs(from_mask.side - box.side) <= 4 and abs(from_mask.left - box.left) <= 3 and abs(from_mask.top - box.top) <= 3
+    assert cell_mask(np.full((64, 64, 3), 200, np.uint8))[0] is None
+
+
+def test_crop_mask_cuts_the_same_square_as_crop_box():
+    from leukotype.preprocessing import crop_mask
+
+    mask = np.zeros((50, 80), bool)
+    mask[10:30, 60:80] = True
+    image = Image.fromarray(np.where(mask[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2))
+    for left, top, side in [(55, 5, 40), (-10, -10, 30), (0, 0, 50)]:
+        cropped = np.asarray(crop_box(image, left, top, side))[..., 0] == 255
+        assert np.array_equal(crop_mask(mask, left, top, side), cropped)
+
+
+def test_luminance_drops_hue_and_keeps_three_channels():
+    from leukotype.preprocessing import luminance
+
+    rgb = synthetic_cell(120, (60, 60), 40)
+    grey = luminance(rgb)
+    assert grey.shape == rgb.shape and grey.dtype == np.uint8
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
+    flat = np.full((4, 4, 3), 128, np.uint8)
+    assert np.abs(luminance(flat).astype(int) - 128).max() <= 1
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 255
+    assert abs(int(luminance(red)[0, 0, 0]) - round(0.2125 * 255)) <= 1
+
+
+def test_white_balance_undoes_a_lamp_cast_and_leaves_the_stain():
+    from leukotype.preprocessing import background_median, cell_mask, white_balance
+
+    rgb = synthetic_cell(200, (100, 100), 50, seed=1, red_cells=False)
+    yellow = _cast(rgb, (1.05, 1.0, 0.7))
+    mask, _ = cell_mask(yellow)
+    target = background_median(rgb, cell_mask(rgb)[0])
+    balanced = white_balance(yellow, background_median(yellow, mask), target)
+    assert np.abs(background_median(balanced, mask) - target).max() <= 1.5
+    # the cast was a gain per channel, so the cell's colours come back too
+    inside = mask & (rgb.min(axis=2) > 20)
+    assert np.abs(balanced[inside].astype(float).mean(axis=0) - rgb[inside].mean(axis=0)).max() < 3
+    assert np.abs(yellow[inside].astype(float).mean(axis=0) - rgb[inside].mean(axis=0)).max() > 20
+
+
+def test_flatten_background_sets_only_the_outside():
+    from leukotype.preprocessing import flatten_background
+
+    rgb = synthetic_cell(120, (60, 60), 30, seed=2)
+    mask = np.zeros((120, 120), bool)
+    mask[disk((60, 60), 30, shape=mask.shape)] = True
+    out = flatten_background(rgb, mask, (200, 190, 180), grow=2)
+    assert np.array_equal(out[mask], rgb[mask])
+    far = np.ones_like(mask)
+    far[disk((60, 60), 33, shape=mask.shape)] = False
+    assert (out[far] == (200, 190, 180)).all()
+
+
+def test_stretch_contrast_maps_the_percentiles_and_keeps_order():
+    from leukotype.preprocessing import stretch_contrast
+
+    rgb = synthetic_cell(120, (60, 60), 40)
+    dull = (rgb.astype(np.float32) * 0.4 + 90).astype(np.uint8)
+    out = stretch_contrast(dull, 1, 99)
+    spread = lambda img: np.subtract(*np.percentile(img.astype(np.float32).mean(axis=2), [99, 1]))  # noqa: E731
+    assert spread(dull) < 90 and spread(out) > 200  # (channels clip at 0 and 255, so not exactly 255)
+    # one affine map for all channels: the stretched dull image matches the stretched original
+    assert np.abs(out.astype(int) - stretch_contrast(rgb, 1, 99).astype(int)).mean() < 4
+
+
+def test_foreground_reinhard_ignores_the_background_colour():
+    from leukotype.preprocessing import cell_mask
+
+    rgb = synthetic_cell(200, (100, 100), 60, seed=4, red_cells=False)
+    mask, _ = cell_mask(rgb)
+    yellow_bg = rgb.copy()
+    yellow_bg[~mask] = (235, 230, 150)
+    reference = fit_stain_reference([rgb], "reinhard", [mask])
+    assert reference["foreground"] is True
+    fg_a = normalise_stain(rgb, reference, mask)[mask].astype(float)
+    fg_b = normalise_stain(yellow_bg, reference, mask)[mask].astype(float)
+    assert np.abs(fg_a - fg_b).mean() < 1.0  # the cell comes out the same on either background
+    whole = fit_stain_reference([rgb], "reinhard")
+    wa = normalise_stain(rgb, whole)[mask].astype(float)
+    wb = normalise_stain(yellow_bg, whole)[mask].astype(float)
+    assert np.abs(wa - wb).mean() > 5.0  # whole-image statistics let the background recolour it
+
+
+def test_hue_jitter_rotates_hue_and_keeps_earlier_view_parameters():
+    from leukotype.preprocessing import hsv_jitter
+
+    rgb = synthetic_cell(64, (32, 32), 20)
+    assert np.abs(hsv_jitter(rgb, 0.0, 0.0).astype(int) - rgb).max() <= 1
+    back = hsv_jitter(hsv_jitter(rgb, 0.5, 0.0), 0.5, 0.0)
+    assert np.abs(back.astype(int) - rgb).max() <= 2
+    assert np.abs(hsv_jitter(rgb, 0.5, 0.0).astype(int) - rgb).mean() > 10
+    plain = jitter_parameters(ColourJitter(views=2), "a.png", 1)
+    hued = jitter_parameters(ColourJitter(views=2, hue=0.5, saturation=0.5), "a.png", 1)
+    assert {k: plain[k] for k in ("hed", "brightness", "contrast", "blur", "scale")} == {
+        k: hued[k] for k in ("hed", "brightness", "contrast", "blur", "scale")}
+    assert plain["hue"] == 0.0 and -0.5 <= hued["hue"] <= 0.5 and hued["hue"] != 0.0
+    assert np.array_equal(np.asarray(colour_jitter(Image.fromarray(rgb), plain)),
+                          np.asarray(colour_jitter(Image.fromarray(rgb), {k: v for k, v in plain.items() if k not in ("hue", "saturation")})))

@@ -80,20 +80,20 @@ def _optical_density(rgb: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(rgb.astype(np.float32) + 1.0, 1.0, 256.0) / 256.0)
 
 
-def locate_cell(rgb: np.ndarray, margin: float = 0.15, min_fraction: float = 0.002) -> tuple[CellBox | None, str]:
-    """Find the white cell in an RGB image (H, W, 3, uint8): ``(box, "")`` or ``(None, reason)``.
+def _segment_cell(rgb: np.ndarray, min_fraction: float = 0.002) -> tuple[np.ndarray | None, float, str]:
+    """The white cell's mask on a working copy of about 256 pixels: ``(mask, scale, "")`` or
+    ``(None, scale, reason)``; ``scale`` = full-image pixels per working pixel.
 
     Nucleus: the hematoxylin channel of :func:`skimage.color.rgb2hed`, smoothed, above its Otsu
     threshold; the component chosen is the largest one weighted by its closeness to the image
     centre (neighbouring cells at the border lose). Cell: pixels whose total optical density is
     above the Otsu threshold between background and stained matter, connected to the nucleus
     and within 1.5 nucleus radii of it (so touching red cells are not swallowed).
-    The crop box is the square around the cell's bounding box enlarged by ``margin`` of the
-    cell's size on every side.
     """
     from scipy import ndimage
     from skimage.color import rgb2hed
     from skimage.filters import gaussian, threshold_otsu
+    from skimage.morphology import disk
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise LeukotypeError(f"locate_cell needs an RGB array (H, W, 3), got shape {rgb.shape}")
@@ -107,18 +107,18 @@ def locate_cell(rgb: np.ndarray, margin: float = 0.15, min_fraction: float = 0.0
     h, w = small.shape[:2]
     hema = gaussian(rgb2hed(small)[..., 0], sigma=1.0)
     if float(hema.max() - hema.min()) < 1e-3:
-        return None, "no_cell: the image has no stain contrast"
+        return None, scale, "no_cell: the image has no stain contrast"
     nucleus_mask = hema > threshold_otsu(hema)
     labels, n = ndimage.label(nucleus_mask)
     if n == 0:
-        return None, "no_cell: no hematoxylin-stained region"
+        return None, scale, "no_cell: no hematoxylin-stained region"
     areas = ndimage.sum(nucleus_mask, labels, index=np.arange(1, n + 1))
     centres = ndimage.center_of_mass(nucleus_mask, labels, index=np.arange(1, n + 1))
     diagonal = math.hypot(h, w)
     scores = [a * (1.0 - math.hypot(cy - h / 2, cx - w / 2) / diagonal) ** 2 for a, (cy, cx) in zip(areas, centres)]
     best = int(np.argmax(scores)) + 1
     if areas[best - 1] < min_fraction * h * w:
-        return None, f"no_cell: largest stained region {int(areas[best - 1])} px < {min_fraction:.1%} of the image"
+        return None, scale, f"no_cell: largest stained region {int(areas[best - 1])} px < {min_fraction:.1%} of the image"
     nucleus = labels == best
     radius = math.sqrt(areas[best - 1] / math.pi)
     od = gaussian(_optical_density(small).sum(axis=2), sigma=1.0)
@@ -127,19 +127,36 @@ def locate_cell(rgb: np.ndarray, margin: float = 0.15, min_fraction: float = 0.0
     stained = od > threshold_otsu(od[~nucleus_mask])
     near = ndimage.distance_transform_edt(~nucleus) <= 1.5 * radius
     # an opening cuts the thin necks where red cells touch the white cell
-    from skimage.morphology import disk
-
     opened = ndimage.binary_opening(stained & near, structure=disk(max(1, round(0.3 * radius))))
     cell_labels, _ = ndimage.label(opened | nucleus)
     cell = cell_labels == cell_labels[nucleus].max()
-    cell = ndimage.binary_fill_holes(cell)
-    rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+    return ndimage.binary_fill_holes(cell), scale, ""
+
+
+def locate_cell(rgb: np.ndarray, margin: float = 0.15, min_fraction: float = 0.002) -> tuple[CellBox | None, str]:
+    """Find the white cell in an RGB image (H, W, 3, uint8): ``(box, "")`` or ``(None, reason)``.
+
+    The cell is segmented by :func:`_segment_cell`; the crop box is the square around the
+    cell's bounding box enlarged by ``margin`` of the cell's size on every side.
+    """
+    cell, scale, reason = _segment_cell(rgb, min_fraction)
+    if cell is None:
+        return None, reason
+    return box_from_mask(cell, margin, scale), ""
+
+
+def box_from_mask(mask: np.ndarray, margin: float, scale: float = 1.0) -> CellBox:
+    """The square crop box around a cell ``mask``'s bounding box, enlarged by ``margin`` of the
+    cell's size on every side (``scale``: image pixels per mask pixel)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise LeukotypeError("box_from_mask: the mask is empty")
     top, bottom = rows[0] * scale, (rows[-1] + 1) * scale
     left, right = cols[0] * scale, (cols[-1] + 1) * scale
     size = max(right - left, bottom - top)
     side = size * (1.0 + 2.0 * margin)
     cx, cy = (left + right) / 2, (top + bottom) / 2
-    box = CellBox(
+    return CellBox(
         left=int(round(cx - side / 2)),
         top=int(round(cy - side / 2)),
         side=max(1, int(round(side))),
@@ -148,7 +165,21 @@ def locate_cell(rgb: np.ndarray, margin: float = 0.15, min_fraction: float = 0.0
         cell_right=int(round(right)),
         cell_bottom=int(round(bottom)),
     )
-    return box, ""
+
+
+def cell_mask(rgb: np.ndarray, min_fraction: float = 0.002) -> tuple[np.ndarray | None, str]:
+    """The white cell's pixels in ``rgb`` (boolean, full size): ``(mask, "")`` or ``(None, reason)``.
+
+    Same segmentation as :func:`locate_cell`, so the foreground the colour steps use is the
+    cell the crop centres on.
+    """
+    cell, _, reason = _segment_cell(rgb, min_fraction)
+    if cell is None:
+        return None, reason
+    height, width = rgb.shape[:2]
+    if cell.shape != (height, width):
+        cell = np.asarray(Image.fromarray(cell.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
+    return cell, ""
 
 
 def background_colour(rgb: np.ndarray) -> tuple[int, int, int]:
@@ -166,24 +197,115 @@ def crop_box(image: Image.Image, left: int, top: int, side: int) -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------------
+# colour steps that remove what differs between labs rather than map it
+
+
+def crop_mask(mask: np.ndarray, left: int, top: int, side: int) -> np.ndarray:
+    """The square ``(left, top, side)`` of a boolean mask (outside the image: False), matching
+    :func:`crop_box` on the image."""
+    out = np.zeros((side, side), dtype=bool)
+    height, width = mask.shape
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(height, top + side), min(width, left + side)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = mask[y0:y1, x0:x1]
+    return out
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Grey image (ITU-R BT.709 luminance, scikit-image's ``rgb2gray``) in all three channels:
+    the network's input keeps its shape, hue and saturation are gone, so a lab's stain hue
+    cannot decide the class."""
+    from skimage.color import rgb2gray
+
+    grey = (rgb2gray(rgb) * 255).round().clip(0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def white_balance(rgb: np.ndarray, background: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """Per-channel gains that map the image's ``background`` colour to ``target`` (von Kries).
+
+    A yellow or blue cast of another lab's lamp and camera is a gain per channel; this removes
+    it without touching the stain's own contrast. ``background``: the image's background colour,
+    measured once on the whole original image outside its cell (:func:`background_median`), so
+    a crop applied before this step does not change the gains; ``target``: the training part's
+    median background colour.
+    """
+    gains = np.asarray(target, dtype=np.float32) / np.maximum(np.asarray(background, dtype=np.float32), 1.0)
+    return (rgb.astype(np.float32) * gains).round().clip(0, 255).astype(np.uint8)
+
+
+def background_median(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Median colour of the pixels outside ``mask`` (the image border without one)."""
+    background = rgb[~mask] if mask is not None and (~mask).any() else np.concatenate(
+        [rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]
+    )
+    return np.median(background.reshape(-1, 3), axis=0)
+
+
+def flatten_background(
+    rgb: np.ndarray, mask: np.ndarray, colour: Sequence[float], grow: int = 2
+) -> np.ndarray:
+    """Every pixel outside the cell ``mask`` (grown by ``grow`` pixels, so the membrane stays)
+    set to ``colour``: red cells, debris and the slide's tint no longer reach the network."""
+    from scipy import ndimage
+
+    keep = ndimage.binary_dilation(mask, iterations=grow) if grow > 0 else mask
+    out = rgb.copy()
+    out[~keep] = np.asarray(colour, dtype=np.float32).round().clip(0, 255).astype(np.uint8)
+    return out
+
+
+def stretch_contrast(rgb: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """One affine map for all channels that sends the ``low`` and ``high`` percentiles of the
+    image's luminance to 0 and 255: a dim or washed-out camera gets the training part's range
+    while hue ratios are kept."""
+    grey = rgb.astype(np.float32).mean(axis=2)
+    lo, hi = np.percentile(grey, [low, high])
+    if hi - lo < 1.0:
+        return rgb
+    out = (rgb.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def hsv_jitter(rgb: np.ndarray, hue: float, saturation: float) -> np.ndarray:
+    """Hue rotated by ``hue`` (a fraction of the colour circle) and saturation scaled by
+    ``1 + saturation``: a training view in which the stain's hue is not a reliable cue."""
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    hsv = rgb2hsv(rgb)
+    hsv[..., 0] = (hsv[..., 0] + hue) % 1.0
+    hsv[..., 1] = (hsv[..., 1] * (1.0 + saturation)).clip(0.0, 1.0)
+    return (hsv2rgb(hsv) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
 # stain normalisation
 
 
-def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sd of each CIELAB channel (scikit-image's conversion)."""
+def lab_statistics(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of each CIELAB channel (scikit-image's conversion), over the pixels of
+    ``mask`` where one is given (e.g. the cell: :func:`cell_mask`)."""
     from skimage.color import rgb2lab
 
-    lab = rgb2lab(rgb).reshape(-1, 3)
+    lab = rgb2lab(rgb)
+    lab = lab[mask] if mask is not None and mask.any() else lab.reshape(-1, 3)
     return lab.mean(axis=0), lab.std(axis=0)
 
 
-def reinhard(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Reinhard et al. 2001: each LAB channel shifted and scaled to the reference mean and sd."""
+def reinhard(
+    rgb: np.ndarray, mean: Sequence[float], std: Sequence[float], mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Reinhard et al. 2001: each LAB channel shifted and scaled to the reference mean and sd.
+
+    With ``mask`` the image's own statistics are taken over those pixels only (the cell), so a
+    lab's large, differently coloured background does not decide how the cell is recoloured;
+    the reference should then be the cells' statistics too (``fit_stain_reference(masks=...)``).
+    """
     from skimage.color import lab2rgb, rgb2lab
 
     lab = rgb2lab(rgb)
-    src_mean = lab.reshape(-1, 3).mean(axis=0)
-    src_std = lab.reshape(-1, 3).std(axis=0)
+    src_mean, src_std = lab_statistics(rgb, mask)
     out = (lab - src_mean) / np.maximum(src_std, 1e-6) * np.asarray(std) + np.asarray(mean)
     out[..., 0] = out[..., 0].clip(0, 100)
     return (lab2rgb(out).clip(0, 1) * 255).round().astype(np.uint8)
@@ -205,17 +327,22 @@ def macenko(rgb: np.ndarray, reference: Mapping[str, Any]) -> np.ndarray:
     return normalized
 
 
-def fit_stain_reference(images: Sequence[np.ndarray], method: str) -> dict[str, Any]:
+def fit_stain_reference(
+    images: Sequence[np.ndarray], method: str, masks: Sequence[np.ndarray | None] | None = None
+) -> dict[str, Any]:
     """The reference of ``method`` from (training-part) images: Reinhard's mean LAB mean and sd
-    over the images; Macenko's stain vectors and maximum concentrations of their mosaic."""
+    over the images (over each image's ``masks`` pixels where given: ``"foreground": true``);
+    Macenko's stain vectors and maximum concentrations of their mosaic."""
     if not images:
         raise LeukotypeError("no images to fit a stain reference on")
     if method == "reinhard":
-        stats = [lab_statistics(img) for img in images]
+        masks = list(masks) if masks is not None else [None] * len(images)
+        stats = [lab_statistics(img, mask) for img, mask in zip(images, masks)]
         return {
             "method": method,
             "mean": np.mean([m for m, _ in stats], axis=0).tolist(),
             "std": np.mean([s for _, s in stats], axis=0).tolist(),
+            "foreground": any(mask is not None for mask in masks),
             "n_images": len(images),
         }
     if method == "macenko":
@@ -226,10 +353,11 @@ def fit_stain_reference(images: Sequence[np.ndarray], method: str) -> dict[str, 
     raise LeukotypeError(f"unknown stain method {method!r}; choose one of {list(STAIN_METHODS)}")
 
 
-def normalise_stain(rgb: np.ndarray, reference: Mapping[str, Any]) -> np.ndarray:
-    """``rgb`` mapped to the reference stain (the reference names its method)."""
+def normalise_stain(rgb: np.ndarray, reference: Mapping[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
+    """``rgb`` mapped to the reference stain (the reference names its method); Reinhard takes
+    the image's statistics over ``mask`` where given."""
     if reference["method"] == "reinhard":
-        return reinhard(rgb, reference["mean"], reference["std"])
+        return reinhard(rgb, reference["mean"], reference["std"], mask)
     try:
         return macenko(rgb, reference)
     except (np.linalg.LinAlgError, ValueError, IndexError):
@@ -259,6 +387,10 @@ class ColourJitter:
     contrast: float = 0.1
     blur: float = 0.5
     scale: float = 0.1
+    #: hue rotation (fraction of the colour circle) and saturation scale; 0 = off. Strong hue
+    #: jitter (0.5: any hue) makes the SVM unable to rely on the stain's colour.
+    hue: float = 0.0
+    saturation: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -280,6 +412,9 @@ def jitter_parameters(jitter: ColourJitter, image_key: str, view: int) -> dict[s
         "contrast": float(rng.uniform(-jitter.contrast, jitter.contrast)),
         "blur": float(rng.uniform(0.0, jitter.blur)),
         "scale": float(rng.uniform(-jitter.scale, jitter.scale)),
+        # drawn after the others, so views without hue jitter keep their earlier parameters
+        "hue": float(rng.uniform(-jitter.hue, jitter.hue)),
+        "saturation": float(rng.uniform(-jitter.saturation, jitter.saturation)),
     }
 
 
@@ -289,6 +424,8 @@ def colour_jitter(image: Image.Image, params: Mapping[str, Any]) -> Image.Image:
     from skimage.color import hed2rgb, rgb2hed
 
     rgb = np.asarray(image.convert("RGB"))
+    if params.get("hue", 0.0) or params.get("saturation", 0.0):
+        rgb = hsv_jitter(rgb, params.get("hue", 0.0), params.get("saturation", 0.0))
     hed = rgb2hed(rgb) + np.asarray(params["hed"], dtype=float)
     arr = hed2rgb(hed).clip(0, 1)
     arr = (arr - arr.mean()) * (1.0 + params["contrast"]) + arr.mean() + params["brightness"]
