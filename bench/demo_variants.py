@@ -100,15 +100,18 @@ def main() -> None:
                 row["load_after_1m"] = round(os.getloadavg()[0], 2)
             rows.append(row)
             print(row, flush=True)
+            write_table(rows, args.out)  # after every step: a partial run keeps its rows
+
+
+def write_table(rows: list[dict], out: Path) -> None:
     table = pd.DataFrame(rows)
     base = table.loc[table["case"] == "no_external"].iloc[0]
     table["jobs_vs_no_external"] = (table["jobs_from_scratch"] / base["jobs_from_scratch"]).round(2)
     if "wall_s_this_step" in table:
         table["extra_wall_vs_no_external"] = (table["wall_s_this_step"] / base["wall_s_this_step"]).round(2)
         table.loc[table["case"] == "no_external", "extra_wall_vs_no_external"] = None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
-    print(table.drop(columns=[c for c in machine_info() if c in table]).to_string(index=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
 
 
 if __name__ == "__main__":

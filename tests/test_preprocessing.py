@@ -330,3 +330,30 @@ def test_hue_jitter_rotates_hue_and_keeps_earlier_view_parameters():
     assert plain["hue"] == 0.0 and -0.5 <= hued["hue"] <= 0.5 and hued["hue"] != 0.0
     assert np.array_equal(np.asarray(colour_jitter(Image.fromarray(rgb), plain)),
                           np.asarray(colour_jitter(Image.fromarray(rgb), {k: v for k, v in plain.items() if k not in ("hue", "saturation")})))
+
+
+
+
+def test_white_balance_step_maps_each_images_background_to_the_training_median_then_grey():
+    """The recipe crop -> white_balance -> grey: the per-image row is the background outside the
+    cell on the decoded image; the fitted target is the training rows' median background; a
+    cast image's background lands on the target, and grey leaves no hue."""
+    cast = np.asarray([1.0, 0.92, 0.7])  # a yellow lamp
+    train = [Image.fromarray(synthetic_cell(128, (64, 64), 25, seed=s)) for s in range(3)]
+    variant = Variant.from_dict(
+        {"name": "wbg", "steps": [{"step": "crop", "margin": 0.15}, {"step": "white_balance"}, {"step": "grey"}]}
+    )
+    assert variant.analysis_keys() == ["crop_m0.15", "white_balance"] and variant.fitted
+    from leukotype.preprocessing import fit_variant
+
+    states = fit_variant(variant, [(f"t{i}.png", im) for i, im in enumerate(train)])
+    target = np.asarray(states[1]["target"])
+    assert np.allclose(target, BACKGROUND, atol=3)  # the synthetic slide's colour
+    shifted = Image.fromarray((synthetic_cell(128, (60, 70), 25, seed=9) * cast).round().astype(np.uint8))
+    step = variant.steps[1]
+    row = step.analyse(shifted)
+    assert row["status"] == "found" and np.allclose(step.background(row), np.asarray(BACKGROUND) * cast, atol=3)
+    balanced = np.asarray(ImagePreparer(Variant("wb", variant.steps[:2]), states=states[:2])(shifted, "s.png"), dtype=float)
+    assert np.abs(np.median(balanced[:4].reshape(-1, 3), axis=0) - target).max() < 4  # border is background
+    out = np.asarray(ImagePreparer(variant, states=states)(shifted, "s.png"))
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])

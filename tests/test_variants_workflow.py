@@ -125,12 +125,12 @@ def test_a_variant_is_scored_on_the_external_set(study):
 
 
 def test_bundle_of_a_crop_and_stain_run_reproduces_its_predictions(study, tmp_path):
-    """The bundle records the variant's steps and stain reference; predict finds each image's
-    cell itself and reproduces the run's test scores."""
+    """The bundle records the variant's steps and stain reference; `leukotype predict` finds
+    each image's cell itself and reproduces the run's calibrated test probabilities."""
     from leukotype.bundle import load_bundle
     from leukotype.config import Run
     from leukotype.export import export_run
-    from leukotype.predict import Predictor, run_predict
+    from leukotype.predict import run_predict
 
     workdir, _ = study
     run = Run("subtype", "features_svm", "efficientnet_lite0", "pool", "holdout", "cropstain")
@@ -138,14 +138,10 @@ def test_bundle_of_a_crop_and_stain_run_reproduces_its_predictions(study, tmp_pa
     state = json.loads((workdir / "results/preprocessing/cropstain/state.json").read_text())
     assert bundle.spec["image_steps"]["states"] == state["states"]
     expected = read(workdir / RUN.format("@cropstain") / "predictions.tsv")
-    validated = read(workdir / "results/data/validated.tsv")[["image_id", "abspath"]]
-    samples = expected[["image_id", "transform"]].merge(validated, on="image_id", how="left")
-    got = Predictor(bundle, device="cpu").predict_samples(samples)
-    classes = bundle.classes
-    assert got["pred"].tolist() == expected["pred"].tolist()
-    np.testing.assert_allclose(
-        got[[f"score_{c}" for c in classes]].to_numpy(), expected[[f"score_{c}" for c in classes]].to_numpy(), rtol=0, atol=1e-6
-    )
-    # through `leukotype predict` on the image files
-    table = run_predict(tmp_path / "bundle", samples["abspath"].tolist(), tmp_path / "pred.csv", device="cpu")
+    validated = read(workdir / "results/data/validated.tsv").set_index("image_id")
+    files = validated.loc[expected["image_id"], "abspath"].tolist()
+    # `leukotype predict` on the image files: validation, the variant's steps, features, SVM
+    table = run_predict(tmp_path / "bundle", files, tmp_path / "pred.csv", device="cpu")
     assert table["pred"].tolist() == expected["pred"].tolist()
+    probs = [f"prob_{c}" for c in bundle.classes]
+    np.testing.assert_allclose(table[probs].to_numpy(float), expected[probs].to_numpy(float), rtol=0, atol=1e-6)

@@ -467,7 +467,8 @@ class Step:
       columns) shared by every variant with the same :meth:`analysis_key`, and are recorded.
       Where no row exists (prediction of a new image), the step analyses the image itself.
     - ``fitted``: :meth:`fit` gets training-part images (never a test image), as the steps
-      before it leave them, and returns a JSON state that :meth:`apply` receives.
+      before it leave them, with their per-image rows (for a step that is both), and returns a
+      JSON state that :meth:`apply` receives.
     - ``views`` > 0: the step draws that many training views ``colour1..colourK`` (recorded in
       the sample table like rotations); :meth:`apply` sees the view in its context.
 
@@ -504,7 +505,7 @@ class Step:
     def analyse(self, image: Image.Image) -> dict[str, Any]:
         raise NotImplementedError
 
-    def fit(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+    def fit(self, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
         raise NotImplementedError
 
     def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
@@ -572,7 +573,7 @@ class StainStep(Step):
         if self.method not in STAIN_METHODS:
             raise LeukotypeError(f"unknown stain method {self.method!r}; choose one of {list(STAIN_METHODS)}")
 
-    def fit(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+    def fit(self, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
         return fit_stain_reference([np.asarray(image.convert("RGB")) for image in images], self.method)
 
     def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
@@ -615,6 +616,58 @@ class ColourStep(Step):
         if context.view > self.views:
             raise LeukotypeError(f"colour view {context.view} asked of a step with {self.views} views")
         return colour_jitter(image, jitter_parameters(self.jitter(), context.key, context.view))
+
+
+@register_step
+@dataclass(frozen=True)
+class WhiteBalanceStep(Step):
+    """Von Kries white balance: per-channel gains that map the image's background (the median
+    colour outside its cell, measured once on the decoded image: :func:`background_median`,
+    :func:`cell_mask`) to the training images' median background (:func:`white_balance`). A
+    lab's lamp and camera cast is a gain per channel; the stain's own contrast stays."""
+
+    kind: ClassVar[str] = "white_balance"
+    per_image: ClassVar[bool] = True
+    fitted: ClassVar[bool] = True
+    analysis_columns: ClassVar[tuple[str, ...]] = ("bg_r", "bg_g", "bg_b")
+
+    def analysis_key(self) -> str:
+        return "white_balance"
+
+    def analyse(self, image: Image.Image) -> dict[str, Any]:
+        rgb = np.asarray(image.convert("RGB"))
+        mask, reason = cell_mask(rgb)
+        bg = background_median(rgb, mask)
+        status = "found" if mask is not None else "not_found"  # not found: the image border
+        return {"status": status, "reason": reason, **{f"bg_{c}": round(float(v), 3) for c, v in zip("rgb", bg)}}
+
+    @staticmethod
+    def background(row: Mapping[str, Any]) -> list[float]:
+        return [float(row[f"bg_{c}"]) for c in "rgb"]
+
+    def fit(self, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+        if not rows:
+            raise LeukotypeError("white balance: no training images to take the target background from")
+        target = np.median([self.background(row) for row in rows], axis=0)
+        return {"target": [float(v) for v in target], "n_images": len(rows)}
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        if context.state is None or context.analysis is None:
+            raise LeukotypeError("white balance needs the image's background and the fitted target")
+        rgb = np.asarray(image.convert("RGB"))
+        return Image.fromarray(white_balance(rgb, self.background(context.analysis), context.state["target"]))
+
+
+@register_step
+@dataclass(frozen=True)
+class GreyStep(Step):
+    """Luminance in all three channels (:func:`luminance`): no hue, so a lab's stain hue cannot
+    decide the class (after white balance, or the lamp's cast darkens the luminance)."""
+
+    kind: ClassVar[str] = "grey"
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        return Image.fromarray(luminance(np.asarray(image.convert("RGB"))))
 
 
 @dataclass(frozen=True)
@@ -845,5 +898,6 @@ def fit_variant(
         if not step.fitted:
             continue
         before = ImagePreparer(Variant(variant.name, variant.steps[:i]), analyses, states[:i])
-        states[i] = step.fit([before(image, path) for path, image in images])
+        rows = [before.analysis(step, image, path) for path, image in images] if step.per_image else []
+        states[i] = step.fit([before(image, path) for path, image in images], rows)
     return states
