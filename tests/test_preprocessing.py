@@ -339,7 +339,7 @@ def test_white_balance_step_maps_each_images_background_to_the_training_median_t
     cell on the decoded image; the fitted target is the training rows' median background; a
     cast image's background lands on the target, and grey leaves no hue."""
     cast = np.asarray([1.0, 0.92, 0.7])  # a yellow lamp
-    train = [Image.fromarray(synthetic_cell(128, (64, 64), 25, seed=s)) for s in range(3)]
+    train = [Image.fromarray(synthetic_cell(128, (64, 64), 25, seed=s, red_cells=False)) for s in range(3)]
     variant = Variant.from_dict(
         {"name": "wbg", "steps": [{"step": "crop", "margin": 0.15}, {"step": "white_balance"}, {"step": "grey"}]}
     )
@@ -349,7 +349,7 @@ def test_white_balance_step_maps_each_images_background_to_the_training_median_t
     states = fit_variant(variant, [(f"t{i}.png", im) for i, im in enumerate(train)])
     target = np.asarray(states[1]["target"])
     assert np.allclose(target, BACKGROUND, atol=3)  # the synthetic slide's colour
-    shifted = Image.fromarray((synthetic_cell(128, (60, 70), 25, seed=9) * cast).round().astype(np.uint8))
+    shifted = Image.fromarray((synthetic_cell(128, (60, 70), 25, seed=9, red_cells=False) * cast).round().astype(np.uint8))
     step = variant.steps[1]
     row = step.analyse(shifted)
     assert row["status"] == "found" and np.allclose(step.background(row), np.asarray(BACKGROUND) * cast, atol=3)
