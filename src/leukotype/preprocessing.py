@@ -670,6 +670,24 @@ class GreyStep(Step):
         return Image.fromarray(luminance(np.asarray(image.convert("RGB"))))
 
 
+@register_step
+@dataclass(frozen=True)
+class StretchStep(Step):
+    """One affine map for all channels sending the ``low`` and ``high`` percentiles to black
+    and white (:func:`stretch_contrast`): a lab's exposure and optics' contrast."""
+
+    kind: ClassVar[str] = "stretch"
+    low: float = 1.0
+    high: float = 99.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low < self.high <= 100:
+            raise LeukotypeError(f"stretch: need 0 <= low < high <= 100, got {self.low}, {self.high}")
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        return Image.fromarray(stretch_contrast(np.asarray(image.convert("RGB")), self.low, self.high))
+
+
 @dataclass(frozen=True)
 class Variant:
     """One ``preprocessing`` entry: ``{name, steps: [{step: <kind>, ...}, ...], reference_images}``."""
