@@ -433,7 +433,8 @@ def external_finetune_feature_dirs(wildcards):
 
 def _external_run_files(name, task, ext=None):
     """``name`` of every run of ``task`` on every external set that scores it (or on ``ext``
-    only), adapted rows included, in one order for metrics and predictions: they pair up."""
+    only), adapted rows included, in one order for metrics and predictions: they pair up.
+    """
     return [
         paths.external_run_file(
             R,
