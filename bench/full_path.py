@@ -13,7 +13,7 @@ except for the data and the study:
   (90/180/270, training part only), 75/25 hold-out: 8,000 images -> 24,000 training rows.
 
 Everything else is the schema's default (``compute.threads`` 2 per extraction job,
-``compute.threads_svm`` 1, ``compute.mem_mb_svm`` 8000, ``svm.solver: auto``, the default grid
+``compute.threads_svm`` 2, ``compute.mem_mb_svm`` 8000, ``svm.solver: auto``, the default grid
 linear+rbf x C 0.1/1/10, 3 grouped inner folds), and the default target: validate -> split
 -> augment -> extract -> train_svm -> evaluate -> tables, comparisons, feature map, model
 bundle and reliability figure, in a fresh results folder.
@@ -129,6 +129,8 @@ def svm_facts(results: Path, fold: str = "holdout", from_predictions: bool = Fal
             "svm_grid": grid, "svm_candidates": len(cv),
             "svm_inner_folds": int(best.get("n_splits", 0)),
             "svm_selected": f"{best['kernel']}/C={best['C']:g}",
+            # processes the grid search ran in (cv_results' n_jobs; absent before it was recorded)
+            "svm_n_jobs": int(best["n_jobs"]) if "n_jobs" in cv else None,
             "svm_cv_score": float(best.get("mean_test_score", float("nan"))),
             # where the search's time went: each setting's mean seconds per inner fold
             "svm_fit_seconds_per_fold": ";".join(

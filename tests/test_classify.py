@@ -383,6 +383,32 @@ def test_above_the_budget_auto_switches_to_the_scalable_solver_with_grouped_fold
                                   scalable.decision_function(X[test]))
 
 
+
+def test_scalable_search_in_two_processes_chooses_the_same_model_as_one():
+    """The scalable grid search's (fold, feature map) units run in n_jobs processes (issue 12:
+    the default grid at 24,000 rows); liblinear's process-global random generator, reseeded
+    per fit, must not make the processes' models differ from the one-process search's, on
+    the linear and the Nystroem-rbf path alike (every candidate's fold scores compared)."""
+    X, y, groups = _four_class_problem(n_images=90, copies=3, seed=11)
+    results = {}
+    for n_jobs in (1, 2):
+        for kernel in ("linear", "rbf"):
+            out_of_fold: dict = {}
+            pipeline, cv = fit_svm(X, y, groups, {"kernel": [kernel, "linear"], "C": [0.1, 10.0]},
+                                   seed=4, solver="scalable", n_components=40, n_jobs=n_jobs,
+                                   out_of_fold=out_of_fold)
+            results[n_jobs, kernel] = pipeline, cv, out_of_fold["scores"]
+    for kernel in ("linear", "rbf"):
+        (one, cv_one, oof_one), (two, cv_two, oof_two) = results[1, kernel], results[2, kernel]
+        assert (cv_one["n_jobs"] == 1).all() and (cv_two["n_jobs"] == 2).all()
+        assert set(cv_one["kernel"]) == {kernel, "linear"} and cv_one["selected"].sum() == 1
+        scores = [f"split{k}_test_score" for k in range(3)] + ["mean_test_score", "selected"]
+        pd.testing.assert_frame_equal(cv_one[scores], cv_two[scores], check_exact=True)
+        assert np.isfinite(oof_one).all()
+        np.testing.assert_allclose(oof_two, oof_one, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(two.decision_function(X), one.decision_function(X),
+                                   rtol=0, atol=1e-12)
+
 def test_scalable_rbf_uses_a_nystroem_map_shared_by_the_c_values():
     X, y, groups = _four_class_problem(n_images=120, seed=3)
     pipeline, cv = fit_svm(X, y, groups, {"kernel": ["rbf"], "C": [1.0]}, solver="scalable",

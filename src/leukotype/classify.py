@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from scipy.stats import rankdata
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -667,6 +668,84 @@ def _score_fold_scalable(
     return scores, seconds, decisions
 
 
+def _score_task(
+    X: np.ndarray,
+    y: np.ndarray,
+    fit_rows: np.ndarray,
+    val_rows: np.ndarray,
+    candidates: Sequence[Mapping[str, Any]],
+    class_weight,
+    seed: int,
+    scorer,
+    n_components: int,
+    classes: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One unit of the scalable search: the candidates of one feature map on one inner fold
+    (:func:`_score_fold_scalable`), with one BLAS thread (the search's processes are its
+    parallelism)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _score_fold_scalable(
+            X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
+            candidates, class_weight, seed, scorer, n_components, classes,
+        )
+
+
+def _score_scalable_search(
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    candidates: Sequence[Mapping[str, Any]],
+    class_weight,
+    seed: int,
+    scorer,
+    n_components: int,
+    classes: Sequence[str] | None,
+    n_jobs: int,
+    scores: np.ndarray,
+    seconds: np.ndarray,
+    decisions: np.ndarray | None,
+) -> tuple[int, bool]:
+    """Score every candidate on every inner fold of the scalable path, filling ``scores``,
+    ``seconds`` (candidates x folds) and ``decisions`` in place; returns the processes used
+    and whether every fold's models scored every class (else ``decisions`` is incomplete).
+
+    The units are (inner fold, feature map): a map (Nystroem per gamma, none for linear) is
+    shared by its C values, as in the one-process search. With ``n_jobs`` > 1 they run in
+    ``n_jobs`` separate processes (joblib's loky), rbf maps first as they cost most. Processes,
+    not threads: liblinear draws from one process-global random generator that every fit
+    reseeds from its ``random_state`` (scikit-learn's ``_fit_liblinear``), so fits running
+    side by side in one process would interleave their draws; in separate processes each fit
+    sees only its own sequence and the search chooses the same model with the same scores.
+    """
+    groups: dict[tuple[str, Any], list[int]] = {}
+    for i, candidate in enumerate(candidates):
+        kernel = candidate["svm__kernel"]
+        groups.setdefault((kernel, candidate.get("svm__gamma", "") if kernel != "linear" else ""),
+                          []).append(i)
+    units = [(k, members) for (kernel, _), members in sorted(
+        groups.items(), key=lambda item: item[0][0] == "linear") for k in range(len(folds))]
+    workers = max(1, min(int(n_jobs), len(units)))
+    jobs = (
+        delayed(_score_task)(
+            X, y, folds[k][0], folds[k][1], [candidates[i] for i in members],
+            class_weight, seed, scorer, n_components, classes,
+        )
+        for k, members in units
+    )
+    if workers == 1:
+        results = [job[0](*job[1], **job[2]) for job in jobs]
+    else:
+        results = Parallel(n_jobs=workers, backend="loky", batch_size=1)(jobs)
+    decided = True
+    for (k, members), (unit_scores, unit_seconds, unit_decisions) in zip(units, results):
+        scores[members, k] = unit_scores
+        seconds[members, k] = unit_seconds
+        decided = decided and unit_decisions is not None
+        if decisions is not None and unit_decisions is not None:
+            decisions[np.ix_(members, folds[k][1])] = unit_decisions
+    return workers, decided
+
+
 def _cv_results_frame(
     candidates: Sequence[Mapping[str, Any]], scores: np.ndarray, seconds: np.ndarray, scoring: str
 ) -> pd.DataFrame:
@@ -787,7 +866,7 @@ def fit_svm(
         only = {k.removeprefix("svm__"): v for k, v in candidates[0].items()}
         frame = pd.DataFrame([{"kernel": only["kernel"], "C": only["C"], "gamma": only.get("gamma", ""),
                                "n_splits": 0, "scoring": scoring, "selected": True,
-                               **solver_columns}])
+                               "n_jobs": 1, **solver_columns}])
         return pipeline, frame
     splitter = make_inner_cv(y, groups, cv_folds=cv_folds, seed=seed)
     scorer = get_scorer(scoring)
@@ -798,18 +877,21 @@ def fit_svm(
     decisions = (
         np.full((len(candidates), len(X), len(classes)), np.nan) if classes else None
     )
+    if resolved == "scalable":
+        workers, decided = _score_scalable_search(
+            X, y, folds, candidates, class_weight, seed, scorer, n_components, classes,
+            n_jobs, scores, seconds, decisions,
+        )
+        if not decided:
+            decisions = None  # an inner fold's models could not score every class
+    else:
+        workers = 1
     with threadpool_limits(limits=max(1, int(n_jobs)), user_api="blas"):
-        for k, (fit_rows, val_rows) in enumerate(folds):
-            if resolved == "scalable":
-                scores[:, k], seconds[:, k], fold_decisions = _score_fold_scalable(
-                    X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                    candidates, class_weight, seed, scorer, n_components, classes,
-                )
-            else:
-                scores[:, k], seconds[:, k], fold_decisions = _score_fold(
-                    X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                    candidates, class_weight, seed, scorer, gram_mb, classes,
-                )
+        for k, (fit_rows, val_rows) in enumerate(folds if resolved == "exact" else []):
+            scores[:, k], seconds[:, k], fold_decisions = _score_fold(
+                X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
+                candidates, class_weight, seed, scorer, gram_mb, classes,
+            )
             if decisions is not None and fold_decisions is None:
                 decisions = None  # a fold's models could not score every class
             if decisions is not None:
@@ -817,6 +899,7 @@ def fit_svm(
         frame = _cv_results_frame(candidates, scores, seconds, scoring)
         for column, value in solver_columns.items():
             frame[column] = value
+        frame["n_jobs"] = int(workers)
         selected = int(np.flatnonzero(frame["selected"])[0])
         best = candidates[selected]
         if out_of_fold is not None and decisions is not None:

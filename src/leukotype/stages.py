@@ -329,10 +329,11 @@ def run_svm(
 
 
 def svm_choice(cv_results: pd.DataFrame) -> dict[str, Any]:
-    """The selected row of an SVM run's cv_results: solver (and why), kernel, C, gamma."""
+    """The selected row of an SVM run's cv_results: solver (and why), kernel, C, gamma, and
+    the processes its grid search ran in (n_jobs)."""
     row = cv_results[cv_results["selected"].astype(str) == "True"].iloc[0]
     keys = ("solver", "solver_reason", "kernel_budget_mb", "n_components", "kernel", "C",
-            "gamma", "mean_test_score")
+            "gamma", "mean_test_score", "n_jobs")
     return {k: (None if pd.isna(row[k]) else row[k].item() if hasattr(row[k], "item") else row[k])
             for k in keys if k in row.index}
 
