@@ -193,7 +193,7 @@ def full_path(results: Path) -> str:
     return "\n\n".join([
         _md(_pick(totals, ["images", "tag", "n_train_rows", "n_used_samples", "n_extracted_samples", "jobs",
                            "minutes_wall", "cpu_seconds", "peak_rss_mib_largest_process",
-                           "svm_seconds", "svm_cpu_seconds", "svm_solver", "svm_candidates",
+                           "svm_seconds", "svm_cpu_seconds", "svm_n_jobs", "svm_solver", "svm_candidates",
                            "svm_selected", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi",
                            "nice", "load_avg_before_1m", "load_avg_after_1m"])),
         _md(_pick(rules, ["images", "tag", "rule", "jobs", "seconds", "cpu_seconds",

@@ -60,10 +60,11 @@ REQUIRED_PROFILE_KEYS = (
 #: epoch); they are dropped before comparing.
 # The SVM's kernel-memory budget (and the reason text naming it) follows the mem_mb each job was
 # given, which the localised profile sets differently from the local run; the solver it chose,
-# the scores and the predictions are still compared.
+# the scores and the predictions are still compared. So do the processes of the scalable SVM's
+# search (n_jobs: the job's threads), which by design do not change its model or scores.
 VOLATILE_KEYS = frozenset(
     {"provenance", "time", "timestamp", "seconds", "elapsed_s", "duration_s", "host",
-     "kernel_budget_mb", "solver_reason"}
+     "kernel_budget_mb", "solver_reason", "n_jobs"}
 )
 
 
