@@ -592,12 +592,13 @@ class ColourStep(Step):
 
     kind: ClassVar[str] = "colour"
     views: int = 4
-    hed: float = 0.03
-    brightness: float = 0.1
-    contrast: float = 0.1
-    blur: float = 0.5
-    scale: float = 0.1
-    seed: int = 0
+    # amplitudes default to ColourJitter's, the one place they are stated
+    hed: float = ColourJitter.hed
+    brightness: float = ColourJitter.brightness
+    contrast: float = ColourJitter.contrast
+    blur: float = ColourJitter.blur
+    scale: float = ColourJitter.scale
+    seed: int = ColourJitter.seed
 
     def __post_init__(self) -> None:
         colour_transforms(self.views)  # range check
