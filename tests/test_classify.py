@@ -433,23 +433,31 @@ def test_the_scalable_solver_refuses_kernels_it_cannot_approximate():
         fit_svm(X, y, groups, {"kernel": ["poly"], "C": [1.0]}, solver="scalable")
 
 
-def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
-    """run_svm (the train_svm job): the budget is svm.kernel_memory_fraction of the job's
-    mem_mb, the solver follows it, and evaluate records the choice for metrics.json."""
+def _svm_stage_inputs(tmp_path):
+    """A train_svm job's inputs in ``tmp_path``: features of 80 images x (identity, rot90) and
+    the sample table as augment writes it without evaluation.tta (test images under the
+    identity view only). Returns the features, labels, groups and the sample table."""
     from leukotype.feature_store import write_feature_matrix
-    from leukotype.io import read_tsv, write_tsv
-    from leukotype.stages import run_svm, svm_choice
+    from leukotype.io import write_tsv
 
     X, y, groups = _four_class_problem(n_images=80, copies=2, seed=4)
-    transforms = np.tile(["identity", "rot90"], 80)
-    index = pd.DataFrame({"image_id": groups, "transform": transforms})
+    index = pd.DataFrame({"image_id": groups, "transform": np.tile(["identity", "rot90"], 80)})
     write_feature_matrix(tmp_path / "features", "pool", index, X)
     test_image = np.array([int(g[1:]) % 4 == 0 for g in groups])
     samples = index.assign(label=y, group=groups, fold="holdout",
                            part=np.where(test_image, "test", "train"))
-    # as augment writes it without evaluation.tta: test images under the identity view only
     samples = samples[(samples["part"] == "train") | (samples["transform"] == "identity")]
     write_tsv(samples, tmp_path / "samples.tsv")
+    return X, y, groups, samples
+
+
+def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
+    """run_svm (the train_svm job): the budget is svm.kernel_memory_fraction of the job's
+    mem_mb, the solver follows it, and evaluate records the choice for metrics.json."""
+    from leukotype.io import read_tsv
+    from leukotype.stages import run_svm, svm_choice
+
+    X, y, groups, samples = _svm_stage_inputs(tmp_path)
     task = {"name": "t", "column": "label", "classes": ["a", "b", "c", "d"]}
     svm_cfg = {"C": [1.0], "kernel": ["linear", "rbf"], "gamma": ["scale"], "cv_folds": 2,
                "class_weight": None, "solver": "auto", "kernel_memory_fraction": 2e-5,
@@ -461,7 +469,7 @@ def test_train_svm_stage_takes_its_kernel_budget_from_the_jobs_memory(tmp_path):
         predictions = run_svm(tmp_path / "samples.tsv", task, "holdout", [tmp_path / "features"],
                               "pool", svm_cfg, out / "svm.skops", out / "predictions.tsv",
                               out / "cv.tsv", memory_mb=memory_mb)
-        assert len(predictions) == test_image.sum() // 2  # identity rows of the test images
+        assert len(predictions) == (samples["part"] == "test").sum()  # identity rows of the test images
         chosen[memory_mb] = svm_choice(read_tsv(out / "cv.tsv"))
     assert chosen[8000]["solver"] == "exact" and chosen[8000]["kernel_budget_mb"] == 0.2
     assert chosen[2000]["solver"] == "scalable" and chosen[2000]["kernel_budget_mb"] == 0.0
@@ -514,18 +522,10 @@ def test_search_hands_the_calibration_the_out_of_fold_scores_it_would_refit(solv
 
 
 def test_train_svm_stage_calibrates_on_the_searchs_scores_without_refitting(tmp_path, monkeypatch):
-    from leukotype.feature_store import write_feature_matrix
-    from leukotype.io import read_json, write_tsv
+    from leukotype.io import read_json
     from leukotype.stages import run_svm
 
-    X, y, groups = _four_class_problem(n_images=80, copies=2, seed=4)
-    index = pd.DataFrame({"image_id": groups, "transform": np.tile(["identity", "rot90"], 80)})
-    write_feature_matrix(tmp_path / "features", "pool", index, X)
-    test_image = np.array([int(g[1:]) % 4 == 0 for g in groups])
-    samples = index.assign(label=y, group=groups, fold="holdout",
-                           part=np.where(test_image, "test", "train"))
-    samples = samples[(samples["part"] == "train") | (samples["transform"] == "identity")]
-    write_tsv(samples, tmp_path / "samples.tsv")
+    X, y, groups, samples = _svm_stage_inputs(tmp_path)
     task = {"name": "t", "column": "label", "classes": ["d", "c", "b", "a"]}
     svm_cfg = {"C": [0.1, 1.0], "kernel": ["linear"], "gamma": ["scale"], "cv_folds": 2,
                "class_weight": None, "solver": "auto"}
