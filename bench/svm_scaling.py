@@ -131,6 +131,19 @@ print("RESULT " + json.dumps({"fit_seconds": seconds, "fit_cpu_seconds": cpu_sec
 """
 
 
+def run_child(code: str, payload: dict) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run one measurement in a fresh interpreter (its own peak RSS and CPU time): the child
+    ``code`` gets ``payload`` as JSON; returns the finished process, its wall seconds and the
+    1-minute load average before it started."""
+    env = {**os.environ}
+    env.setdefault("PYTHONPATH", str(common.REPO_ROOT / "src"))
+    load = common.load_avg()
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], env=env,
+                         capture_output=True, text=True)
+    return out, time.perf_counter() - started, load
+
+
 def accuracy_real(X, table, args, scratch: Path) -> list[dict]:
     """Part 1 (module doc): exact vs scalable on the real rows, 4-fold outer CV; each solver's
     four searches run in a child process of their own (its CPU seconds and peak RSS)."""
@@ -154,13 +167,7 @@ def accuracy_real(X, table, args, scratch: Path) -> list[dict]:
         child.update({"correct": str(scratch / f"acc_correct_{solver}.npy"), "solver": solver,
                       "grid": grid, "threads": args.threads, "outer_folds": args.outer_folds,
                       "n_components": args.n_components})
-        env = {**os.environ}
-        env.setdefault("PYTHONPATH", str(common.REPO_ROOT / "src"))
-        load = common.load_avg()
-        started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", ACCURACY_CHILD, json.dumps(child)], env=env,
-                             capture_output=True, text=True)
-        wall = time.perf_counter() - started
+        out, wall, load = run_child(ACCURACY_CHILD, child)
         print(out.stderr[-3000:], file=sys.stderr)
         if out.returncode != 0:
             raise SystemExit(f"accuracy child failed for {solver}")
@@ -207,13 +214,7 @@ def size_rows(X, table, args, scratch: Path, prior: list[dict]) -> list[dict]:
                      "n_components": args.n_components,
                      "full_grid": n <= args.full_grid_max,
                      "single": args.single_kernel if n > args.single_above else ""}
-            env = {**os.environ}
-            env.setdefault("PYTHONPATH", str(common.REPO_ROOT / "src"))
-            load = common.load_avg()
-            started = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child)], env=env,
-                                 capture_output=True, text=True)
-            wall = time.perf_counter() - started
+            out, wall, load = run_child(CHILD, child)
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"child failed for {solver} at {n} rows")
