@@ -69,6 +69,19 @@ def native_bf16(flags: set[str] | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def autogroup() -> str:
+    """``/autogroup-N nice K`` of this process. With the kernel's autogroup scheduling on
+    (``/proc/sys/kernel/sched_autogroup_enabled``), CPU is shared between sessions first and
+    a process's own nice value only counts inside its session, so the group's nice is what
+    decides a run's share against other sessions' (niced) jobs. Empty where unavailable."""
+    try:
+        enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+        group = Path("/proc/self/autogroup").read_text().strip()
+    except OSError:
+        return ""
+    return f"{group} (autogroup scheduling {'on' if enabled == '1' else 'off'})"
+
+
 def machine_info() -> dict[str, Any]:
     """Columns every result row carries (where and with what it was measured)."""
     flags = cpu_flags()
@@ -78,6 +91,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_flags": " ".join(f for f in SIMD_FLAGS if f in flags),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
+        "autogroup": autogroup(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
         "python": platform.python_version(),

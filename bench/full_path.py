@@ -234,26 +234,13 @@ def main(argv: list[str] | None = None) -> Path:
     info = {"wall": wall, "user": after.ru_utime - before.ru_utime,
             "system": after.ru_stime - before.ru_stime, "maxrss_kib": after.ru_maxrss,
             "load_before": load_before, "load_after": load_after, "nice": os.nice(0),
-            "autogroup": _autogroup(),
+            "autogroup": common.autogroup(),
             "returncode": done.returncode, "started_utc": started_at,
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (run_dir / f"run_info{args.tag}.json").write_text(json.dumps(info, indent=1))
     if done.returncode != 0:
         raise SystemExit(f"snakemake failed ({done.returncode}), log in {run_dir}:\n{log[-4000:]}")
     return summarise(run_dir, manifest, args)
-
-
-def _autogroup() -> str:
-    """``/autogroup-N nice K`` of this process. With the kernel's autogroup scheduling on
-    (``/proc/sys/kernel/sched_autogroup_enabled``), CPU is shared between sessions first and
-    a process's own nice value only counts inside its session, so the group's nice is what
-    decides this run's share against other sessions' (niced) jobs."""
-    try:
-        enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
-        group = Path("/proc/self/autogroup").read_text().strip()
-    except OSError:
-        return ""
-    return f"{group} (autogroup scheduling {'on' if enabled == '1' else 'off'})"
 
 
 def summarise(run_dir: Path, manifest: Path, args) -> Path:

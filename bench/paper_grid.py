@@ -27,6 +27,7 @@ to summed job time (the parallelism Snakemake achieved on ``--cores``).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -147,6 +148,13 @@ def kfold_extrapolation(per_rule: pd.DataFrame, wall: float, k: int = 5) -> dict
             "parallelism": parallelism}
 
 
+def _commit() -> str:
+    """The code measured (git commit of the checkout the benchmark runs from, if any)."""
+    done = subprocess.run(["git", "-C", str(common.REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() or os.environ.get("LEUKOTYPE_BENCH_COMMIT", "")
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=633)
@@ -154,6 +162,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="extraction (and head fine-tuning) precision")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run's folder here")
+    parser.add_argument("--tag", default="",
+                        help="results go to paper_grid_<precision><tag>.csv (e.g. _epyc: one "
+                             "file per machine, so another machine's rows stay as they are)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 48
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
     jobs = job_times(log)
     per_rule = jobs.groupby("rule")["seconds"].agg(jobs="count", seconds_sum="sum", seconds_max="max")
     common_cols = {"benchmark": NAME, "images": args.images, "cores": args.cores,
+                   "commit": _commit(),
                    "precision": args.precision,
                    "weights": "none", "data": f"{args.data.name} (stand-in labels)",
                    "load_avg_before": load_before, "load_avg_1m": common.load_avg()}
@@ -186,7 +198,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows.append({**common_cols, "measurement": "extrapolated", "scheme": "kfold5",
                  "seconds_sum": kfold["seconds_summed"], "seconds_wall": kfold["seconds_wall"],
                  "minutes_wall": kfold["seconds_wall"] / 60, "parallelism": kfold["parallelism"]})
-    path = common.write_results(rows, f"{NAME}_{args.precision}", args.out)
+    path = common.write_results(rows, f"{NAME}_{args.precision}{args.tag}", args.out)
     common.print_table(rows, ["measurement", "scheme", "rule", "jobs", "seconds_sum",
                               "seconds_max", "minutes_wall"])
     print(f"wrote {path}")
