@@ -54,6 +54,8 @@ from leukotype.images import load_rgb
 
 NAME = "extraction_ceiling"
 DEFAULT_BACKBONES = ("resnet101", "vgg16", "inception_v3", "efficientnet_lite0")
+#: Rows that time a one-off step (seconds only): no images/s, no fraction of a ceiling.
+ONE_OFF = ("model_build", "model_optimize")
 
 
 def decoded_batch(spec, abspaths: list[str]) -> torch.Tensor:
@@ -128,7 +130,9 @@ def bench_backbone(
             "measurement": measurement, "precision": extra.pop("precision", "fp32"),
             "threads": extra.pop("threads", threads), "batch_size": extra.pop("batch_size", batch),
             "num_workers": extra.pop("num_workers", args.num_workers), "n_images": n_images,
-            "seconds": seconds, "images_per_s": n_images / seconds if seconds > 0 else np.nan,
+            "seconds": seconds,
+            "images_per_s": (n_images / seconds if seconds > 0 and measurement not in ONE_OFF
+                             else np.nan),
             "load_avg_1m": common.load_avg(), **extra,
         }
         rows.append(record)
