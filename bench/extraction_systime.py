@@ -17,12 +17,14 @@ sys share can be attributed:
   keep freed memory in the heap; smaller batches keep activations under the threshold.
   ``leukotype.allocator.keep_freed_memory`` (called by every extraction) applies the same
   settings with ``mallopt``; ``LEUKOTYPE_KEEP_FREED_MEMORY=0`` switches it off for the rows
-  that measure glibc's defaults.
+  that measure glibc's defaults. Blocks above the mmap threshold's 32 MiB ceiling (Lite0 at
+  batch 32 frees 147 MiB ones) are kept only when the heap's top pad is larger than them.
 
 The feature store's memory map itself is written once per row (4 bytes x 1,280 per sample).
 
     python bench/extraction_systime.py            # ~3 min on 2 cores
     python bench/extraction_systime.py --settings 0 6 --tag _after_fix   # defaults vs the fix
+    python bench/extraction_systime.py --settings 0 5 6 --tag _top_pad    # + the environment
     python bench/extraction_systime.py --quick    # smoke test (synthetic images, seconds)
 """
 

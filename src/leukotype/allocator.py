@@ -1,16 +1,28 @@
 """Keep freed memory in the process instead of handing it back to the kernel (glibc).
 
-A CNN forward pass allocates activations of several MiB to tens of MiB per layer and frees
-them at the end of the batch. glibc serves such blocks with ``mmap`` above its (dynamic) mmap
-threshold and returns them with ``munmap`` on ``free``, and trims the heap top beyond its trim
-threshold; the next batch then maps the same amount again, and the kernel zero-fills every
-4 KiB page on first touch. On a 2-core AMD EPYC VM that was ~12,000 minor page faults per
-sample and 20-57 % of an extraction's CPU time in ``sys`` (``bench/extraction_systime.py``).
-Fixing the mmap threshold at its ceiling (32 MiB on 64-bit glibc) and not trimming keeps those
-blocks for reuse: the same settings as the environment variables ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_``, applied at run time with ``mallopt``
-because a Snakemake ``script:`` job cannot set them before Python starts. The price is that
-the process keeps its peak heap (it would reach it again at the next batch anyway).
+A CNN forward pass allocates activations of several MiB to hundreds of MiB per layer and frees
+them at the end of the batch (EfficientNet-Lite0 at batch 32: 49, 55, 147 and 149 MiB blocks;
+VGG16: 392 MiB). glibc serves a request from the heap's free chunks or its top chunk when one
+is large enough; otherwise it asks the kernel for more, and a request above its mmap threshold
+(dynamic, at most 32 MiB on 64-bit glibc) gets a mapping of its own that ``free`` unmaps. The
+next batch maps the same amount again and the kernel zero-fills every 4 KiB page on first
+touch: on a 2-core AMD EPYC VM ~10,000 minor page faults per sample and 20-57 % of an
+extraction's CPU time in ``sys`` (``bench/extraction_systime.py``).
+
+The settings below keep those blocks for reuse: a fixed mmap threshold at its ceiling, no trim
+of the heap top, and a TOP_PAD (what the heap grows by beyond a request) larger than the
+largest activation, so that blocks above the threshold are carved from the heap's top instead
+of being mapped afresh. The pad is what matters for the largest blocks: no mmap threshold
+covers a 147 MiB block, and with a 64 MiB pad they were still mapped and unmapped every batch
+(6,457 faults per sample against 1,020 with the ``MALLOC_*`` environment variables, whose
+``MALLOC_TOP_PAD_`` was 1 GiB; ``bench/results/extraction_systime_after_fix.csv``). The pad is
+address space, not memory: pages count only once touched.
+
+Applied at run time with ``mallopt`` (the equivalent of ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_``), so it holds wherever extraction or
+fine-tuning runs -- a Snakemake job local or on SLURM, the CLI, the Python API -- without
+depending on the environment a job starts from; DataLoader workers are forked and inherit it.
+The price is that the process keeps its peak heap (it would reach it again at the next batch).
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ M_MMAP_THRESHOLD = -3
 #: Largest mmap threshold glibc accepts on 64-bit (HEAP_MAX / DEFAULT_MMAP_THRESHOLD_MAX).
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**31 - 1  # an int: never trim the heap top in practice
-TOP_PAD = 64 * 2**20
+#: Larger than the largest single activation block of the networks extracted (VGG16 at batch
+#: 32: 392 MiB), so such blocks come from the heap's top rather than a fresh mmap.
+TOP_PAD = 2**30
 
 #: Set to 0 to leave glibc's defaults (benchmarks compare both).
 DISABLE_ENV = "LEUKOTYPE_KEEP_FREED_MEMORY"

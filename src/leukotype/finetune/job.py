@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from leukotype.allocator import keep_freed_memory
 from leukotype.errors import LeukotypeError
 
 from leukotype.runtime import (
@@ -90,6 +91,7 @@ def finetune_fold(
     (``fast_path`` off; nothing frozen and the inputs above ``fast_path_memory_mb``).
     """
     check_classes(model, classes)
+    keep_freed_memory()  # every batch frees activations and gradients the next one reallocates
     if not _caches_activations(cfg, model, preprocess, samples):
         return finetune_fold_from_images(
             model, preprocess, samples, classes, cfg, checkpoint_dir=checkpoint_dir
@@ -129,6 +131,7 @@ def finetune_fold_from_images(
     """:func:`finetune_fold` in two passes: ``train`` (which caches only the training
     samples' activations), then predictions and features by full forwards from the images."""
     check_classes(model, classes)
+    keep_freed_memory()
     result = train(
         model,
         samples.train,
