@@ -49,6 +49,9 @@ def test_extraction_ceiling_quick(tmp_path: Path, pbc: Path) -> None:
     assert extraction["baseline"] == "model_only" and extraction["ratio"] > 0
     assert np.isclose(extraction["fraction_of_ceiling"],
                       extraction["images_per_s"] / extraction["ceiling_images_per_s"])
+    # one-off steps (seconds only) are no throughput: no images/s, no fraction of a ceiling
+    one_off = frame[frame["measurement"].isin(["model_build", "model_optimize"])]
+    assert len(one_off) == 2 and one_off["fraction_of_ceiling"].isna().all()
     accuracy = frame[frame["measurement"] == "svm_accuracy"].set_index("precision")
     assert set(accuracy.index) == {"fp32", "bf16"}
     assert accuracy["accuracy"].between(0, 1).all()
@@ -214,6 +217,8 @@ def test_report_prints_every_table_from_the_committed_results() -> None:
     """bench/report.py reads the committed bench/results/*.csv, including an extraction run that
     took no 1-thread row (that column stays blank instead of failing the whole report)."""
     ceiling = pd.read_csv(BENCH / "results" / "extraction_ceiling.csv")
+    # the committed run: no figure above its ceiling (that would mean the ceiling is wrong)
+    assert ceiling["fraction_of_ceiling"].dropna().between(0, 1).all()
     for flag in ([], ["--readme"]):
         out = subprocess.run([sys.executable, str(BENCH / "report.py"), *flag],
                              capture_output=True, text=True, timeout=120)
@@ -249,3 +254,12 @@ def test_report_prints_the_full_path_runs_and_the_forced_rbf_comparison() -> Non
     readme = subprocess.run([sys.executable, str(BENCH / "report.py"), "--readme"],
                             capture_output=True, text=True, timeout=120).stdout
     assert "The features_svm path at dataset size, run" in readme and "(missing" not in readme
+    # target 8: every machine's paper grid file, its wall minutes and CPU, named in the table
+    assert "The paper grid, run (target 8)" in readme
+    totals = report.paper_grid_totals(results)
+    for grid in sorted(results.glob("paper_grid_*.csv")):
+        frame = pd.read_csv(grid)
+        total = frame[frame["measurement"] == "total"].iloc[0]
+        line = next(x for x in totals.splitlines()
+                    if f"bench/results/{grid.name}" in x and "| holdout |" in x)
+        assert f"{total['minutes_wall']:.3g}" in line and total["cpu"] in line
