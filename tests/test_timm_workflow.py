@@ -4,6 +4,7 @@ extraction, SVM, fine-tuning (last_block and head) and the tables, on a tiny syn
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -117,4 +118,31 @@ def test_combined_backbone_bundle_reproduces_its_runs_predictions(study, tmp_pat
     assert not out.exists()  # refused before anything was written
     message = capsys.readouterr().err
     assert "timm:test_vit: 160 px" in message and "share no feature map" in message
-    assert "runs/cellular/features_svm/timm:test_vit/" in message  # what to explain instead
+    assert "runs/cellular/features_svm/timm:test_resnet/" in message  # what to explain instead (not the ViT)
+
+
+def test_vit_bundle_has_no_saliency_map_and_its_gallery_says_why(study, tmp_path, capsys, caplog):
+    """A ViT has no spatial feature map after its patch embedding: explain refuses its bundle
+    saying so, and the gallery of a ViT run shows its chosen cells without maps, the reason in
+    every row of the table and in the log."""
+    from leukotype.cli import main
+    from leukotype.config import Run
+    from leukotype.export import export_run
+    from leukotype.gallery import run_gallery, select_cells
+
+    run = Run("cellular", "features_svm", "timm:test_vit", "cls", "holdout")
+    bundle = export_run(study / "results", run, tmp_path / "vit")
+    validated = next((study / "results/data").rglob("validated.tsv"))
+    first = pd.read_csv(validated, sep="\t")["abspath"].iloc[0]
+    assert main(["explain", "--model", str(bundle), first, "--out", str(tmp_path / "maps")]) == 2
+    reason = "timm:test_vit is a vision transformer: its layers are tokens, with no spatial feature map"
+    assert reason in capsys.readouterr().err and not (tmp_path / "maps").exists()
+    predictions = study / "results/runs/cellular/features_svm/timm:test_vit/cls/holdout/predictions.tsv"
+    with caplog.at_level(logging.WARNING, logger="leukotype.gallery"):
+        run_gallery(bundle, [predictions], validated, 2, 2, tmp_path / "gallery.png", tmp_path / "gallery.tsv")
+    shown = pd.read_csv(tmp_path / "gallery.tsv", sep="\t")
+    expected = select_cells(pd.read_csv(predictions, sep="\t"), ["nucleus", "cellula"], 2, 2)
+    columns = ["kind", "image_id", "pred"]
+    assert len(shown) > 0 and shown[columns].to_dict("list") == expected[columns].to_dict("list")
+    assert shown["map"].str.startswith(f"none: {reason}").all()
+    assert reason in caplog.text

@@ -293,7 +293,7 @@ def _timm(name: str) -> BackboneInfo:
             f"backbone {name!r}: write a timm architecture after {TIMM_PREFIX!r}, e.g. "
             f"'{TIMM_PREFIX}resnet50' or '{TIMM_PREFIX}vit_small_patch14_dinov2'"
         )
-    is_vit = model.startswith(TIMM_VIT_PREFIXES)
+    is_vit = model.startswith(TIMM_VIT_PREFIXES)  # as is_vision_transformer
     # Dimensions are known once timm builds the model (leukotype.backbones fills them in).
     layers: dict[str, int | None] = {"pool": None, "cls": None} if is_vit else {"pool": None}
     return BackboneInfo(
@@ -304,6 +304,12 @@ def _timm(name: str) -> BackboneInfo:
         default_layer="cls" if is_vit else "pool",
         timm_model=model,
     )
+
+
+def is_vision_transformer(name: str) -> bool:
+    """A timm vision transformer (by its architecture's name, ``TIMM_VIT_PREFIXES``), DinoBloom included."""
+    info = get(name)
+    return info.family == "timm" and str(info.timm_model or "").startswith(TIMM_VIT_PREFIXES)
 
 
 @cache

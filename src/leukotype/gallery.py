@@ -125,7 +125,9 @@ def run_gallery(
     torch.set_num_threads(max(1, threads))
     reason = unexplainable_reason(predictor.bundle)
     explained: list[Any] = []
-    if not reason:
+    if reason:
+        log.warning("no saliency maps for the gallery: %s", reason)
+    else:
         try:
             explained = explain_images(predictor, abspaths)
         except (LeukotypeError, RuntimeError, ValueError) as error:  # e.g. no spatial feature map

@@ -102,13 +102,26 @@ class TorchSVMDecision(nn.Module):
         return self.decision(self.features(x)).float()
 
 
+#: Modules whose 4-D output is by construction a map over the image's grid.
+GRID_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
 def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The module that last produces a 4-D (N, C, H, W) output with H, W > 1 in a forward pass."""
-    seen: list[nn.Module] = []
+    """The module that last produces a feature map of the image in a forward pass: a 4-D
+    (N, C, H, W) output with H, W > 1 on a grid that a convolution or pooling produced.
+
+    The grid rule keeps out 4-D tensors that are not maps of the image: a transformer's
+    attention tensors (N, heads, tokens, head dim or tokens), channels-last (N, H, W, C) maps.
+    """
+    seen: list[tuple[nn.Module, tuple[int, int]]] = []
+    grids: set[tuple[int, int]] = set()
 
     def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[2:]) > 1:
-            seen.append(module)
+            grid = (int(output.shape[2]), int(output.shape[3]))
+            if isinstance(module, GRID_MODULES):
+                grids.add(grid)
+            seen.append((module, grid))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
     try:
@@ -117,9 +130,10 @@ def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
     finally:
         for handle in handles:
             handle.remove()
-    if not seen:
-        raise LeukotypeError("the network has no spatial feature map to explain")
-    return seen[-1]
+    maps = [module for module, grid in seen if grid in grids]
+    if not maps:
+        raise LeukotypeError("the network has no spatial feature map to explain (no convolution or pooling map)")
+    return maps[-1]
 
 
 def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module | None = None) -> np.ndarray:
@@ -140,30 +154,46 @@ def unexplainable_reason(bundle: Any) -> str:
     A combined backbone ``A+B`` concatenates two networks' features, each computed from its own
     preprocessing of the image (own input size, crop and normalisation): there is no one feature
     map whose positions both parts' evidence lies on, so a map of the combined score would be
-    two maps in two geometries. Each part's own run is explainable.
+    two maps in two geometries. Each part's own run is explainable (unless it is a ViT).
+
+    A vision transformer has no feature map after its patch embedding: its layers are tokens,
+    and a class activation map at the patch embedding would only be gradient times input
+    (token maps with a reshape are not implemented).
     """
     from leukotype.backbones import get_spec
+    from leukotype.catalog import is_vision_transformer
 
     parts = bundle.spec["backbone"]["parts"]
-    if bundle.spec["features"]["kind"] != "backbone" or len(parts) == 1:
-        return ""
-    inputs = ", ".join(f"{p['name']}: {get_spec(p['name']).input_size} px" for p in parts)
-    return (
-        f"the combined backbone {bundle.spec['backbone']['name']}'s parts read differently "
-        f"preprocessed inputs ({inputs}) and share no feature map"
-    )
+    if bundle.spec["features"]["kind"] == "backbone" and len(parts) > 1:
+        inputs = ", ".join(f"{p['name']}: {get_spec(p['name']).input_size} px" for p in parts)
+        return (
+            f"the combined backbone {bundle.spec['backbone']['name']}'s parts read differently "
+            f"preprocessed inputs ({inputs}) and share no feature map"
+        )
+    vits = [p["name"] for p in parts if is_vision_transformer(p["name"])]
+    if vits:
+        return (
+            f"{', '.join(vits)} is a vision transformer: its layers are tokens, with no spatial "
+            "feature map after the patch embedding to draw a class activation map on"
+        )
+    return ""
 
 
 def check_explainable(bundle: Any) -> None:
     """Raise, saying why and what to explain instead, where :func:`unexplainable_reason` says so."""
+    from leukotype.catalog import is_vision_transformer
+
     reason = unexplainable_reason(bundle)
     if reason:
-        run, first = bundle.spec["run"], bundle.spec["backbone"]["parts"][0]["name"]
-        raise LeukotypeError(
-            f"explain: no single saliency map exists for {bundle.folder}: {reason}; explain a "
-            f"bundle of one part instead, e.g. `leukotype export --run runs/{run['task']}/"
-            f"{run['strategy']}/{first}/<layer>/{run['fold']} --out DIR`"
-        )
+        run = bundle.spec["run"]
+        message = f"explain: no saliency map can be drawn for {bundle.folder}: {reason}"
+        explainable = [p["name"] for p in bundle.spec["backbone"]["parts"] if not is_vision_transformer(p["name"])]
+        if len(bundle.spec["backbone"]["parts"]) > 1 and explainable:
+            message += (
+                f"; explain a bundle of one part instead, e.g. `leukotype export --run runs/{run['task']}/"
+                f"{run['strategy']}/{explainable[0]}/<layer>/{run['fold']} --out DIR`"
+            )
+        raise LeukotypeError(message)
 
 
 def feature_network(predictor: Any) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
