@@ -200,3 +200,7 @@ def test_predict_validates_new_images_with_the_bundles_training_settings(tmp_pat
                                                       "allow_outside_paths": True}})
     table = validate_inputs(gather_inputs([inbox, lab / "list.csv"]), permissive.validation)
     assert table["status"].eq("ok").all()
+    (lab / "new.tsv").write_text("path\ninside.png\n")  # new images: a manifest needs no label column
+    unlabelled = gather_inputs([lab / "new.tsv"])
+    assert unlabelled["path"].tolist() == ["inside.png"] and "label" not in unlabelled.columns
+    assert unlabelled["abspath"].tolist() == [str((lab / "inside.png").resolve())]

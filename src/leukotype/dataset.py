@@ -38,7 +38,7 @@ def dataset_root(source: str | os.PathLike) -> Path:
     return source if source.is_dir() else source.parent
 
 
-def read_dataset(source: str | os.PathLike) -> pd.DataFrame:
+def read_dataset(source: str | os.PathLike, labelled: bool = True) -> pd.DataFrame:
     """Table ``path, abspath, <label columns>, group`` of every image listed by ``source``.
 
     ``source`` is either
@@ -51,14 +51,14 @@ def read_dataset(source: str | os.PathLike) -> pd.DataFrame:
       because validation recomputes them.
 
     Raises LeukotypeError (naming the file, the line and the problem) for a missing source, an
-    empty dataset, a missing ``path`` column, no label column, schema violations and
-    duplicate paths.
+    empty dataset, a missing ``path`` column, no label column (unless ``labelled`` is False: a
+    manifest of new images to predict), schema violations and duplicate paths.
     """
     source = _existing_source(source)
     if source.is_dir():
         table = _read_folder(source)
     else:
-        table = _read_manifest(source)
+        table = _read_manifest(source, labelled)
     return table.reset_index(drop=True)
 
 
@@ -125,7 +125,7 @@ def _delimiter(path: Path, header_line: str) -> str:
     return "\t" if "\t" in header_line else ","
 
 
-def _read_manifest(path: Path) -> pd.DataFrame:
+def _read_manifest(path: Path, labelled: bool = True) -> pd.DataFrame:
     path = path.resolve()
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM Excel writes
@@ -142,7 +142,7 @@ def _read_manifest(path: Path) -> pd.DataFrame:
         if not any(field.strip() for field in fields):
             continue  # blank line
         if header is None:
-            header = _check_header(path, fields, reader.line_num)
+            header = _check_header(path, fields, reader.line_num, labelled)
             continue
         if len(fields) != len(header):
             raise LeukotypeError(
@@ -169,7 +169,7 @@ def _read_manifest(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "abspath", *label_columns, "group"], dtype=str)
 
 
-def _check_header(path: Path, fields: list[str], line: int) -> list[str]:
+def _check_header(path: Path, fields: list[str], line: int, labelled: bool = True) -> list[str]:
     header = [field.strip() for field in fields]
     if "" in header:
         raise LeukotypeError(
@@ -185,7 +185,7 @@ def _check_header(path: Path, fields: list[str], line: int) -> list[str]:
             "'path,label[,group]' with image paths relative to the manifest's folder"
         )
     labels = [c for c in header if c not in ("path", "group", *RECOMPUTED_COLUMNS)]
-    if not labels:
+    if not labels and labelled:
         raise LeukotypeError(
             f"{path} line {line}: no label column (header: {header}); add e.g. a 'label' "
             "column and name it as a task's 'column' in the config"

@@ -57,7 +57,7 @@ def gather_inputs(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
             if not found:
                 log.warning("input folder %s holds no files", path)
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-            table = read_dataset(path)
+            table = read_dataset(path, labelled=False)  # new images: a 'path' column is enough
             label = "label" if "label" in table.columns else None
             for row in table.itertuples(index=False):
                 entry = {"input": str(item), "path": row.path, "abspath": row.abspath, "root": str(dataset_root(path))}
