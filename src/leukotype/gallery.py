@@ -103,14 +103,15 @@ def run_gallery(
     threads: int = 1,
 ) -> pd.DataFrame:
     """Gallery of the bundled run: ``out_tsv`` lists the cells (``GALLERY_COLUMNS``; ``map`` is
-    ``yes``, or why there is none), ``out_png`` shows them with their maps."""
+    ``yes``, ``empty: ...`` (:func:`leukotype.saliency.map_status`), or why there is none),
+    ``out_png`` shows them with their maps."""
     import torch
     from PIL import Image
 
     from leukotype.images import load_rgb
     from leukotype.io import read_tsv, write_tsv
     from leukotype.predict import Predictor
-    from leukotype.saliency import explain_images, unexplainable_reason
+    from leukotype.saliency import explain_images, map_status, unexplainable_reason
 
     predictor = Predictor(bundle_dir, device="cpu", threads=threads)
     spec = predictor.bundle.spec
@@ -143,7 +144,7 @@ def run_gallery(
         mapped = [cls for cls, _cam, _picture in explained]
         if mapped != cells["pred"].tolist():  # the bundle reproduces its run (tested); say so if not
             log.warning("bundle predictions %s differ from the run's %s", mapped, cells["pred"].tolist())
-        cells["map"] = "yes"
+        cells["map"] = [map_status(cam) for _cls, cam, _picture in explained]
     label = spec["display_name"]
     plot_gallery(cells, [Image.fromarray(np.asarray(p)) for p in pictures], spec["task"]["name"], label,
                  out_png, note=f"no saliency maps: {reason}" if reason else "", dataset=dataset)

@@ -148,6 +148,24 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module |
     return np.asarray(maps[0], dtype=np.float64)
 
 
+#: What explain.tsv and the gallery's table say of a map that is zero everywhere.
+EMPTY_MAP = (
+    "empty: no position of the feature map raises the predicted class's score (LayerCAM shows "
+    "positive evidence only)"
+)
+
+
+def map_status(cam: np.ndarray) -> str:
+    """``yes`` for a map that shows evidence, else :data:`EMPTY_MAP`.
+
+    A class told apart by the absence of the other classes' evidence, or an rbf SVM's score at
+    an image past its support vectors (where moving towards them, i.e. towards the boundary,
+    raises it), can have no positive gradient anywhere: the overlay then shows nothing, and the
+    table says so rather than passing off a blank map.
+    """
+    return "yes" if float(np.max(cam)) > 0 else EMPTY_MAP
+
+
 def unexplainable_reason(bundle: Any) -> str:
     """Why no single saliency map can be drawn for ``bundle`` ('' when one can).
 
@@ -280,7 +298,8 @@ def run_explain(
     torch_home: str | os.PathLike | None = None,
     threads: int = 1,
 ) -> list[Path]:
-    """Write ``<stem>_cam.png`` per valid input and ``explain.tsv`` (every input, with reason)."""
+    """Write ``<stem>_cam.png`` per valid input and ``explain.tsv`` (every input, with reason;
+    ``map``: :func:`map_status`)."""
     from leukotype.io import atomic_path, write_tsv
     from leukotype.predict import Predictor, gather_inputs, validate_inputs
 
@@ -290,14 +309,14 @@ def run_explain(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ok = table["status"] == "ok"
-    table["pred"], table["overlay"] = "", ""
+    table["pred"], table["overlay"], table["map"] = "", "", ""
     written = []
     torch.set_num_threads(max(1, threads))
-    for index, (cls, _cam, picture) in zip(table.index[ok], explain_images(predictor, table.loc[ok, "abspath"].tolist())):
+    for index, (cls, cam, picture) in zip(table.index[ok], explain_images(predictor, table.loc[ok, "abspath"].tolist())):
         name = f"{index:04d}_{Path(table.at[index, 'path']).stem}_cam.png"
         with atomic_path(out / name) as tmp:
             picture.save(tmp, format="PNG")
-        table.at[index, "pred"], table.at[index, "overlay"] = cls, name
+        table.at[index, "pred"], table.at[index, "overlay"], table.at[index, "map"] = cls, name, map_status(cam)
         written.append(out / name)
     write_tsv(table.drop(columns=["abspath"]), out / "explain.tsv")
     return written
