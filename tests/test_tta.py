@@ -80,3 +80,44 @@ def test_tables_show_a_run_with_and_without_tta():
     plain = paper_table(fold_summary([{**base, "metrics": metrics, "ci": {}}]), "t")
     assert "Accuracy (TTA)" not in plain.columns
     assert np.isfinite(fold_summary([with_tta])["accuracy_tta_mean"]).all()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_predict_applies_the_bundles_tta_setting(tmp_path, enabled):
+    """With the bundle's TTA on, predict scores every view of a new image and averages the
+    probabilities and distances (the rotated views outvote a wrong identity view); off, it
+    scores the identity view alone."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from leukotype.predict import prediction_table
+
+    Image.new("RGB", (40, 40), (200, 120, 150)).save(tmp_path / "cell.png")
+    prob_a = {"identity": 0.4, "rot90": 0.9, "rot180": 0.8}
+    scored = []
+
+    class Predictor:  # the views' scores, as Predictor.predict_samples gives them
+        bundle = SimpleNamespace(
+            classes=CLASSES,
+            validation={"min_side": 32, "max_pixels": 10**6, "max_aspect_ratio": None, "allow_outside_paths": False},
+            spec={"tta": {"enabled": enabled, "transforms": list(prob_a)}, "thresholds": {"low_confidence": 0.75},
+                  "ood": {"threshold": 1.0}},
+        )
+
+        def predict_samples(self, views):
+            scored.append(views["transform"].tolist())
+            p = views["transform"].map(prob_a).to_numpy()
+            return pd.DataFrame({"image_id": views["image_id"], "transform": views["transform"],
+                                 "pred": np.where(p > 0.5, "A", "B"), "prob_A": p, "prob_B": 1 - p,
+                                 "ood_distance": views["transform"].map({"identity": 0.5, "rot90": 1.5, "rot180": 2.5})})
+
+    row = prediction_table(Predictor(), [tmp_path / "cell.png"]).iloc[0]
+    if enabled:
+        assert scored == [["identity", "rot90", "rot180"]]
+        assert row["pred"] == "A" and row["prob_A"] == pytest.approx(0.7) and row["confidence"] == pytest.approx(0.7)
+        assert row["ood_distance"] == pytest.approx(1.5) and bool(row["ood"]) and bool(row["low_confidence"])
+    else:
+        assert scored == [["identity"]]
+        assert row["pred"] == "B" and row["prob_B"] == pytest.approx(0.6) and row["ood_distance"] == pytest.approx(0.5)
+        assert not bool(row["ood"]) and bool(row["low_confidence"])
