@@ -85,6 +85,27 @@ def test_metrics_record_config_seed_and_versions(study):
     assert record["classifier"]["kernel"] in ("linear", "rbf")
 
 
+def test_every_run_reports_ece_and_brier_with_intervals_and_the_tables_show_ece(study):
+    """ECE and Brier of the test predictions (recomputed here from predictions.tsv), with
+    bootstrap intervals, in every run's row; the paper tables' ECE column is 100 x ECE."""
+    from leukotype.calibration import brier_score, expected_calibration_error
+
+    runs = read(study / "results/tables/all_runs.tsv")
+    for metric in ("ece", "brier"):
+        assert runs[metric].between(0, 2).all()
+        assert (runs[f"{metric}_ci_low"] <= runs[f"{metric}_ci_high"]).all()
+    run = runs[(runs["task"] == "subtype") & (runs["strategy"] == "finetune")].iloc[0]
+    path = f"results/runs/subtype/finetune/{run['backbone']}/{run['layer']}/holdout/predictions.tsv"
+    test = read(study / path).query("transform == 'identity'")
+    classes = ["L1", "L2", "M2", "M3", "M5"]
+    probs, labels = test[[f"prob_{c}" for c in classes]].to_numpy(), test["true"].map(classes.index).to_numpy()
+    assert run["ece"] == pytest.approx(expected_calibration_error(probs, labels))
+    assert run["brier"] == pytest.approx(brier_score(probs, labels))
+    for task in TASKS:
+        table = pd.read_csv(study / f"results/tables/{task}.csv")
+        assert sorted(table["ECE"]) == sorted((100 * runs.loc[runs["task"] == task, "ece"]).round(1))
+
+
 def test_finetune_writes_history_curve_and_resumable_checkpoint(study):
     run = study / "results/runs/subtype/finetune/paper_cnn/softmax/holdout"
     history = read(run / "history.tsv")
