@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> Path:
             "system": after.ru_stime - before.ru_stime, "maxrss_kib": after.ru_maxrss,
             "load_before": load_before, "load_after": load_after, "nice": os.nice(0),
             "autogroup": common.autogroup(),
+            # the allocator switch the jobs inherit (0: glibc's defaults; see leukotype.allocator)
+            "keep_freed_memory": os.environ.get("LEUKOTYPE_KEEP_FREED_MEMORY", "1"),
             "returncode": done.returncode, "started_utc": started_at,
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (run_dir / f"run_info{args.tag}.json").write_text(json.dumps(info, indent=1))
@@ -255,6 +257,7 @@ def summarise(run_dir: Path, manifest: Path, args) -> Path:
             "config_override": " ".join(args.config),
             "class_counts": args.class_counts, "cores": args.cores, "nice": info["nice"],
             "autogroup": info.get("autogroup", ""),
+            "keep_freed_memory": info.get("keep_freed_memory", ""),
             "data": f"derived from {Path(args.data).name} ({derived_images.summary(manifest)['n_sources']} real images)",
             "backbone": BACKBONE, "strategy": "features_svm"}
     total = {**base, "measurement": "total", **sample_counts(results),
