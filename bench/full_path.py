@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> Path:
 def summarise(run_dir: Path, manifest: Path, args) -> Path:
     """The rows of one finished run folder (its log, files and ``run_info.json``)."""
     results = run_dir / "results"
-    suffix = args.tag if args.rerun else ""
+    # a run writes snakemake<tag>.log / run_info<tag>.json; runs from before the tag was part of
+    # the names (untagged first runs) have them without
+    suffix = args.tag if (run_dir / f"run_info{args.tag}.json").is_file() else ""
     log = (run_dir / f"snakemake{suffix}.log").read_text()
     info = json.loads((run_dir / f"run_info{suffix}.json").read_text())
     wall, load_before, load_after = info["wall"], info["load_before"], info["load_after"]
