@@ -193,7 +193,8 @@ def test_predict_validates_new_images_with_the_bundles_training_settings(tmp_pat
     assert reasons["cell.png"] == reasons["inside.png"] == ""
     assert reasons["strip.png"].startswith("extreme_aspect_ratio: 400x40 is 10.0:1 > 5:1")
     assert reasons["elsewhere.png"].startswith("outside_dataset: ")
-    assert "allow_outside_paths" in reasons["elsewhere.png"]
+    assert reasons["elsewhere.png"].endswith("trained without validation.allow_outside_paths: put the image under "
+                                             "the manifest's folder, or name it (or its folder) directly")
     assert table.loc[table["reason"] != "", "status"].eq("rejected").all()
 
     permissive = fmt.Bundle(tmp_path, {"validation": {"min_side": 32, "max_pixels": 10**6, "max_aspect_ratio": 20,

@@ -29,6 +29,12 @@ from leukotype.errors import LeukotypeError
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv")
+#: The bundle's training data was read without validation.allow_outside_paths, so predict
+#: keeps that rule; the config key does nothing here.
+PREDICT_OUTSIDE_HINT = (
+    "the model was trained without validation.allow_outside_paths: put the image under the "
+    "manifest's folder, or name it (or its folder) directly"
+)
 DEFAULT_TOP_K = 3
 
 
@@ -84,7 +90,7 @@ def validate_inputs(table: pd.DataFrame, validation: Mapping[str, Any], threads:
 
     def check(abspath: str, root: str) -> str:
         if root and not validation["allow_outside_paths"]:
-            outside = outside_reason(abspath, root)
+            outside = outside_reason(abspath, root, hint=PREDICT_OUTSIDE_HINT)
             if outside:  # not opened, as in training
                 return outside
         return check_file(

@@ -167,16 +167,17 @@ def check_file(
     return header
 
 
-def outside_reason(abspath: str, root: str | os.PathLike) -> str:
+#: What a training run's user can do about an image outside the manifest's folder.
+OUTSIDE_HINT = "set validation.allow_outside_paths: true to read it"
+
+
+def outside_reason(abspath: str, root: str | os.PathLike, hint: str = OUTSIDE_HINT) -> str:
     """``outside_dataset`` reason when ``abspath`` does not lie under ``root``, else ''."""
     root = os.path.normpath(os.path.abspath(root))
     path = os.path.normpath(os.path.abspath(abspath))
     if os.path.commonpath([root, path]) == root:
         return ""
-    return (
-        f"outside_dataset: {path} is outside the dataset folder {root}; set "
-        "validation.allow_outside_paths: true to read it"
-    )
+    return f"outside_dataset: {path} is outside the dataset folder {root}; {hint}"
 
 
 def validate_images(
