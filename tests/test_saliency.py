@@ -187,7 +187,8 @@ def _predictor(network: nn.Module, svm=None):
 
 
 def _nucleus_study(seed: int, folder: Path):
-    """A network trained on the cells, an SVM on its features, and test cells as image files
+    """A network trained on the cells, a linear and an rbf SVM on its features (by kernel), and
+    test cells as image files
     in ``folder`` (single-threaded: the same numbers on every machine's thread count)."""
     from PIL import Image
 
@@ -212,13 +213,14 @@ def _nucleus_study(seed: int, folder: Path):
     network.eval()
     with torch.no_grad():
         features = network.features(X).double().numpy()
-    svm = make_svm_pipeline(kernel="linear", C=1.0).fit(features, np.asarray(CLASSES)[y_train])
+    svms = {kernel: make_svm_pipeline(kernel=kernel, C=1.0).fit(features, np.asarray(CLASSES)[y_train])
+            for kernel in ("linear", "rbf")}
     test, y_test, masks = _cells(60, rng)
     paths = []
     for i, image in enumerate(test):
         paths.append(str(folder / f"cell{i:02d}.png"))
         Image.fromarray(image).save(paths[-1])
-    return network, svm, paths, np.asarray(CLASSES)[y_test], masks
+    return network, svms, paths, np.asarray(CLASSES)[y_test], masks
 
 
 @pytest.fixture(scope="module")
@@ -250,15 +252,55 @@ def _mass_in_nucleus(predictor, paths, truth, masks) -> tuple[dict[str, float], 
     return {c: (float(np.mean(v)), len(v)) for c, v in shares.items()}, accuracy, float(region.mean())
 
 
-@pytest.mark.parametrize("path", ["finetune", "finetune_svm"])
+@pytest.mark.parametrize("path", ["finetune", "finetune_svm", "finetune_rbf_svm"])
 def test_maps_lie_on_the_nucleus_where_the_classes_differ(nucleus_cells, path):
-    """explain's LayerCAM map of the predicted class, for the fine-tuned network (its logit) and
-    for its features -> SVM (the SVM's decision function): on cells whose classes differ only in
-    the nucleus (about 14 % of the image, 19 % dilated), most of each class's map is there."""
-    network, svm, paths, truth, masks = nucleus_cells
-    predictor = _predictor(network, svm if path == "finetune_svm" else None)
+    """explain's map of the predicted class, for the fine-tuned network (its logit, LayerCAM),
+    for its features -> linear SVM (the SVM's decision function, LayerCAM) and -> rbf SVM
+    (Ablation-CAM, where the positive gradient often vanishes): on cells whose classes differ
+    only in the nucleus (about 14 % of the image, 19 % dilated), most of each class's map is there."""
+    from leukotype.saliency import GRADIENT_CAM, GRADIENT_FREE_CAM, cam_method
+
+    network, svms, paths, truth, masks = nucleus_cells
+    svm = {"finetune": None, "finetune_svm": svms["linear"], "finetune_rbf_svm": svms["rbf"]}[path]
+    predictor = _predictor(network, svm)
+    assert cam_method(predictor) == (GRADIENT_FREE_CAM if path == "finetune_rbf_svm" else GRADIENT_CAM)
     mass, accuracy, share = _mass_in_nucleus(predictor, paths, truth, masks)
     assert accuracy >= 0.95
     assert 0.15 < share < 0.25
     for cls, (value, n) in mass.items():
         assert n >= 10 and value > max(0.85, 4 * share), (cls, value, n)
+
+
+class _Unchained(nn.Module):
+    """conv -> relu -> max pool as a forward of its own, not a Sequential: no head can be split off."""
+
+    def __init__(self, chain: nn.Sequential) -> None:
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chain[2](self.chain[1](self.chain[0](x))).flatten(1)
+
+
+def test_ablation_cam_on_the_cached_map_equals_ablating_through_the_network():
+    """The head fed the CAM layer's cached activations (here the Sequential chain after it: max
+    pooling is no average pooling head) and the whole network with an entry spliced in after that
+    layer ablate the same channels of the same map: the same Ablation-CAM."""
+    from leukotype.classify import make_svm_pipeline
+    from leukotype.saliency import TorchSVMDecision, ablation_cam, last_spatial_layer
+
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    x_train = torch.rand(40, 3, 12, 12)
+    with torch.no_grad():
+        f = chain(x_train).double().numpy()
+    svm = make_svm_pipeline(kernel="rbf").fit(f, np.asarray(CLASSES)[np.arange(40) % 3])
+    x = x_train[:1]
+    chained, unchained = TorchSVMDecision(chain, svm, CLASSES), TorchSVMDecision(_Unchained(chain), svm, CLASSES)
+    assert last_spatial_layer(unchained, x) is chain[1]
+    k = int(chained(x).argmax())
+    head_map, spliced_map = ablation_cam(chain, chained, x, k), ablation_cam(unchained.features, unchained, x, k)
+    assert head_map.shape == (12, 12) and head_map.max() > 0
+    # the head's map is min-max scaled at the layer's grid and again after the resize
+    np.testing.assert_allclose(head_map, spliced_map, atol=5e-3)
+    assert not chain[1]._forward_hooks  # the splice is gone

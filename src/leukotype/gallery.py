@@ -59,8 +59,9 @@ def select_cells(predictions: pd.DataFrame, classes: Sequence[str], n_correct: i
 
 
 def plot_gallery(cells: pd.DataFrame, pictures: Sequence[Any], task: str, run_label: str,
-                 path: str | os.PathLike, note: str = "", dataset: str | None = None):
-    """Two rows of tiles (correct, wrong): each picture titled ``true → pred (confidence)``."""
+                 path: str | os.PathLike, note: str = "", dataset: str | None = None, cam: str = "LayerCAM"):
+    """Two rows of tiles (correct, wrong): each picture titled ``true → pred (confidence)``;
+    ``cam``: the maps' method (:func:`leukotype.saliency.cam_method`)."""
     from leukotype.report import _new_figure, save_figure, wrap_title
 
     kinds = ("correct", "wrong")
@@ -84,7 +85,7 @@ def plot_gallery(cells: pd.DataFrame, pictures: Sequence[Any], task: str, run_la
             if c == 0:
                 ax.set_ylabel(kind, fontsize=9)
     title = f"{task}: correctly and wrongly classified test cells of the best run ({run_label})"
-    title += f"\n{note}" if note else "\nmap: LayerCAM of the predicted class (red = most evidence)"
+    title += f"\n{note}" if note else f"\nmap: {cam} of the predicted class (red = most evidence)"
     if dataset:
         title += f"\n{dataset}"
     fig.suptitle(wrap_title(title, width, 9), fontsize=9)
@@ -111,7 +112,7 @@ def run_gallery(
     from leukotype.images import load_rgb
     from leukotype.io import read_tsv, write_tsv
     from leukotype.predict import Predictor
-    from leukotype.saliency import explain_images, map_status, unexplainable_reason
+    from leukotype.saliency import cam_method, explain_images, map_status, unexplainable_reason
 
     predictor = Predictor(bundle_dir, device="cpu", threads=threads)
     spec = predictor.bundle.spec
@@ -147,6 +148,7 @@ def run_gallery(
         cells["map"] = [map_status(cam) for _cls, cam, _picture in explained]
     label = spec["display_name"]
     plot_gallery(cells, [Image.fromarray(np.asarray(p)) for p in pictures], spec["task"]["name"], label,
-                 out_png, note=f"no saliency maps: {reason}" if reason else "", dataset=dataset)
+                 out_png, note=f"no saliency maps: {reason}" if reason else "", dataset=dataset,
+                 cam=cam_method(predictor))
     write_tsv(cells[list(GALLERY_COLUMNS)], out_tsv)
     return cells

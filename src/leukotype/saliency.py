@@ -10,10 +10,18 @@ function for the predicted class, re-implemented in torch (:class:`TorchSVMDecis
 pipeline's StandardScaler, the kernel on the support vectors, libsvm's one-vs-one decisions and
 scikit-learn's one-vs-rest transform), so the gradient is exact autograd, not finite differences
 (which near-constant features, divided by a tiny scale, drown in rounding noise).
+
+A non-linear (rbf, poly, sigmoid) SVM gets Ablation-CAM (Desai & Ramaswamy 2020, also from
+``pytorch_grad_cam``) instead (:func:`cam_method`): an rbf score rises as the activations move
+towards the support vectors, often by lowering them, so an image's positive-gradient evidence can
+vanish everywhere; Ablation-CAM weighs each channel by how much the score drops without it. It
+runs on a head whose input is the CAM layer's activation map, computed once per image, so each
+ablation costs only what follows the layer (pooling and the SVM), not the backbone.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -101,6 +109,12 @@ class TorchSVMDecision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decision(self.features(x)).float()
 
+    def on(self, features: nn.Module) -> TorchSVMDecision:
+        """The same SVM (shared buffers) after other ``features``."""
+        head = copy.copy(self)
+        head._modules = {"features": features}
+        return head
+
 
 #: Modules whose 4-D output is by construction a map over the image's grid.
 GRID_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -145,6 +159,111 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module |
     layer = layer if layer is not None else last_spatial_layer(model, x)
     with torch.enable_grad(), LayerCAM(model=model, target_layers=[layer]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
+    return np.asarray(maps[0], dtype=np.float64)
+
+
+#: explain.tsv's ``cam_method``: the gradient path (networks, linear SVMs) and the gradient-free one.
+GRADIENT_CAM, GRADIENT_FREE_CAM = "LayerCAM", "AblationCAM"
+
+
+def cam_method(predictor: Any) -> str:
+    """:data:`GRADIENT_FREE_CAM` for a bundle whose classifier is a non-linear SVM, else
+    :data:`GRADIENT_CAM` (a network's logit and a linear SVM's score are linear in the pooled
+    activations, where the gradient is each position's evidence)."""
+    svm = predictor._svm.named_steps["svm"] if predictor.bundle.kind == "svm" else None
+    return GRADIENT_CAM if svm is None or svm.kernel == "linear" else GRADIENT_FREE_CAM
+
+
+def _tail_after(module: nn.Module, layer: nn.Module) -> list[nn.Module] | None:
+    """The modules that ``module``'s forward runs after ``layer``'s output, where it is a chain
+    of :class:`~torch.nn.Sequential` (None where it is not, or ``layer`` is not in it)."""
+    if module is layer:
+        return []
+    if isinstance(module, _Features):
+        from leukotype.finetune.model import FinetuneModel
+
+        network = module.model
+        if isinstance(network, FinetuneModel):  # features(x) = trainable(frozen(x))
+            return _tail_after(nn.Sequential(network.frozen, network.trainable), layer)
+        return _tail_after(network.features, layer) if isinstance(network.features, nn.Module) else None
+    if isinstance(module, nn.Sequential):
+        children = list(module)
+        for i, child in enumerate(children):
+            tail = _tail_after(child, layer)
+            if tail is not None:
+                return tail + children[i + 1 :]
+    return None
+
+
+class _Entry(nn.Identity):
+    """The head's input: the CAM layer's activation map. Its empty parameter is where
+    pytorch_grad_cam reads the model's device from (pooling and the SVM have no parameters)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device_marker = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+
+
+class _Spliced(nn.Module):
+    """``decision`` with ``entry`` applied to the output of ``layer``'s ``call``-th call (the
+    call :func:`last_spatial_layer` found: a module such as a shared activation can run more
+    than once). ``entry`` is looked up at each call, so the library's ablation layer, swapped in
+    for it, sees the layer's output."""
+
+    def __init__(self, decision: nn.Module, layer: nn.Module, call: int, entry: nn.Module) -> None:
+        super().__init__()
+        self.decision, self.layer, self.call, self.entry = decision, layer, call, entry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        calls = [0]
+
+        def splice(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return self.entry(output) if calls[0] == self.call else output
+
+        handle = self.layer.register_forward_hook(splice)
+        try:
+            return self.decision(x)
+        finally:
+            handle.remove()
+
+
+def ablation_cam(features: nn.Module, decision: TorchSVMDecision, x: torch.Tensor, target: int) -> np.ndarray:
+    """Ablation-CAM map (H, W) in [0, 1] at input resolution for class ``target`` of
+    ``decision`` (whose ``features`` is ``features``), at :func:`last_spatial_layer`.
+
+    The library's CAM runs on a head ``entry -> what follows the layer -> SVM`` with the layer's
+    activation map (computed once) as its input: global average pooling, or the Sequential
+    chain after the layer, whichever reproduces ``features(x)``. Where neither does, it runs on
+    the whole model with the entry spliced in after the layer (the same map; each ablation batch
+    then costs a backbone pass).
+    """
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = last_spatial_layer(decision, x)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            full = features(x)
+    finally:
+        handle.remove()
+    activation, entry = captured[-1], _Entry(x.device)
+    targets = [ClassifierOutputTarget(target)]
+    tails = [[nn.AdaptiveAvgPool2d(1), nn.Flatten(1)], _tail_after(features, layer)]
+    for tail in (t for t in tails if t is not None):
+        head = decision.on(nn.Sequential(entry, *tail)).eval()
+        with torch.no_grad():
+            reproduced = head.features(activation)
+        if reproduced.shape == full.shape and torch.allclose(reproduced, full, rtol=1e-4, atol=1e-5):
+            with AblationCAM(model=head, target_layers=[entry], batch_size=64) as cam:
+                maps = cam(input_tensor=activation, targets=targets)
+            return np.asarray(scale_cam_image(maps, (x.shape[-1], x.shape[-2]))[0], dtype=np.float64)
+    log.info("saliency: no head after the CAM layer reproduces the features; ablating through the backbone")
+    with AblationCAM(model=_Spliced(decision, layer, len(captured), entry), target_layers=[entry], batch_size=64) as cam:
+        maps = cam(input_tensor=x, targets=targets)
     return np.asarray(maps[0], dtype=np.float64)
 
 
@@ -279,12 +398,13 @@ def explain_images(predictor: Any, abspaths: Sequence[str]) -> list[tuple[str, n
     from leukotype.images import load_rgb
 
     features, prep = feature_network(predictor)
+    gradient_free = cam_method(predictor) == GRADIENT_FREE_CAM
     results = []
     for path in abspaths:
         image = predictor.prepare(load_rgb(path), path)  # the bundle's variant (crop, stain)
         x = prep(image).unsqueeze(0)
         model, target, cls = score_module(predictor, features, x)
-        cam = layer_cam(model, x, target)
+        cam = ablation_cam(features, model, x, target) if gradient_free else layer_cam(model, x, target)
         results.append((cls, cam, overlay(image, cam, x.shape[-1])))
     return results
 
@@ -299,7 +419,7 @@ def run_explain(
     threads: int = 1,
 ) -> list[Path]:
     """Write ``<stem>_cam.png`` per valid input and ``explain.tsv`` (every input, with reason;
-    ``map``: :func:`map_status`)."""
+    ``map``: :func:`map_status`; ``cam_method``: :func:`cam_method`)."""
     from leukotype.io import atomic_path, write_tsv
     from leukotype.predict import Predictor, gather_inputs, validate_inputs
 
@@ -309,7 +429,7 @@ def run_explain(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ok = table["status"] == "ok"
-    table["pred"], table["overlay"], table["map"] = "", "", ""
+    table["pred"], table["overlay"], table["map"], table["cam_method"] = "", "", "", ""
     written = []
     torch.set_num_threads(max(1, threads))
     for index, (cls, cam, picture) in zip(table.index[ok], explain_images(predictor, table.loc[ok, "abspath"].tolist())):
@@ -317,6 +437,7 @@ def run_explain(
         with atomic_path(out / name) as tmp:
             picture.save(tmp, format="PNG")
         table.at[index, "pred"], table.at[index, "overlay"], table.at[index, "map"] = cls, name, map_status(cam)
+        table.at[index, "cam_method"] = cam_method(predictor)
         written.append(out / name)
     write_tsv(table.drop(columns=["abspath"]), out / "explain.tsv")
     return written
