@@ -13,7 +13,7 @@ eosinophil count (the dominant error), plus the external confusion matrix.
 A recipe is a sequence of named steps from :mod:`leukotype.preprocessing` applied to every
 image alike (training, test, external): ``crop`` (cell-centred square, margin), ``white_balance``
 (background colour -> the training part's), ``reinhard`` / ``reinhard_fg`` (stain statistics of
-the whole image / of the cell only), ``flatten`` (background -> constant), ``grey`` (luminance in
+the whole image / of the cell only), ``flatten`` (background -> constant), ``macenko`` (Macenko stain vectors of the training part, torchstain), ``grey`` (luminance in
 three channels), ``stretch`` (per-image contrast), and optional extra training views with strong
 colour jitter (``views``). Every reference (background colour, stain statistics) is fitted on
 the PBC training part only. The cell mask and box come from one segmentation of the original
@@ -96,6 +96,8 @@ RECIPES: dict[str, tuple[list[tuple[str, dict[str, Any]]], dict[str, Any] | None
     "crop15_wb_reinhard_fg_grey": ([("crop", {"margin": 0.15}), ("white_balance", {}), ("reinhard_fg", {}), ("grey", {})], None),
     "crop15_wb_flatten_grey": ([("crop", {"margin": 0.15}), ("white_balance", {}), ("flatten", {}), ("grey", {})], None),
     "crop15_wb_grey_optics2": ([("crop", {"margin": 0.15}), ("white_balance", {}), ("grey", {})], {"views": 2, **OPTICS}),
+    "crop15_macenko": ([("crop", {"margin": 0.15}), ("macenko", {})], None),
+    "crop15_wb_macenko": ([("crop", {"margin": 0.15}), ("white_balance", {}), ("macenko", {})], None),
     "crop30_wb": ([("crop", {"margin": 0.30}), ("white_balance", {})], None),
     "crop05_wb": ([("crop", {"margin": 0.05}), ("white_balance", {})], None),
 }
@@ -164,6 +166,11 @@ def apply_recipe(
             fitted["flatten_colour"] = target.round(1).tolist()
             images = [img if mask is None else pp.flatten_background(img, mask, target)
                       for img, mask in zip(images, masks)]
+        elif name == "macenko":
+            rows = np.flatnonzero(train)
+            reference = pp.fit_stain_reference([images[k] for k in rows], "macenko")
+            fitted[name] = {k: reference[k] for k in ("HERef", "maxCRef")}
+            images = [pp.normalise_stain(img, reference) for img in images]
         elif name in ("reinhard", "reinhard_fg"):
             use = name == "reinhard_fg"
             rows = np.flatnonzero(train)
@@ -191,12 +198,13 @@ def colour_views(images: list[np.ndarray], keys: Sequence[str], views: Mapping[s
 
 
 class Extractor:
-    """Lite0 pooled features of in-memory images, cached on disk by image content."""
+    """Pooled features (Lite0 unless told) of in-memory images, cached on disk by image content."""
 
-    def __init__(self, cache: Path, threads: int) -> None:
-        self.spec = get_spec(BACKBONE)
+    def __init__(self, cache: Path, threads: int, backbone: str = BACKBONE) -> None:
+        self.backbone = backbone
+        self.spec = get_spec(backbone)
         torch.set_num_threads(threads)
-        model = build_model(self.spec, resolve_weights(BACKBONE, "imagenet"))
+        model = build_model(self.spec, resolve_weights(backbone, "imagenet"))
         # BatchNorm folded, oneDNN-fused convolutions: the workflow's extraction, same features
         self.net = optimize_for_inference(FeatureExtractor(self.spec, model, ["pool"]).eval())
         self.transform = preprocess(self.spec)
@@ -206,7 +214,7 @@ class Extractor:
         self.n_extracted = 0
 
     def __call__(self, images: Sequence[np.ndarray], batch: int = 32) -> np.ndarray:
-        digest = hashlib.sha256(f"{BACKBONE}:pool:optimized".encode())
+        digest = hashlib.sha256(f"{self.backbone}:pool:optimized".encode())
         for img in images:
             digest.update(np.ascontiguousarray(img).tobytes())
             digest.update(str(img.shape).encode())
