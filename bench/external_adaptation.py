@@ -17,7 +17,9 @@ experiment in ``bench/results/external_adaptation.csv``:
   move the centre); ``prior`` (EM re-estimation of the external class prior on temperature-
   calibrated SVM probabilities, Saerens et al. 2002: a label-shift correction); ``bn``
   (BatchNorm statistics re-estimated on the external images under the recipe, then their
-  features; the workflow's ``evaluation.adapt_batchnorm``) and ``bn_standardise``. As a
+  features; the workflow's ``evaluation.adapt_batchnorm``), ``bn_standardise``, and
+  ``bn_per_domain`` (AdaBN proper: the PBC features with BatchNorm statistics of the PBC
+  training part, the SVM retrained on them, JTSC with its own). As a
   control, each feature-level adaptation is also applied to the PBC test part with its own
   statistics (``internal_self_adapted_accuracy``): a fix for another lab should not break the
   lab's own cells.
@@ -179,28 +181,37 @@ def balanced_mean_alignment(Z, Z_source, y_source, predict, rounds: int = 5, min
 
 
 class BatchNormAdaptedExtractor:
-    """Features of images after BatchNorm statistics are re-estimated on those same images
-    (unlabelled; :func:`leukotype.adaptation.adapt_batchnorm`, then the workflow's optimised
-    extractor), cached by content like :class:`external_recipes.Extractor`."""
+    """Features of images after BatchNorm statistics are re-estimated on those same images, or
+    on ``adapt_on`` (unlabelled; :func:`leukotype.adaptation.adapt_batchnorm`, then the
+    workflow's optimised extractor), cached by content like :class:`external_recipes.Extractor`."""
 
     def __init__(self, cache: Path, backbone: str) -> None:
         self.backbone, self.cache = backbone, cache
         self.spec = get_spec(backbone)
         self.transform = preprocess(self.spec)
 
-    def __call__(self, images: Sequence[np.ndarray], batch: int = 32) -> np.ndarray:
+    def batches(self, images: Sequence[np.ndarray], batch: int) -> list[torch.Tensor]:
+        return [torch.stack([self.transform(Image.fromarray(img)) for img in images[i:i + batch]])
+                for i in range(0, len(images), batch)]
+
+    def __call__(self, images: Sequence[np.ndarray], adapt_on: Sequence[np.ndarray] | None = None,
+                 batch: int = 32) -> np.ndarray:
         digest = hashlib.sha256(f"{self.backbone}:pool:optimized:bn-adapted".encode())
         for img in images:
             digest.update(np.ascontiguousarray(img).tobytes())
             digest.update(str(img.shape).encode())
+        if adapt_on is not None:
+            digest.update(b"statistics from:")
+            for img in adapt_on:
+                digest.update(np.ascontiguousarray(img).tobytes())
+                digest.update(str(img.shape).encode())
         path = self.cache / f"{digest.hexdigest()[:24]}.npy"
         if path.exists():
             return np.load(path)
         model = build_model(self.spec, resolve_weights(self.backbone, "imagenet"))
         net = FeatureExtractor(self.spec, model, ["pool"]).eval()
-        tensors = [torch.stack([self.transform(Image.fromarray(img)) for img in images[i:i + batch]])
-                   for i in range(0, len(images), batch)]
-        adapt_batchnorm(net, tensors)
+        tensors = self.batches(images, batch)
+        adapt_batchnorm(net, tensors if adapt_on is None else self.batches(adapt_on, batch))
         net = optimize_for_inference(net)
         with torch.inference_mode():
             features = np.concatenate([net(x)["pool"].float().numpy() for x in tensors])
@@ -282,6 +293,26 @@ def run_svm(name, data, extractors, n_boot, batchnorm: bool = True) -> list[dict
         adapted["bn"] = ((pipeline.predict(X_bn), {}), None)
         adapted["bn_standardise"] = ((pipeline.predict(standardise_domain(X_bn, scaler.mean_, scaler.scale_)), {}), None)
     rows = []
+    if batchnorm:
+        # AdaBN proper: EVERY domain's features with its own BatchNorm statistics. The SVM's
+        # training features normally carry ImageNet's statistics, so adapting only the external
+        # side (the rows above, the workflow's adapt_batchnorm) compares features normalised
+        # two different ways. Here the PBC features get the PBC training part's statistics (its
+        # test part included, as a test image of that lab would), the SVM is trained on them,
+        # and JTSC keeps its own.
+        pbc_train = [processed[k] for k in np.flatnonzero(tr)]
+        X_pbc_bn = extractors[f"{backbone}:bn"](processed[:n_pbc], adapt_on=pbc_train).astype(np.float64)
+        bn_pipeline, bn_search = fit_svm(X_pbc_bn[tr], y_train, g_train, cv_folds=3, seed=SEED, n_jobs=1)
+        bn_chosen = bn_search[bn_search["selected"]].iloc[0]
+        rows.append({
+            "experiment": name, "kind": "svm", "recipe": recipe, "backbone": backbone, "adaptation": "bn_per_domain",
+            "views": "", "classifier": f"svm {bn_chosen['kernel']} C={bn_chosen['C']}",
+            "n_train_rows": len(X_train), "n_internal_test": int(te.sum()), "n_external": len(y_ext),
+            **score_row(y_pbc[te], bn_pipeline.predict(X_pbc_bn[te]), y_ext, bn_pipeline.predict(X_bn), data["select"], n_boot),
+            "internal_self_adapted_accuracy": np.nan,
+            "adaptation_detail": json.dumps({"pbc_statistics": "PBC training part", "external_statistics": "JTSC"}),
+            "seconds": round(time.perf_counter() - start, 1),
+        })
     for adaptation, ((p_ext, extra), p_int_self) in adapted.items():
         rows.append({
             "experiment": name, "kind": "svm", "recipe": recipe, "backbone": backbone, "adaptation": adaptation,

@@ -1,10 +1,11 @@
 """configs/pbc.yaml's external rows through the real workflow, checked against the bench scripts.
 
 Runs the workflow (``snakemake``, the repository's Snakefile) with ``configs/pbc.yaml`` and an
-overlay that puts it in the protocol of ``bench/external_recipes.py`` and
+overlay (``OVERLAYS``) that puts it in the protocol of ``bench/external_recipes.py`` and
 ``bench/external_adaptation.py`` (the task restricted to PBC's five white-cell classes, no
-rotations, EfficientNet-Lite0 features -> SVM; the config's preprocessing variants ``none`` and
-``crop15_wb_grey`` and its external set JTSC as shipped; BatchNorm adaptation on), then reads
+rotations; ``svm``: EfficientNet-Lite0 features -> SVM with the config's preprocessing variants
+``none`` and ``crop15_wb_grey`` and BatchNorm adaptation; ``finetune``: Lite0 fine-tuned on
+crop15_wb_grey with stain/colour views; the config's external set JTSC as shipped), then reads
 the workflow's own metrics records (``runs/.../metrics.json`` and
 ``runs/.../external/<set>/<adapt>/metrics.json``, the numbers behind
 ``tables/<task>_external.*``) and writes one row per (variant, adaptation) to
@@ -12,8 +13,9 @@ the workflow's own metrics records (``runs/.../metrics.json`` and
 shared with JTSC), external accuracy and balanced accuracy with the workflow's bootstrap CIs,
 and the bench scripts' numbers for the same setting with the difference in points.
 
-    .venv/bin/python bench/pbc_dag_external.py --run            # ~10-20 min on 2 busy cores
-    .venv/bin/python bench/pbc_dag_external.py                  # re-read a finished run
+    .venv/bin/python bench/pbc_dag_external.py --run                              # ~20 min on 2 busy cores
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune --append  # the fine-tuned recipe
+    .venv/bin/python bench/pbc_dag_external.py                                    # re-read a finished run
 """
 
 from __future__ import annotations
@@ -32,24 +34,43 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
 
-#: The overlay on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped config).
-OVERLAY = """\
+_PROTOCOL = """\
 tasks:
   - name: cell_type
     column: label
     classes: [basophil, eosinophil, lymphocyte, monocyte, neutrophil]
 augmentation: {rotations: []}
+"""
+#: Overlays on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped
+#: config). ``svm``: Lite0 features -> SVM with the config's variants, BatchNorm adaptation on;
+#: ``finetune``: Lite0 fine-tuned (``last_block``, as configs/pbc.yaml) on crop15_wb_grey with
+#: two stain/colour views per training image (bench/external_adaptation.py's STAIN_VIEWS).
+OVERLAYS = {
+    "svm": _PROTOCOL + """\
 models:
   - {backbone: efficientnet_lite0, weights: imagenet, strategies: [features_svm]}
 evaluation:
   adapt_batchnorm: true
-"""
+""",
+    "finetune": _PROTOCOL + """\
+models:
+  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [finetune], finetune: {policy: last_block}}
+preprocessing:
+  - name: crop15_wb_grey_stain2
+    steps:
+      - {step: crop, margin: 0.15}
+      - {step: white_balance}
+      - {step: grey}
+      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
+    reference_images: 100000
+""",
+}
 
 
-def run_workflow(run_dir: Path, cores: int) -> dict[str, Any]:
+def run_workflow(run_dir: Path, overlay_name: str, cores: int) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     overlay = run_dir / "overlay.yaml"
-    overlay.write_text(f"results: {run_dir / 'results'}\n{OVERLAY}")
+    overlay.write_text(f"results: {run_dir / 'results'}\n{OVERLAYS[overlay_name]}")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"),
            "--configfile", str(REPO_ROOT / "configs" / "pbc.yaml"), str(overlay),
            "--cores", str(cores)]
@@ -63,10 +84,19 @@ def run_workflow(run_dir: Path, cores: int) -> dict[str, Any]:
     return {"wall_s": round(time.perf_counter() - start, 1), "cores": cores}
 
 
-def bench_numbers(recipe: str, adapt: str) -> dict[str, Any]:
-    """The bench scripts' row for the same setting (external_recipes.csv for no adaptation,
-    external_adaptation.csv for BatchNorm adaptation)."""
-    if adapt == "none":
+#: the workflow's variant -> the bench's fine-tuning experiment
+FINETUNE_EXPERIMENTS = {"crop15_wb_grey_stain2": "finetune:crop15_wb_grey+stain2:efficientnet_lite0",
+                        "crop15_wb_grey": "finetune:crop15_wb_grey:efficientnet_lite0"}
+
+
+def bench_numbers(strategy: str, recipe: str, adapt: str) -> dict[str, Any]:
+    """The bench scripts' row for the same setting (external_recipes.csv for SVM runs without
+    adaptation, external_adaptation.csv for BatchNorm adaptation and fine-tuning)."""
+    if strategy == "finetune":
+        table = pd.read_csv(RESULTS_DIR / "external_adaptation.csv")
+        rows = table[(table["experiment"] == FINETUNE_EXPERIMENTS.get(recipe, "")) & (table["adaptation"] == adapt)]
+        source = "external_adaptation.csv"
+    elif adapt == "none":
         table = pd.read_csv(RESULTS_DIR / "external_recipes.csv")
         rows, source = table[table["recipe"] == recipe], "external_recipes.csv"
     else:
@@ -80,13 +110,44 @@ def bench_numbers(recipe: str, adapt: str) -> dict[str, Any]:
             "bench_external_accuracy": row["external_accuracy"]}
 
 
+def _box_differences(table: pd.DataFrame, margin: float) -> tuple[int, int, int]:
+    import numpy as np
+
+    from leukotype import preprocessing as pp
+    from leukotype.images import load_rgb
+
+    table = table[table["status"] == "found"]
+    differing, largest = 0, 0
+    for row in table.itertuples():
+        box = pp.box_from_mask(pp.cell_mask(np.asarray(load_rgb(row.abspath)))[0], margin)
+        delta = max(abs(box.left - row.left), abs(box.top - row.top), abs(box.side - row.side))
+        differing += delta > 0
+        largest = max(largest, delta)
+    return len(table), differing, largest
+
+
+def crop_box_differences(results: Path, external: str = "jtsc", margin: float = 0.15) -> dict[str, Any]:
+    """The workflow's crop boxes (``locate_cell``: the cell's box on the ~256-px working copy,
+    scaled) against the bench scripts' (``box_from_mask`` on ``cell_mask``, the working mask
+    resized to the image with nearest neighbours): how many of the task's internal images and
+    of the external set's get a different box, and by how many pixels at most."""
+    table = pd.read_csv(results / "preprocessing" / f"crop_m{margin}" / "images.tsv", sep="\t")
+    split = pd.read_csv(next((results / "data" / "splits").glob("*.tsv")), sep="\t")
+    internal = _box_differences(table[table["image_id"].isin(set(split["image_id"]))], margin)
+    ext = _box_differences(
+        pd.read_csv(results / "external" / external / "preprocessing" / f"crop_m{margin}" / "images.tsv", sep="\t"), margin)
+    return {"crop_boxes_checked": internal[0], "crop_boxes_differing_from_bench": internal[1],
+            "crop_box_max_difference_px": internal[2], "external_crop_boxes_checked": ext[0],
+            "external_crop_boxes_differing_from_bench": ext[1]}
+
+
 def summarise(results: Path) -> pd.DataFrame:
     rows = []
     for path in sorted(results.glob("runs/*/*/*/*/*/external/*/*/metrics.json")):
         record = json.loads(path.read_text())
         run_dir = path.parents[3]
         internal = json.loads((run_dir / "metrics.json").read_text())
-        backbone_folder = path.parents[6].name
+        backbone_folder = path.parents[5].name  # runs/<task>/<strategy>/<backbone[@variant]>/<layer>/<fold>/external/...
         prep = backbone_folder.split("@", 1)[1] if "@" in backbone_folder else "none"
         ext_m, ext_ci = record["external_metrics"], record["external_ci"]
         row = {
@@ -103,7 +164,7 @@ def summarise(results: Path) -> pd.DataFrame:
             "external_balanced_accuracy_ci_low": ext_ci["balanced_accuracy"][0],
             "external_balanced_accuracy_ci_high": ext_ci["balanced_accuracy"][1],
             "drop_points": 100 * (internal["metrics"]["accuracy"] - ext_m["accuracy"]),
-            **bench_numbers(prep, record["adapt"]),
+            **bench_numbers(record["strategy"], prep, record["adapt"]),
         }
         for part in ("internal", "external"):
             if f"bench_{part}_accuracy" in row:
@@ -117,27 +178,38 @@ def summarise(results: Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=Path("/tmp/leukotype-pbc-dag-external"),
-                        help="the workflow's working folder (results/ inside)")
+    parser.add_argument("--overlay", choices=list(OVERLAYS), default="svm")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="the workflow's working folder (results/ inside; default "
+                             "/tmp/leukotype-pbc-dag-external-<overlay>)")
     parser.add_argument("--run", action="store_true", help="run the workflow first (else re-read a finished run)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "pbc_dag_external.csv")
+    parser.add_argument("--append", action="store_true", help="keep --out's rows of other overlays")
     args = parser.parse_args(argv)
-    info = run_workflow(args.run_dir, args.cores) if args.run else {}
+    args.run_dir = args.run_dir or Path(f"/tmp/leukotype-pbc-dag-external-{args.overlay}")
+    info = run_workflow(args.run_dir, args.overlay, args.cores) if args.run else {}
     if not info and (args.run_dir / "run_info.json").exists():
         info = json.loads((args.run_dir / "run_info.json").read_text())
     elif info:
         (args.run_dir / "run_info.json").write_text(json.dumps(info))
     table = summarise(args.run_dir / "results")
-    table["overlay"] = OVERLAY.replace("\n", " ").strip()
+    table.insert(0, "overlay_name", args.overlay)
+    boxes = crop_box_differences(args.run_dir / "results")
+    for key, value in boxes.items():  # the internal images' crop boxes, shared by the crop variants
+        table[key] = [value if prep != "none" else pd.NA for prep in table["preprocessing"]]
+    table["overlay"] = OVERLAYS[args.overlay].replace("\n", " ").strip()
     for key, value in {**info, **machine_info()}.items():
         table[key] = value
+    if args.append and args.out.exists():
+        previous = pd.read_csv(args.out)
+        table = pd.concat([previous[previous["overlay_name"] != args.overlay], table], ignore_index=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".csv.tmp")
     table.to_csv(tmp, index=False)
     tmp.replace(args.out)
-    print(table[["preprocessing", "adapt", "internal_accuracy", "external_accuracy", "external_balanced_accuracy",
-                 "bench_external_accuracy"]].to_string(index=False))
+    print(table.reindex(columns=["overlay_name", "strategy", "preprocessing", "adapt", "internal_accuracy",
+                                 "external_accuracy", "external_balanced_accuracy", "bench_external_accuracy"]).to_string(index=False))
     return 0
 
 
