@@ -70,6 +70,36 @@ def test_a_map_without_positive_evidence_is_called_empty():
     assert map_status(layer_cam(model, x, 1)) == EMPTY_MAP  # every activation lowers class 1
 
 
+class _SharedActivation(nn.Module):
+    """EfficientNet-Lite's pattern: one activation module runs after the stem (16 x 16) and again
+    after the last convolution (4 x 4), the layer the map must be drawn at."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.last = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, stride=4, padding=1)
+        self.act = nn.ReLU()
+        self.act_last = self.act if shared else nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act_last(self.last(self.act(self.stem(x)))))
+
+
+def test_a_shared_activation_module_is_mapped_at_its_last_call():
+    from leukotype.saliency import last_spatial_layer, layer_cam
+
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    shared, separate = _SharedActivation(shared=True), _SharedActivation(shared=False)
+    assert last_spatial_layer(shared, x) is shared.act and last_spatial_layer(separate, x) is separate.act_last
+    expected = layer_cam(separate, x, 0)
+    got = layer_cam(shared, x, 0)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # the first call's map (what the library alone draws for a shared module) is another map
+    stem_map = layer_cam(separate, x, 0, layer=separate.act)
+    assert np.abs(stem_map - expected).max() > 0.1
+
+
 def test_cam_layer_is_the_last_map_on_a_convolutions_grid():
     from leukotype.errors import LeukotypeError
     from leukotype.saliency import last_spatial_layer

@@ -157,9 +157,27 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module |
 
     model.eval()
     layer = layer if layer is not None else last_spatial_layer(model, x)
-    with torch.enable_grad(), LayerCAM(model=model, target_layers=[layer]) as cam:
+    # The library hooks the target module and reads its FIRST call's activation and gradient.
+    # A module can run more than once (EfficientNet-Lite's one ReLU6 module serves the stem at
+    # 112 x 112 and the head at 7 x 7), so the map is taken at a marker spliced in after the
+    # layer's last call, the call last_spatial_layer chose.
+    entry = _Entry(x.device)
+    spliced = _Spliced(model, layer, _calls(model, layer, x), entry).eval()
+    with torch.enable_grad(), LayerCAM(model=spliced, target_layers=[entry]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
     return np.asarray(maps[0], dtype=np.float64)
+
+
+def _calls(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> int:
+    """How many times ``layer`` runs in one forward pass of ``model``."""
+    calls: list[None] = []
+    handle = layer.register_forward_hook(lambda *_: calls.append(None))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return len(calls)
 
 
 #: explain.tsv's ``cam_method``: the gradient path (networks, linear SVMs) and the gradient-free one.
