@@ -39,7 +39,6 @@ classes JTSC has (bootstrap CI of the same quantity).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -55,7 +54,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import external_recipes as er  # noqa: E402
-from common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
+from common import machine_info  # noqa: E402
 
 from leukotype.adaptation import adapt_batchnorm  # noqa: E402
 from leukotype.backbones import FeatureExtractor, build_model, get_spec, preprocess  # noqa: E402
@@ -197,14 +196,10 @@ class BatchNormAdaptedExtractor:
     def __call__(self, images: Sequence[np.ndarray], adapt_on: Sequence[np.ndarray] | None = None,
                  batch: int = 32) -> np.ndarray:
         digest = hashlib.sha256(f"{self.backbone}:pool:optimized:bn-adapted".encode())
-        for img in images:
-            digest.update(np.ascontiguousarray(img).tobytes())
-            digest.update(str(img.shape).encode())
+        er.hash_images(digest, images)
         if adapt_on is not None:
             digest.update(b"statistics from:")
-            for img in adapt_on:
-                digest.update(np.ascontiguousarray(img).tobytes())
-                digest.update(str(img.shape).encode())
+            er.hash_images(digest, adapt_on)
         path = self.cache / f"{digest.hexdigest()[:24]}.npy"
         if path.exists():
             return np.load(path)
@@ -395,35 +390,15 @@ def write_table(rows: list[dict[str, Any]], previous: pd.DataFrame | None, out: 
         table = pd.concat([previous[keep], table], ignore_index=True)
     baseline = table[(table["experiment"] == "svm:none:efficientnet_lite0") & (table["adaptation"] == "none")]
     base = float(baseline["internal_accuracy"].iloc[0]) if len(baseline) else float("nan")
-    table["drop_points"] = 100 * (table["internal_accuracy"] - table["external_accuracy"])
-    table["internal_change_points"] = 100 * (table["internal_accuracy"] - base)
-    table["goal_met"] = (table["drop_points"] <= 10) & (table["internal_change_points"] >= -1)
     # chosen on the select half only (balanced accuracy, then accuracy); judged on the report half
     ranked = table.sort_values(["select_balanced_accuracy", "select_accuracy"], ascending=False)
     table["chosen"] = table.index == ranked.index[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".csv.tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(out)
-    return table
+    return er.finish_table(table, base, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "external_adaptation.csv")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/leukotype-external-recipes"),
-                        help="feature and mask cache (keyed by image content; shared with external_recipes.py)")
-    parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated names from EXPERIMENTS")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--append", action="store_true", help="add rows to --out (replacing same experiments)")
-    parser.add_argument("--skip-bn", action="store_true", help="leave out the BatchNorm-adapted rows (they extract again)")
-    args = parser.parse_args(argv)
-    names = [n for n in args.experiments.split(",") if n]
-    unknown = sorted(set(names) - set(EXPERIMENTS))
-    if unknown:
-        parser.error(f"unknown experiments {unknown}; choose from {list(EXPERIMENTS)}")
+    skip_bn = ("--skip-bn", {"action": "store_true", "help": "leave out the BatchNorm-adapted rows (they extract again)"})
+    args, names = er.parse_choices(__doc__, argv, "external_adaptation.csv", "experiments", list(EXPERIMENTS), [skip_bn])
     torch.manual_seed(SEED)
     start = time.perf_counter()
     data = er.load_data(args.data, args.cache)

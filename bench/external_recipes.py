@@ -114,6 +114,13 @@ def read_set(root: Path, classes: Sequence[str]) -> pd.DataFrame:
     return table
 
 
+def hash_images(digest: Any, images: Sequence[np.ndarray]) -> None:
+    """Feed every image's pixels and shape to ``digest`` (the feature cache's key)."""
+    for img in images:
+        digest.update(np.ascontiguousarray(img).tobytes())
+        digest.update(str(img.shape).encode())
+
+
 def segment(images: Sequence[np.ndarray], md5s: Sequence[str], cache: Path) -> list[np.ndarray | None]:
     """Each image's cell mask (:func:`leukotype.preprocessing.cell_mask`), cached by md5."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -215,9 +222,7 @@ class Extractor:
 
     def __call__(self, images: Sequence[np.ndarray], batch: int = 32) -> np.ndarray:
         digest = hashlib.sha256(f"{self.backbone}:pool:optimized".encode())
-        for img in images:
-            digest.update(np.ascontiguousarray(img).tobytes())
-            digest.update(str(img.shape).encode())
+        hash_images(digest, images)
         path = self.cache / f"{digest.hexdigest()[:24]}.npy"
         if path.exists():
             return np.load(path)
@@ -321,7 +326,13 @@ def write_table(rows: list[dict[str, Any]], previous: pd.DataFrame | None, out: 
     order = {name: k for k, name in enumerate(RECIPES)}
     table = table.sort_values("recipe", key=lambda c: c.map(order)).reset_index(drop=True)
     plain = table.loc[table["recipe"] == "none", "internal_accuracy"]
-    base = float(plain.iloc[0]) if len(plain) else float("nan")
+    return finish_table(table, float(plain.iloc[0]) if len(plain) else float("nan"), out)
+
+
+def finish_table(table: pd.DataFrame, base: float, out: Path) -> pd.DataFrame:
+    """Add the issue's goal columns (drop internal -> external in points, change of internal
+    accuracy against ``base``, goal: drop <= 10 and internal not lower by > 1) and write ``out``
+    atomically."""
     table["drop_points"] = 100 * (table["internal_accuracy"] - table["external_accuracy"])
     table["internal_change_points"] = 100 * (table["internal_accuracy"] - base)
     table["goal_met"] = (table["drop_points"] <= 10) & (table["internal_change_points"] >= -1)
@@ -332,21 +343,32 @@ def write_table(rows: list[dict[str, Any]], previous: pd.DataFrame | None, out: 
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_choices(doc: str, argv: list[str] | None, results: str, option: str, choices: Sequence[str],
+                  extra: Sequence[tuple[str, dict]] = ()) -> tuple[argparse.Namespace, list[str]]:
+    """The arguments this script and external_adaptation.py share (data, results file, feature
+    cache, threads, bootstrap, append) plus ``--<option>``: a comma-separated subset of
+    ``choices`` (all by default). Returns (arguments, the chosen names)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "external_recipes.csv")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / results)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/leukotype-external-recipes"),
-                        help="feature cache (keyed by image content; safe to delete)")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
+                        help="feature and mask cache (keyed by image content; shared by both scripts; safe to delete)")
+    parser.add_argument(f"--{option}", default=",".join(choices), help=f"comma-separated names from {list(choices)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--append", action="store_true", help="add rows to --out (replacing same-name rows)")
+    parser.add_argument("--append", action="store_true", help="add rows to --out (replacing rows of the same names)")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
-    names = [n for n in args.recipes.split(",") if n]
-    unknown = sorted(set(names) - set(RECIPES))
+    names = [n for n in getattr(args, option).split(",") if n]
+    unknown = sorted(set(names) - set(choices))
     if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+        parser.error(f"unknown {option} {unknown}; choose from {list(choices)}")
+    return args, names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, names = parse_choices(__doc__, argv, "external_recipes.csv", "recipes", list(RECIPES))
     start = time.perf_counter()
     data = load_data(args.data, args.cache)
     found = {"pbc": float(np.mean([m is not None for m in data["pbc_masks"]])),
