@@ -127,10 +127,18 @@ def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
     The grid rule keeps out 4-D tensors that are not maps of the image: a transformer's
     attention tensors (N, heads, tokens, head dim or tokens), channels-last (N, H, W, C) maps.
     """
+    return _map_layer(model, example)[0]
+
+
+def _map_layer(model: nn.Module, example: torch.Tensor, layer: nn.Module | None = None) -> tuple[nn.Module, int]:
+    """(``layer``, or :func:`last_spatial_layer`'s choice where None; how many times it runs in
+    one forward pass of ``model``), from that one pass."""
     seen: list[tuple[nn.Module, tuple[int, int]]] = []
     grids: set[tuple[int, int]] = set()
+    calls: dict[nn.Module, int] = {}
 
     def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        calls[module] = calls.get(module, 0) + 1
         if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[2:]) > 1:
             grid = (int(output.shape[2]), int(output.shape[3]))
             if isinstance(module, GRID_MODULES):
@@ -144,10 +152,12 @@ def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
     finally:
         for handle in handles:
             handle.remove()
-    maps = [module for module, grid in seen if grid in grids]
-    if not maps:
-        raise LeukotypeError("the network has no spatial feature map to explain (no convolution or pooling map)")
-    return maps[-1]
+    if layer is None:
+        maps = [module for module, grid in seen if grid in grids]
+        if not maps:
+            raise LeukotypeError("the network has no spatial feature map to explain (no convolution or pooling map)")
+        layer = maps[-1]
+    return layer, calls.get(layer, 0)
 
 
 def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module | None = None) -> np.ndarray:
@@ -156,28 +166,16 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module |
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model.eval()
-    layer = layer if layer is not None else last_spatial_layer(model, x)
+    layer, calls = _map_layer(model, x, layer)
     # The library hooks the target module and reads its FIRST call's activation and gradient.
     # A module can run more than once (EfficientNet-Lite's one ReLU6 module serves the stem at
     # 112 x 112 and the head at 7 x 7), so the map is taken at a marker spliced in after the
     # layer's last call, the call last_spatial_layer chose.
     entry = _Entry(x.device)
-    spliced = _Spliced(model, layer, _calls(model, layer, x), entry).eval()
+    spliced = _Spliced(model, layer, calls, entry).eval()
     with torch.enable_grad(), LayerCAM(model=spliced, target_layers=[entry]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
     return np.asarray(maps[0], dtype=np.float64)
-
-
-def _calls(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> int:
-    """How many times ``layer`` runs in one forward pass of ``model``."""
-    calls: list[None] = []
-    handle = layer.register_forward_hook(lambda *_: calls.append(None))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return len(calls)
 
 
 #: explain.tsv's ``cam_method``: the gradient path (networks, linear SVMs) and the gradient-free one.
