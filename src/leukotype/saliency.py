@@ -6,9 +6,10 @@ map. LayerCAM keeps the gradient's spatial layout, which matters for the paper C
 classifier reads the flattened map position by position (Grad-CAM would average it away).
 
 For a fine-tuned network the score is its logit. For features -> SVM it is the SVM's decision
-function for the predicted class, re-implemented in torch (:class:`TorchSVMDecision`: the
-pipeline's StandardScaler, the kernel on the support vectors, libsvm's one-vs-one decisions and
-scikit-learn's one-vs-rest transform), so the gradient is exact autograd, not finite differences
+function for the predicted class, re-implemented in torch (:func:`svm_decision`: the
+pipeline's StandardScaler, then for the exact SVM the kernel on the support vectors, libsvm's
+one-vs-one decisions and scikit-learn's one-vs-rest transform, for the scalable one the Nystroem
+map and liblinear's linear SVMs), so the gradient is exact autograd, not finite differences
 (which near-constant features, divided by a tiny scale, drown in rounding noise).
 
 A non-linear (rbf, poly, sigmoid) SVM gets Ablation-CAM (Desai & Ramaswamy 2020, also from
@@ -37,34 +38,74 @@ from leukotype.errors import LeukotypeError
 log = logging.getLogger(__name__)
 
 
-class TorchSVMDecision(nn.Module):
-    """``features -> (N, K)`` decision scores of a fitted ``scale -> GramSVC`` pipeline, in
-    ``classes`` order, equal to :func:`leukotype.classify.decision_scores` (float64 inside).
+def _as64(array: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array, dtype=np.float64))
 
-    Linear, rbf, poly and sigmoid kernels (libsvm's formulas); ovo decisions as libsvm sums
-    them, then scikit-learn's ``decision_function_shape='ovr'`` transform (votes, which have no
-    gradient, plus the bounded sum of confidences, which carries it); two classes: ``(-d, d)``.
-    """
+
+def _ovo_to_ovr(towards_j: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """scikit-learn's one-vs-one -> one-vs-rest transform (``_ovr_decision_function``): pair
+    ``k`` = (i, j), i < j in class order, with confidence ``towards_j[:, k]`` for class j. Votes
+    (no gradient) plus the bounded sum of confidences (which carries it)."""
+    votes = torch.zeros(len(towards_j), n_classes, dtype=towards_j.dtype)
+    confidence = torch.zeros(len(towards_j), n_classes, dtype=towards_j.dtype)
+    k = 0
+    for i in range(n_classes):
+        for j in range(i + 1, n_classes):
+            pair = towards_j[:, k]
+            confidence = confidence.index_add(1, torch.tensor([i, j]), torch.stack([-pair, pair], 1))
+            won_j = (pair > 0).to(pair.dtype).detach()
+            votes[:, i] += 1.0 - won_j
+            votes[:, j] += won_j
+            k += 1
+    return votes + confidence / (3 * (confidence.abs() + 1))
+
+
+class _SVMHead(nn.Module):
+    """``features -> (N, K)`` decision scores of a fitted ``scale -> svm`` pipeline in
+    ``classes`` order, equal to :func:`leukotype.classify.decision_scores` (float64 inside);
+    subclasses give :meth:`decision` for their SVM."""
 
     def __init__(self, features: nn.Module, pipeline: Any, classes: Sequence[str]) -> None:
         super().__init__()
-        scaler, model = pipeline.named_steps["scale"], pipeline.named_steps["svm"]
+        scaler = pipeline.named_steps["scale"]
+        self.features = features
+        self.register_buffer("mean", _as64(scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)))
+        self.register_buffer("scale", _as64(scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)))
+        fitted = [str(c) for c in pipeline.named_steps["svm"].classes_]
+        self.order = [fitted.index(str(c)) for c in classes]
+
+    def decision(self, f: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decision(self.features(x)).float()
+
+    def on(self, features: nn.Module) -> _SVMHead:
+        """The same SVM (shared buffers) after other ``features``."""
+        head = copy.copy(self)
+        head._modules = {"features": features}
+        return head
+
+
+class TorchSVMDecision(_SVMHead):
+    """The exact SVM (:class:`leukotype.classify.GramSVC`): linear, rbf, poly and sigmoid
+    kernels (libsvm's formulas) on the support vectors; ovo decisions as libsvm sums them, then
+    scikit-learn's ``decision_function_shape='ovr'`` transform; two classes: ``(-d, d)``.
+    """
+
+    def __init__(self, features: nn.Module, pipeline: Any, classes: Sequence[str]) -> None:
+        super().__init__(features, pipeline, classes)
+        model = pipeline.named_steps["svm"]
         svc = model.svc_
         support = model.support_vectors_ if getattr(model, "support_vectors_", None) is not None else svc.support_vectors_
         if model.kernel not in ("linear", "rbf", "poly", "sigmoid"):
             raise LeukotypeError(f"saliency: SVM kernel {model.kernel!r} is not supported")
-        self.features = features
         self.kernel, self.gamma = model.kernel, float(model.gamma_)
         self.degree, self.coef0 = int(model.degree), float(model.coef0)
-        as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
-        self.register_buffer("mean", as64(scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)))
-        self.register_buffer("scale", as64(scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)))
-        self.register_buffer("support", as64(support))
-        self.register_buffer("dual_coef", as64(svc.dual_coef_))
-        self.register_buffer("intercept", as64(svc.intercept_))
+        self.register_buffer("support", _as64(support))
+        self.register_buffer("dual_coef", _as64(svc.dual_coef_))
+        self.register_buffer("intercept", _as64(svc.intercept_))
         self.n_support = [int(n) for n in svc.n_support_]
-        fitted = [str(c) for c in svc.classes_]
-        self.order = [fitted.index(str(c)) for c in classes]
 
     def _kernel(self, z: torch.Tensor) -> torch.Tensor:
         gram = z @ self.support.T
@@ -90,30 +131,54 @@ class TorchSVMDecision(nn.Module):
                     kernel[:, rows_i] @ self.dual_coef[j - 1, rows_i] + kernel[:, rows_j] @ self.dual_coef[i, rows_j]
                 )
         dec = torch.stack(pairs, dim=1) + self.intercept
-        if n_classes == 2:
-            scores = torch.cat([-dec, dec], dim=1)
-        else:
-            votes = torch.zeros(len(f), n_classes, dtype=dec.dtype)
-            confidence = torch.zeros(len(f), n_classes, dtype=dec.dtype)
-            k = 0
-            for i in range(n_classes):
-                for j in range(i + 1, n_classes):
-                    confidence = confidence.index_add(1, torch.tensor([i, j]), torch.stack([dec[:, k], -dec[:, k]], 1))
-                    won_i = (dec[:, k] >= 0).to(dec.dtype).detach()
-                    votes[:, i] += won_i
-                    votes[:, j] += 1.0 - won_i
-                    k += 1
-            scores = votes + confidence / (3 * (confidence.abs() + 1))
+        # libsvm's pair decision is positive towards i
+        scores = torch.cat([-dec, dec], dim=1) if n_classes == 2 else _ovo_to_ovr(-dec, n_classes)
         return scores[:, self.order]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decision(self.features(x)).float()
 
-    def on(self, features: nn.Module) -> TorchSVMDecision:
-        """The same SVM (shared buffers) after other ``features``."""
-        head = copy.copy(self)
-        head._modules = {"features": features}
-        return head
+class TorchScalableSVMDecision(_SVMHead):
+    """The scalable SVM (:class:`leukotype.classify.ScalableSVC`): the features, or their
+    Nystroem map (rbf kernel on the landmarks, times the map's normalisation), then liblinear's
+    linear SVMs: one-vs-one (scikit-learn's OneVsOneClassifier, its ovr transform; two classes:
+    ``(-Y1, Y1)``) or one-vs-rest (two classes: ``(-d, d)``)."""
+
+    def __init__(self, features: nn.Module, pipeline: Any, classes: Sequence[str]) -> None:
+        super().__init__(features, pipeline, classes)
+        model = pipeline.named_steps["svm"]
+        self.mapped = model.map_ is not None
+        if self.mapped:
+            if model.map_.kernel != "rbf":
+                raise LeukotypeError(f"saliency: Nystroem kernel {model.map_.kernel!r} is not supported")
+            self.gamma = float(model.map_.gamma)
+            self.register_buffer("landmarks", _as64(model.map_.components_))
+            self.register_buffer("normalization", _as64(model.map_.normalization_))
+        linear = model.linear_
+        self.n_classes = len(model.classes_)
+        self.one_vs_one = hasattr(linear, "estimators_")
+        estimators = linear.estimators_ if self.one_vs_one else [linear]
+        self.register_buffer("weight", _as64(np.vstack([e.coef_ for e in estimators])))
+        self.register_buffer("bias", _as64(np.concatenate([np.ravel(e.intercept_) for e in estimators])))
+
+    def decision(self, f: torch.Tensor) -> torch.Tensor:
+        z = (f.double() - self.mean) / self.scale
+        if self.mapped:
+            distances = (z**2).sum(1, keepdim=True) + (self.landmarks**2).sum(1)[None, :] - 2.0 * z @ self.landmarks.T
+            z = torch.exp(-self.gamma * distances.clamp_min(0.0)) @ self.normalization.T
+        raw = z @ self.weight.T + self.bias
+        if self.one_vs_one:
+            scores = _ovo_to_ovr(raw, self.n_classes)
+            scores = torch.cat([-scores[:, 1:], scores[:, 1:]], dim=1) if self.n_classes == 2 else scores
+        else:
+            scores = torch.cat([-raw, raw], dim=1) if raw.shape[1] == 1 else raw
+        return scores[:, self.order]
+
+
+def svm_decision(features: nn.Module, pipeline: Any, classes: Sequence[str]) -> _SVMHead:
+    """The torch head of a bundle's SVM pipeline, exact (``GramSVC``) or scalable (``ScalableSVC``)."""
+    model = pipeline.named_steps["svm"]
+    if hasattr(model, "linear_"):
+        return TorchScalableSVMDecision(features, pipeline, classes)
+    return TorchSVMDecision(features, pipeline, classes)
 
 
 #: Modules whose 4-D output is by construction a map over the image's grid.
@@ -244,7 +309,7 @@ class _Spliced(nn.Module):
             handle.remove()
 
 
-def ablation_cam(features: nn.Module, decision: TorchSVMDecision, x: torch.Tensor, target: int) -> np.ndarray:
+def ablation_cam(features: nn.Module, decision: _SVMHead, x: torch.Tensor, target: int) -> np.ndarray:
     """Ablation-CAM map (H, W) in [0, 1] at input resolution for class ``target`` of
     ``decision`` (whose ``features`` is ``features``), at :func:`last_spatial_layer`.
 
@@ -394,7 +459,7 @@ def score_module(predictor: Any, features: nn.Module, x: torch.Tensor) -> tuple[
         head.weight.data = torch.from_numpy(predictor._head["weight"]).float()
         head.bias.data = torch.from_numpy(predictor._head["bias"]).float()
         return nn.Sequential(features, head).eval(), k, classes[k]
-    return TorchSVMDecision(features, predictor._svm, classes).eval(), k, classes[k]
+    return svm_decision(features, predictor._svm, classes).eval(), k, classes[k]
 
 
 def overlay(image: Any, cam: np.ndarray, size: int) -> Any:
