@@ -23,6 +23,11 @@ Applied at run time with ``mallopt`` (the equivalent of ``MALLOC_MMAP_THRESHOLD_
 fine-tuning runs -- a Snakemake job local or on SLURM, the CLI, the Python API -- without
 depending on the environment a job starts from; DataLoader workers are forked and inherit it.
 The price is that the process keeps its peak heap (it would reach it again at the next batch).
+
+:func:`log_job_cpu` ends an extraction or fine-tuning job with one log line saying whether the
+settings were applied in that process and what it cost (user and sys CPU, minor page faults
+per sample); :func:`read_job_cpu` reads it back from the job's log. That is how a job run
+elsewhere (an ``sbatch`` job, with no accounting database to ask) tells its own numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import ctypes.util
 import functools
 import logging
 import os
+import re
+from dataclasses import dataclass
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,3 +83,76 @@ def keep_freed_memory() -> bool:
     )
     LOGGER.debug("glibc keeps freed memory: %s", applied)
     return applied
+
+
+#: Start of the line :func:`log_job_cpu` writes and :func:`read_job_cpu` looks for.
+JOB_CPU_TAG = "job cpu:"
+_JOB_CPU_FIELD = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclass(frozen=True)
+class JobCpu:
+    """A job process's CPU and page faults so far, its own and its waited-for children's
+    (``RUSAGE_SELF`` + ``RUSAGE_CHILDREN``: a DataLoader worker counts once it has been joined)."""
+
+    keep_freed_memory: bool  # applied in this process (False: glibc's defaults)
+    user_s: float
+    sys_s: float
+    minor_faults: int
+    samples: int
+
+    @property
+    def sys_share(self) -> float:
+        """sys as a fraction of user + sys (0 when no CPU was used)."""
+        total = self.user_s + self.sys_s
+        return self.sys_s / total if total > 0 else 0.0
+
+    @property
+    def faults_per_sample(self) -> float:
+        return self.minor_faults / self.samples if self.samples else float("nan")
+
+    def line(self) -> str:
+        """The log line (``key=value`` fields after :data:`JOB_CPU_TAG`)."""
+        return (
+            f"{JOB_CPU_TAG} keep_freed_memory={self.keep_freed_memory} user_s={self.user_s:.2f} "
+            f"sys_s={self.sys_s:.2f} sys_share={self.sys_share:.4f} minor_faults={self.minor_faults} "
+            f"samples={self.samples} faults_per_sample={self.faults_per_sample:.1f}"
+        )
+
+
+def job_cpu(samples: int) -> JobCpu:
+    """This process's :class:`JobCpu` now, for a job over ``samples`` samples (two syscalls)."""
+    import resource  # POSIX only; imported where used so the module loads anywhere
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Applied here only if something in this process asked for it: never apply it now.
+    applied = keep_freed_memory.cache_info().currsize > 0 and keep_freed_memory()
+    return JobCpu(
+        keep_freed_memory=applied,
+        user_s=own.ru_utime + children.ru_utime,
+        sys_s=own.ru_stime + children.ru_stime,
+        minor_faults=own.ru_minflt + children.ru_minflt,
+        samples=int(samples),
+    )
+
+
+def log_job_cpu(samples: int) -> JobCpu:
+    """Log :func:`job_cpu`'s line (INFO: into a Snakemake job's log) and return it."""
+    usage = job_cpu(samples)
+    LOGGER.info(usage.line())
+    return usage
+
+
+def read_job_cpu(text: str) -> JobCpu | None:
+    """The last :func:`log_job_cpu` line in a log's ``text`` (None if it has none)."""
+    lines = [line for line in text.splitlines() if JOB_CPU_TAG in line]
+    if not lines:
+        return None
+    fields = dict(_JOB_CPU_FIELD.findall(lines[-1].split(JOB_CPU_TAG, 1)[1]))
+    return JobCpu(
+        keep_freed_memory=fields["keep_freed_memory"] == "True",
+        user_s=float(fields["user_s"]),
+        sys_s=float(fields["sys_s"]),
+        minor_faults=int(fields["minor_faults"]),
+        samples=int(fields["samples"]),
+    )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from leukotype import catalog
+from leukotype.allocator import log_job_cpu
 from leukotype.config import penultimate_layer
 from leukotype.tasks import task_from_dict
 from leukotype.errors import LeukotypeError
@@ -166,6 +167,8 @@ def run_extract(
         adapt_batchnorm=features_cfg.get("adapt_batchnorm", False),
         prepare=job_preparer(preprocessing, preprocessing_files, validated_table),
     )
+    # whether the allocator settings held in this job process (a SLURM job's too) and its cost
+    log_job_cpu(len(samples))
 
 
 def job_preparer(
@@ -829,6 +832,7 @@ def run_finetune(
     write_tsv(predictions, outputs.predictions)
     write_features(outputs.features, job.feature_index, job.features)
     write_json({**precision.meta(), "provenance": provenance()}, Path(outputs.features) / "meta.json")
+    log_job_cpu(len(job.feature_index))  # as extraction's: allocator applied, CPU, faults
     return predictions
 
 
