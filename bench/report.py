@@ -227,6 +227,16 @@ def full_path(results: Path) -> str:
     ]) + "\n\nSource: `bench/results/full_path.csv`"
 
 
+def slurm_allocator(results: Path) -> str:
+    """The allocator fix through SLURM (bench/slurm_allocator.py): the extraction sbatch job's
+    own numbers, glibc's defaults against the package's settings."""
+    frame = pd.read_csv(results / "slurm_allocator.csv")
+    return _md(_pick(frame, ["setting", "keep_freed_memory_applied", "images", "samples", "user_s",
+                             "sys_s", "sys_share", "faults_per_sample", "extract_wall_s",
+                             "extract_max_rss_mib", "workflow_wall_s", "accuracy",
+                             "load_avg_1m", "autogroup"])) + "\n\nSource: `bench/results/slurm_allocator.csv`"
+
+
 def ceiling_targets(results: Path) -> str:
     """Targets 1-4 against the run's own best-GEMM ceiling (README's Performance table)."""
     frame = pd.read_csv(results / "extraction_ceiling.csv")
@@ -288,7 +298,8 @@ def main() -> None:
                       ("Workflow", workflow), ("Paper grid, run", paper_grid),
                       ("Grid estimate", grid), ("Full path at size", full_path),
                       ("SVM scaling", svm_scaling),
-                      ("Extraction sys time", systime), ("GPU check", gpu_check)]:
+                      ("Extraction sys time", systime),
+                      ("Allocator fix through SLURM", slurm_allocator), ("GPU check", gpu_check)]:
         try:
             print(f"### {title}\n\n{fn(results)}\n")
         except FileNotFoundError as err:

@@ -8,8 +8,9 @@ Two kinds of tests:
   can be reached): the workflow is run once locally (`--cores 2`) and once with
   `--profile profiles/slurm` against the one-node cluster of `tests/slurm/cluster.sh`; the test
   asserts that every job went through sbatch (job ids from the plugin's logs, checked with
-  `scontrol show job`), that no job asked for a GPU, that TORCH_HOME reached the jobs, and that
-  both runs wrote identical results.
+  `scontrol show job`), that no job asked for a GPU, that TORCH_HOME reached the jobs, that the
+  allocator settings held inside the extraction job (its log's `job cpu:` line), and that both
+  runs wrote identical results.
 
     sudo bash tests/slurm/cluster.sh start
     LEUKOTYPE_SLURM=1 pytest -q tests/test_slurm.py
@@ -468,6 +469,29 @@ def test_torch_home_reaches_jobs(runs: Runs) -> None:
     table = (runs.slurm_dir / "results" / "embed.tsv").read_text().splitlines()
     rows = dict(line.split("\t") for line in table)
     assert rows["torch_home"] == str(runs.torch_home)
+
+
+@pytest.mark.slurm
+def test_extraction_job_kept_freed_memory_inside_sbatch(runs: Runs) -> None:
+    """The allocator settings (leukotype.allocator.keep_freed_memory) held inside the sbatch job
+    as in the local one: each extraction job's log ends with its own line (log_job_cpu), for
+    every sample it extracted. Only the flag is asserted: on a run this small the per-sample
+    page faults are the process start's (torch's import), not the batches'; the numbers off
+    against on, through SLURM, are bench/slurm_allocator.py's."""
+    if runs.case.id != "real":
+        pytest.skip("only the real workflow extracts features")
+    from leukotype.allocator import read_job_cpu
+
+    for run_dir in (runs.local_dir, runs.slurm_dir):
+        logs = sorted((run_dir / "results" / "logs" / "extract_features").glob("*.log"))
+        assert logs, f"no extract_features log in {run_dir}"
+        for log in logs:
+            usage = read_job_cpu(log.read_text())
+            assert usage is not None, f"{log}: no 'job cpu:' line"
+            assert usage.keep_freed_memory, (log, usage)
+            index = run_dir / "results" / "features" / log.stem / "index.tsv"
+            assert usage.samples == len(index.read_text().splitlines()) - 1, (log, usage)
+            assert usage.user_s > 0 and 0 <= usage.sys_share < 1, (log, usage)
 
 
 #: How a site asks for a GPU -> (what the sbatch call must contain, what it must not).
