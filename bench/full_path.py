@@ -62,11 +62,11 @@ BENCH_SUM = ("s", "cpu_time")
 BENCH_MAX = ("max_rss",)
 
 
-def run_config(manifest: Path, results: Path, out: Path) -> Path:
+def run_config(manifest: Path, results: Path, out: Path, name: str | None = None) -> Path:
     """The study: default config except data, task, model and strategy (module doc)."""
     cfg = {
         "results": str(results),
-        "dataset": {"source": str(manifest), "name": f"PBC-derived ({manifest.parent.name})"},
+        "dataset": {"source": str(manifest), "name": name or f"PBC-derived ({manifest.parent.name})"},
         "tasks": [{"name": TASK, "column": "label", "classes": CLASSES}],
         "models": [{"backbone": BACKBONE, "weights": "imagenet", "layers": [LAYER],
                     "strategies": ["features_svm"]}],

@@ -68,7 +68,7 @@ def run_setting(setting: str, manifest: Path, run_dir: Path, slurm_conf: str, ma
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     results = run_dir / "results"
-    config = full_path.run_config(manifest, results, run_dir / "config.yaml")
+    config = full_path.run_config(manifest, results, run_dir / "config.yaml", name=manifest.stem)
     profile = slurm.write_profile(
         slurm.localise_profile(slurm.load_profile(), slurm.LOCAL_ACCOUNT, slurm.LOCAL_PARTITION, max_mem_mb),
         run_dir / "profile",
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     slurm_conf = conf.stdout.strip().removeprefix("export SLURM_CONF=")
     try:
         images, source = common.image_table(args.data, args.images, run_root)
-        manifest = manifest_of(images, run_root / "manifest.csv")
+        manifest = manifest_of(images, run_root / f"images_{len(images)}.csv")
         rows = []
         for setting in ("0", "1"):
             row = run_setting(setting, manifest, run_root / f"keep_{setting}", slurm_conf, args.max_mem_mb)
