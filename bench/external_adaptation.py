@@ -86,6 +86,8 @@ EXPERIMENTS: dict[str, tuple[str, str, str, dict[str, Any] | None]] = {
     "finetune:crop15_wb_grey:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", None),
     "finetune:crop15_wb_grey+stain2:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STAIN_VIEWS),
     "finetune:crop15_wb+colour2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STRONG_COLOUR_VIEWS),
+    # colour kept (eosinophils' granules are a colour cue the grey recipes lose), the stain jittered
+    "finetune:crop15_wb+stain2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STAIN_VIEWS),
 }
 
 
