@@ -59,7 +59,6 @@ from common import machine_info  # noqa: E402
 from leukotype.adaptation import adapt_batchnorm  # noqa: E402
 from leukotype.backbones import FeatureExtractor, build_model, get_spec, preprocess  # noqa: E402
 from leukotype.calibration import fit_svm_calibration, softmax  # noqa: E402
-from leukotype.classify import fit_svm  # noqa: E402
 from leukotype.features import optimize_for_inference  # noqa: E402
 from leukotype.weights import resolve_weights  # noqa: E402
 
@@ -259,8 +258,7 @@ def run_svm(name, data, extractors, n_boot, batchnorm: bool = True) -> list[dict
     tr, te = ~data["is_test"], data["is_test"]
     y_pbc = data["pbc"]["label"].to_numpy()
     X_train, y_train, g_train = X_pbc[tr], y_pbc[tr], data["groups"][tr]
-    pipeline, search = fit_svm(X_train, y_train, g_train, cv_folds=3, seed=SEED, n_jobs=1)
-    chosen = search[search["selected"]].iloc[0]
+    pipeline, setting = er.fit_search_svm(X_train, y_train, g_train)
     scaler = pipeline[0]
     y_ext = data["ext"]["label"].to_numpy()
     p_int = pipeline.predict(X_pbc[te])
@@ -299,11 +297,10 @@ def run_svm(name, data, extractors, n_boot, batchnorm: bool = True) -> list[dict
         # and JTSC keeps its own.
         pbc_train = [processed[k] for k in np.flatnonzero(tr)]
         X_pbc_bn = extractors[f"{backbone}:bn"](processed[:n_pbc], adapt_on=pbc_train).astype(np.float64)
-        bn_pipeline, bn_search = fit_svm(X_pbc_bn[tr], y_train, g_train, cv_folds=3, seed=SEED, n_jobs=1)
-        bn_chosen = bn_search[bn_search["selected"]].iloc[0]
+        bn_pipeline, bn_setting = er.fit_search_svm(X_pbc_bn[tr], y_train, g_train)
         rows.append({
             "experiment": name, "kind": "svm", "recipe": recipe, "backbone": backbone, "adaptation": "bn_per_domain",
-            "views": "", "classifier": f"svm {bn_chosen['kernel']} C={bn_chosen['C']}",
+            "views": "", "classifier": f"svm {bn_setting}",
             "n_train_rows": len(X_train), "n_internal_test": int(te.sum()), "n_external": len(y_ext),
             **score_row(y_pbc[te], bn_pipeline.predict(X_pbc_bn[te]), y_ext, bn_pipeline.predict(X_bn), data["select"], n_boot),
             "internal_self_adapted_accuracy": np.nan,
@@ -313,7 +310,7 @@ def run_svm(name, data, extractors, n_boot, batchnorm: bool = True) -> list[dict
     for adaptation, ((p_ext, extra), p_int_self) in adapted.items():
         rows.append({
             "experiment": name, "kind": "svm", "recipe": recipe, "backbone": backbone, "adaptation": adaptation,
-            "views": "", "classifier": f"svm {chosen['kernel']} C={chosen['C']}",
+            "views": "", "classifier": f"svm {setting}",
             "n_train_rows": len(X_train), "n_internal_test": int(te.sum()), "n_external": len(y_ext),
             **score_row(y_pbc[te], p_int, y_ext, p_ext, data["select"], n_boot),
             "internal_self_adapted_accuracy": float(np.mean(p_int_self == y_pbc[te])) if p_int_self is not None else np.nan,

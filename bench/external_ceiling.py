@@ -42,7 +42,6 @@ import external_adaptation as ea  # noqa: E402
 import external_recipes as er  # noqa: E402
 from common import machine_info  # noqa: E402
 
-from leukotype.classify import fit_svm  # noqa: E402
 from leukotype.split import merge_duplicate_groups  # noqa: E402
 
 RECIPES = ("none", "crop15_wb", "crop15_wb_grey", "crop15_wb_grey_stretch")
@@ -61,10 +60,9 @@ def row(experiment: str, recipe: str, y: np.ndarray, p: np.ndarray, n_boot: int,
 
 
 def fit(X_train, y_train, g_train) -> tuple[Any, str]:
-    """The workflow's SVM (grouped grid search, 3 inner folds) and its chosen setting."""
-    pipeline, search = fit_svm(X_train, y_train, g_train, cv_folds=3, seed=SEED, n_jobs=1)
-    chosen = search[search["selected"]].iloc[0]
-    return pipeline, f"svm {chosen['kernel']} C={chosen['C']}"
+    """:func:`external_recipes.fit_search_svm`, its setting named as the other rows name it."""
+    pipeline, setting = er.fit_search_svm(X_train, y_train, g_train)
+    return pipeline, f"svm {setting}"
 
 
 def in_domain_cv(recipe: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int) -> dict[str, Any]:

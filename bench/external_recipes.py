@@ -252,6 +252,14 @@ def score(y_true, y_pred, classes, n_boot) -> dict[str, float]:
     }
 
 
+def fit_search_svm(X_train, y_train, g_train) -> tuple[Any, str]:
+    """The workflow's SVM (grouped grid search, 3 inner folds, seed 42, one process) and its
+    chosen setting as text (``linear C=0.1``): what every external bench script trains."""
+    pipeline, search = fit_svm(X_train, y_train, g_train, cv_folds=3, seed=SEED, n_jobs=1)
+    chosen = search[search["selected"]].iloc[0]
+    return pipeline, f"{chosen['kernel']} C={chosen['C']}"
+
+
 def run_recipe(name, data, extractor, n_boot) -> dict[str, Any]:
     steps, views = RECIPES[name]
     pbc, ext = data["pbc"], data["ext"]
@@ -275,8 +283,7 @@ def run_recipe(name, data, extractor, n_boot) -> dict[str, Any]:
         X_train = np.concatenate([X_train, X_extra])
         y_train = np.concatenate([y_train, y_train[idx]])
         g_train = np.concatenate([g_train, g_train[idx]])  # a view stays with its image's group
-    pipeline, search = fit_svm(X_train, y_train, g_train, cv_folds=3, seed=SEED, n_jobs=1)
-    chosen = search[search["selected"]].iloc[0]
+    pipeline, setting = fit_search_svm(X_train, y_train, g_train)
     y_int = pbc["label"].to_numpy()[data["is_test"]]
     p_int = pipeline.predict(X_pbc[data["is_test"]])
     y_ext = ext["label"].to_numpy()
@@ -292,7 +299,7 @@ def run_recipe(name, data, extractor, n_boot) -> dict[str, Any]:
         "recipe": name,
         "steps": " > ".join(f"{s}{json.dumps(p, sort_keys=True) if p else ''}" for s, p in steps),
         "views": json.dumps(views, sort_keys=True) if views else "",
-        "svm": f"{chosen['kernel']} C={chosen['C']}",
+        "svm": setting,
         "n_train_rows": len(X_train), "n_internal_test": int(data["is_test"].sum()), "n_external": len(y_ext),
         **{f"internal_{k}": v for k, v in internal.items()},
         **{f"external_{k}": v for k, v in external.items()},
