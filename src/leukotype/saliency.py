@@ -225,13 +225,18 @@ def _map_layer(model: nn.Module, example: torch.Tensor, layer: nn.Module | None 
     return layer, calls.get(layer, 0)
 
 
-def layer_cam(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module | None = None) -> np.ndarray:
-    """LayerCAM map (H, W) in [0, 1] at input resolution for output ``target`` of ``model``."""
+def layer_cam(
+    model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module | None = None, calls: int | None = None
+) -> np.ndarray:
+    """LayerCAM map (H, W) in [0, 1] at input resolution for output ``target`` of ``model``, at
+    ``layer``'s ``calls``-th call (found by :func:`_map_layer`, in a forward pass of its own,
+    where either is None)."""
     from pytorch_grad_cam import LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model.eval()
-    layer, calls = _map_layer(model, x, layer)
+    if layer is None or calls is None:
+        layer, calls = _map_layer(model, x, layer)
     # The library hooks the target module and reads its FIRST call's activation and gradient.
     # A module can run more than once (EfficientNet-Lite's one ReLU6 module serves the stem at
     # 112 x 112 and the head at 7 x 7), so the map is taken at a marker spliced in after the
@@ -309,9 +314,12 @@ class _Spliced(nn.Module):
             handle.remove()
 
 
-def ablation_cam(features: nn.Module, decision: _SVMHead, x: torch.Tensor, target: int) -> np.ndarray:
+def ablation_cam(
+    features: nn.Module, decision: _SVMHead, x: torch.Tensor, target: int, layer: nn.Module | None = None
+) -> np.ndarray:
     """Ablation-CAM map (H, W) in [0, 1] at input resolution for class ``target`` of
-    ``decision`` (whose ``features`` is ``features``), at :func:`last_spatial_layer`.
+    ``decision`` (whose ``features`` is ``features``), at ``layer`` (None:
+    :func:`last_spatial_layer`, in a forward pass of its own).
 
     The library's CAM runs on a head ``entry -> what follows the layer -> SVM`` with the layer's
     activation map (computed once) as its input: global average pooling, or the Sequential
@@ -323,7 +331,7 @@ def ablation_cam(features: nn.Module, decision: _SVMHead, x: torch.Tensor, targe
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = last_spatial_layer(decision, x)
+    layer = layer if layer is not None else last_spatial_layer(decision, x)
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
     try:
@@ -481,11 +489,20 @@ def explain_images(predictor: Any, abspaths: Sequence[str]) -> list[tuple[str, n
     features, prep = feature_network(predictor)
     gradient_free = cam_method(predictor) == GRADIENT_FREE_CAM
     results = []
+    # The CAM layer and its call depend on the network and the input size, not on the image:
+    # found once per input shape rather than in an extra forward pass per image.
+    cam_layers: dict[tuple[int, ...], tuple[nn.Module, int]] = {}
     for path in abspaths:
         image = predictor.prepare(load_rgb(path), path)  # the bundle's variant (crop, stain)
         x = prep(image).unsqueeze(0)
         model, target, cls = score_module(predictor, features, x)
-        cam = ablation_cam(features, model, x, target) if gradient_free else layer_cam(model, x, target)
+        if tuple(x.shape) not in cam_layers:
+            cam_layers[tuple(x.shape)] = _map_layer(model, x)
+        layer, calls = cam_layers[tuple(x.shape)]
+        if gradient_free:
+            cam = ablation_cam(features, model, x, target, layer)
+        else:
+            cam = layer_cam(model, x, target, layer, calls)
         results.append((cls, cam, overlay(image, cam, x.shape[-1])))
     return results
 
