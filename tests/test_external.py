@@ -306,3 +306,40 @@ def test_batchnorm_adaptation_uses_the_new_images_statistics_and_no_labels(tmp_p
     plain, adapted = np.load(tmp_path / "plain/pool.npy"), np.load(tmp_path / "bn/pool.npy")
     assert np.abs(plain - adapted).mean() > 1e-3
     assert json.loads((tmp_path / "bn/meta.json").read_text())["adapted_batchnorm"] is True
+
+
+def test_external_features_of_a_fitted_variant_with_colour_views(tmp_path):
+    """A variant with a fitted step and colour views (configs/pbc.yaml's crop15_wb_grey_stain2)
+    on an external set: every step with its fitted state, no colour view drawn (external
+    images are test images), so the features are those of the variant without its colour step."""
+    from leukotype.demo import make_demo_external
+    from leukotype.preprocessing import ANALYSIS_TABLE, STATE_FILE, Variant, analysis_table, fit_variant, read_analysis_table
+    from leukotype.images import load_rgb
+    from leukotype.io import read_tsv, write_json, write_tsv
+    from leukotype.stages_external import run_extract_external, run_validate_external
+
+    manifest = make_demo_external(tmp_path / "ext", 1, 48, 0)
+    run_validate_external(manifest, {"name": "lab2", "source": str(manifest)}, {"min_side": 32, "max_pixels": 10**7},
+                          tmp_path / "validated.tsv", tmp_path / "validation.json")
+    validated = read_tsv(tmp_path / "validated.tsv")
+    steps = [{"step": "white_balance"}, {"step": "colour", "views": 2, "hed": 0.05, "brightness": 0.15}]
+    variants = {"with_views": Variant.from_dict({"name": "wbviews", "steps": steps, "reference_images": 10}),
+                "without": Variant.from_dict({"name": "wb", "steps": steps[:1], "reference_images": 10})}
+    step = variants["without"].steps[0]
+    table_path = tmp_path / step.analysis_key() / ANALYSIS_TABLE
+    table_path.parent.mkdir()
+    write_tsv(analysis_table(step, validated), table_path)
+    images = [(p, load_rgb(p)) for p in validated["abspath"]]
+    features_cfg = {"batch_size": 8, "num_workers": 0, "device": "cpu", "precision": "fp32", "optimize": True}
+    features = {}
+    for name, variant in variants.items():
+        states = fit_variant(variant, images, {step.analysis_key(): read_analysis_table(table_path)})
+        assert len(states) == len(variant.steps)
+        write_json({"variant": variant.to_dict(), "states": states}, tmp_path / name / STATE_FILE)
+        run_extract_external(tmp_path / "validated.tsv", "efficientnet_lite0", ["pool"], "imagenet", None, None, features_cfg,
+                             tmp_path / f"features_{name}", preprocessing=variant.to_dict(),
+                             preprocessing_files=[table_path, tmp_path / name / STATE_FILE])
+        index = read_tsv(tmp_path / f"features_{name}" / "index.tsv")
+        assert set(index["transform"]) == {"identity"} and len(index) == int((validated["status"] == "ok").sum())
+        features[name] = np.load(tmp_path / f"features_{name}" / "pool.npy")
+    np.testing.assert_allclose(features["with_views"], features["without"], rtol=0, atol=1e-6)

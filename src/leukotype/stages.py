@@ -132,9 +132,12 @@ def run_extract(
     memory_mb: float | None = None,
     preprocessing: Mapping[str, Any] | None = None,
     preprocessing_files: Sequence[PathLike] = (),
+    colour_views: bool = True,
 ) -> None:
     """Features of every valid image x transform; ``preprocessing`` (a variant, with its
-    per-image tables and fitted state in ``preprocessing_files``) applies to every image."""
+    per-image tables and fitted state in ``preprocessing_files``) applies to every image.
+    ``colour_views=False``: none of the variant's colour views (test images: its colour
+    steps then leave every image as it is)."""
     from leukotype.features import extract_features
     from leukotype.memory import extraction_memory_parts, require_memory
     from leukotype.preprocessing import Variant
@@ -148,7 +151,7 @@ def run_extract(
         hint="or lower features.batch_size",
     )
     validated_table = read_tsv(validated)
-    views = Variant.from_dict(preprocessing).view_transforms()
+    views = Variant.from_dict(preprocessing).view_transforms() if colour_views else []
     samples = extraction_samples(validated_table, augmentation_cfg, views)
     weights_path = resolve_weights(backbone, weights, sha256=sha256, torch_home=torch_home)
     log.info("extracting %s %s for %d samples (weights: %s)", backbone, list(layers), len(samples), weights_path)

@@ -76,11 +76,6 @@ def run_extract_external(
     ``preprocessing`` variant applies with the set's own per-image tables (crop boxes) and the
     state fitted on the training part (stain reference); its colour views are training-only.
     """
-    from leukotype.preprocessing import Variant
-
-    if preprocessing is not None:  # external images are test images: no training views
-        variant = Variant.from_dict(preprocessing)
-        preprocessing = Variant(variant.name, tuple(s for s in variant.steps if not s.views), variant.reference_images).to_dict()
     from leukotype.stages import run_extract
 
     run_extract(
@@ -96,6 +91,9 @@ def run_extract_external(
         threads=threads,
         preprocessing=preprocessing,
         preprocessing_files=preprocessing_files,
+        # external images are test images: the variant whole (its fitted states are one per
+        # step), but none of its colour views
+        colour_views=False,
     )
 
 
