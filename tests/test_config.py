@@ -158,3 +158,14 @@ def test_config_module_imports_no_pandas() -> None:
     code = "import sys, leukotype.config; print('pandas' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_run_folder_parses_back_into_its_run_variant_included():
+    from leukotype.config import Run
+
+    for run in (Run("subtype", "features_svm", "efficientnet_lite0", "pool", "holdout", "crop15_wb_grey"),
+                Run("cell_type", "finetune_svm", "inception_v3+resnet101", "finetuned", "fold2"),
+                Run("subtype", "features_svm", "timm:resnet50", "pool", "holdout")):
+        assert Run.from_path(run.path) == run and Run.from_path("/" + run.path + "/") == run
+    with pytest.raises(LeukotypeError, match="expected runs/<task>"):
+        Run.from_path("runs/subtype/features_svm/vgg16/fc6")

@@ -191,7 +191,7 @@ def test_no_training_job_reads_an_external_file_in_the_job_graph(tmp_path):
     cfg = {
         "results": "results",
         "evaluation": {"adapt_batchnorm": True, "external": [
-            {"name": "lab2", "source": "demo", "tasks": ["subtype"]},
+            {"name": "lab2", "source": "demo", "tasks": ["subtype"], "train_per_class": 2},
             {"name": "lab3", "source": str(source), "tasks": ["subtype"]},
         ]},
     }
@@ -208,8 +208,17 @@ def test_no_training_job_reads_an_external_file_in_the_job_graph(tmp_path):
     # the external jobs do read them (the check above looks at the right paths)
     assert any(str(source) in p for inputs in jobs["validate_external"] for p in inputs)
     assert all(any("results/external/" in p for p in inputs) for inputs in jobs["predict_external_svm"])
-    # every run on every set, the BatchNorm-adapted one too (paper_cnn has no BatchNorm)
-    assert len(jobs["evaluate_external"]) == 2 * (3 + 2 + 3)
+    # every run on every set, the BatchNorm-adapted one too (paper_cnn has no BatchNorm), and
+    # on lab2 (train_per_class) each SVM run refitted few-shot
+    assert len(jobs["evaluate_external"]) == 2 * (3 + 2 + 3) + 3
+    shots = jobs["adapt_external_svm"]
+    assert len(shots) == 3  # features_svm and finetune_svm of Lite0, finetune_svm of the paper CNN
+    for inputs in shots:
+        # the run's model and training features, and the set's unadapted features, never BN-adapted ones
+        assert any(p.endswith("/svm.skops") for p in inputs) and any("results/data/samples/" in p for p in inputs)
+        assert any(p.startswith("results/external/lab2/features/none/") or "/external/lab2/none/features" in p
+                   for p in inputs)
+        assert not [p for p in inputs if "/bn/" in p or "lab3" in p]
     assert len(jobs["extract_external_features"]) == 2 * 2
     # one paired comparison per set, of all 8 runs scored on it (adapted ones as runs of their
     # own), metrics and predictions paired; the external table reads both sets' comparisons
@@ -306,6 +315,118 @@ def test_batchnorm_adaptation_uses_the_new_images_statistics_and_no_labels(tmp_p
     plain, adapted = np.load(tmp_path / "plain/pool.npy"), np.load(tmp_path / "bn/pool.npy")
     assert np.abs(plain - adapted).mean() > 1e-3
     assert json.loads((tmp_path / "bn/meta.json").read_text())["adapted_batchnorm"] is True
+
+
+def test_shots_take_whole_groups_at_most_half_of_a_class_and_follow_the_seed():
+    from leukotype.external import draw_shots
+
+    labels = ["a"] * 20 + ["b"] * 6 + ["c"] * 3
+    groups = [f"a{i // 2}" for i in range(20)] + [f"b{i}" for i in range(6)] + [f"c{i}" for i in range(3)]
+    samples = pd.DataFrame({"image_id": [f"e{i}" for i in range(29)], "label": labels, "group": groups})
+    shots = draw_shots(samples, 5, seed=3)
+    counts = samples[shots].groupby("label").size().to_dict()
+    assert counts == {"a": 4, "b": 3, "c": 1}  # a: pairs never split (4, not 5); b, c: half
+    for group, rows in samples.groupby("group"):
+        assert shots[rows.index].nunique() == 1, group  # a duplicate pair trains or is scored, whole
+    assert shots.equals(draw_shots(samples, 5, seed=3))
+    assert not shots.equals(draw_shots(samples, 5, seed=4))
+    assert not draw_shots(samples, 0, seed=3).any()
+
+
+def test_few_shot_refit_learns_the_other_labs_cells_and_keeps_its_own(tmp_path):
+    """A lab shift that moves every external cell of a and b into the next class's region: the
+    run as trained gets a third right; refitted with 5 labelled cells per class of the set it
+    gets nearly all of the other cells right, the internal test part stays right, and the
+    cells it trained on are neither scored nor the run's model file changed."""
+    import hashlib
+
+    from leukotype.classify import fit_svm, save_model
+    from leukotype.feature_store import write_feature_matrix
+    from leukotype.report_external import NOT_PAIRED
+    from leukotype.stages_external import (
+        run_adapt_external_svm,
+        run_evaluate_external,
+        run_external_table,
+        run_predict_external_svm,
+    )
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    centre = {"a": 0.0, "b": 3.0, "c": 6.0}
+
+    def cells(label, n, shift):
+        x = rng.normal(0.0, 0.25, (n, 6))
+        x[:, 0] += centre[label] + shift[0]
+        x[:, 1] += shift[1]
+        return x
+
+    labels = [c for c in classes for _ in range(24)]
+    X = np.vstack([cells(c, 24, (0.0, 0.0)) for c in classes])
+    part = np.array((["train"] * 18 + ["test"] * 6) * 3)
+    samples = pd.DataFrame({"image_id": [f"i{i}" for i in range(72)], "group": [f"i{i}" for i in range(72)],
+                            "transform": "identity", "label": labels, "fold": "holdout", "part": part})
+    samples.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    write_feature_matrix(tmp_path / "features", "pool", samples[["image_id", "transform"]], X)
+    train = part == "train"
+    pipeline, _ = fit_svm(X[train], np.array(labels)[train], samples["group"][train], {"C": [100.0], "kernel": ["linear"]},
+                          cv_folds=2, seed=0)
+    save_model(pipeline, tmp_path / "svm.skops")
+    digest = hashlib.sha256((tmp_path / "svm.skops").read_bytes()).hexdigest()
+    ext_labels = [c for c in classes for _ in range(20)]
+    X_ext = np.vstack([cells(c, 20, (2.0, 0.0)) for c in classes])  # a lands in b's region, b in c's
+    validated = pd.DataFrame({"image_id": [f"e{i}" for i in range(60)], "abspath": "/x.png", "subtype": ext_labels,
+                              "group": [f"e{i}" for i in range(60)], "status": "ok"})
+    validated.to_csv(tmp_path / "validated.tsv", sep="\t", index=False)
+    write_feature_matrix(tmp_path / "ext", "pool", validated[["image_id"]].assign(transform="identity"), X_ext)
+    task = {"name": "subtype", "column": "subtype", "classes": classes}
+    ext_cfg = {"name": "lab2", "source": "x", "train_per_class": 5}
+
+    as_trained = run_predict_external_svm(tmp_path / "svm.skops", tmp_path / "validated.tsv", task, ext_cfg,
+                                          [tmp_path / "ext"], "pool", tmp_path / "none.tsv")
+    assert (as_trained["true"] == as_trained["pred"]).mean() == pytest.approx(1 / 3, abs=0.05)
+    out = {k: tmp_path / f"shots_{k}.tsv" for k in ("pred", "internal", "shots")}
+    adapted = run_adapt_external_svm(tmp_path / "svm.skops", tmp_path / "samples.tsv", "holdout", [tmp_path / "features"],
+                                     tmp_path / "validated.tsv", task, ext_cfg, [tmp_path / "ext"], ["pool"], 0,
+                                     out["pred"], out["internal"], out["shots"], tmp_path / "shots_svm.skops")
+    shots = pd.read_csv(out["shots"], sep="\t")
+    assert shots.groupby("label").size().to_dict() == {"a": 5, "b": 5, "c": 5}
+    assert len(adapted) == 45 and not set(adapted["image_id"]) & set(shots["image_id"])
+    assert (adapted["true"] == adapted["pred"]).mean() >= 0.9
+    internal = pd.read_csv(out["internal"], sep="\t")
+    assert len(internal) == 18 and (internal["true"] == internal["pred"]).mean() >= 0.95
+    assert hashlib.sha256((tmp_path / "svm.skops").read_bytes()).hexdigest() == digest
+    from leukotype.classify import load_model
+
+    rest = validated["image_id"].isin(adapted["image_id"]).to_numpy()  # the refitted model, saved
+    assert load_model(tmp_path / "shots_svm.skops").predict(X_ext[rest]).tolist() == adapted["pred"].tolist()
+
+    from leukotype.classify import predict_table
+    from leukotype.io import write_tsv
+
+    test = samples[samples["part"] == "test"]
+    write_tsv(predict_table(pipeline, X[part == "test"], test, classes), tmp_path / "internal.tsv")
+    meta = {"task": "subtype", "strategy": "features_svm", "backbone": "vgg16", "layer": "fc6", "fold": "holdout",
+            "ext": "lab2"}
+    records = []
+    for adapt, pred, internal_pred, shot_list in (("none", tmp_path / "none.tsv", tmp_path / "internal.tsv", None),
+                                                  ("shots", out["pred"], out["internal"], out["shots"])):
+        record = run_evaluate_external(pred, internal_pred, tmp_path / "samples.tsv", tmp_path / "validated.tsv",
+                                       task, ext_cfg, {**meta, "adapt": adapt}, {"n_bootstrap": 100, "seed": 0},
+                                       tmp_path / f"{adapt}.json", shots=shot_list)
+        records.append(tmp_path / f"{adapt}.json")
+    assert record["n_external"] == 45 and record["shots_per_class"] == {"a": 5, "b": 5, "c": 5}
+    assert record["train_per_class"] == 5 and record["external_metrics"]["accuracy"] >= 0.9
+    assert record["internal_accuracy_all"] >= 0.95  # the refitted model's, on the run's test part
+    (tmp_path / "internal.json").write_text(json.dumps({**meta, "metrics": {"accuracy": 1.0}}))
+    # with the set's comparison table (of the unadapted row only): the few-shot row is not paired
+    pd.DataFrame(columns=["run_a", "run_b", "rank_a", "significant"]).to_csv(tmp_path / "cmp.csv", index=False)
+    table = run_external_table(records, [tmp_path / "internal.json"], task, [ext_cfg], tmp_path / "t.csv",
+                               tmp_path / "t.png", comparisons={"lab2": tmp_path / "cmp.csv"})
+    rows = table.set_index("Adaptation")
+    few_shot = rows.loc["few-shot: SVM refitted with the set's labelled cells (a 5, b 5, c 5); scored on its other cells"]
+    assert few_shot["External n"] == "45" and rows.loc["none", "External n"] == "60"
+    assert float(few_shot["External accuracy"]) >= 90.0 > 40.0 > float(rows.loc["none", "External accuracy"])
+    assert few_shot["vs best"] == NOT_PAIRED and rows.loc["none", "vs best"] == "best"
 
 
 def test_external_features_of_a_fitted_variant_with_colour_views(tmp_path):

@@ -70,7 +70,8 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
                  "strategies": ["features_svm", "finetune", "finetune_svm"]}],
         finetune={"policy": "head", "epochs": 20, "batch_size": 30, "lr": 0.01},
         evaluation={"n_bootstrap": 500, "external": [
-            {"name": "jtsc", "source": str(shared_data / "jtsc"), "labels": {"cell_type": {c: c for c in JTSC}}}
+            {"name": "jtsc", "source": str(shared_data / "jtsc"), "labels": {"cell_type": {c: c for c in JTSC}},
+             "train_per_class": 20}
         ]},
     )
     snakemake(tmp_path, configfile=config)
@@ -93,9 +94,10 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
     assert meta["n_rows"] == 800
 
     # The external set (another lab), scored on the classes it shares with PBC.
-    external = pd.read_csv(tmp_path / "results/tables/cell_type_external.csv")
+    table = pd.read_csv(tmp_path / "results/tables/cell_type_external.csv")
+    assert set(table["Shared classes"]) == {"4: eosinophil, lymphocyte, monocyte, neutrophil"}
+    external = table[table["Adaptation"] == "none"].reset_index(drop=True)
     assert external["Technique"].tolist() == ["Feature extraction", "Fine tuning", "Fine tuning + SVM"]
-    assert set(external["Shared classes"]) == {"4: eosinophil, lymphocyte, monocyte, neutrophil"}
     assert set(external["External n"]) == {299}  # 300 minus the basophil; no duplicate conflicts
     ext = json.loads(
         (tmp_path / "results/runs/cell_type/features_svm/efficientnet_lite0/pool/holdout/external/jtsc/none/metrics.json").read_text()
@@ -109,18 +111,44 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
     low, high = ext["external_ci"]["accuracy"]
     assert low < acc < high
     assert float(external["Drop"].iloc[0]) == pytest.approx(100 * (internal - acc), abs=0.051)
-    _check_external_comparisons(tmp_path / "results", external)
+    _check_external_comparisons(tmp_path / "results", table)
+    _check_few_shot(tmp_path / "results", table)
     # No training job read the external set: not in the training data, not in their logs.
     assert not read(tmp_path / "results/data/validated.tsv")["abspath"].str.contains("jtsc").any()
     logs = tmp_path / "results/logs"
     training_logs = [logs / "validate_images.log"]
-    for rule in ("split", "augment", "extract_features", "train_svm", "finetune"):
+    for rule in ("split", "augment", "extract_features", "train_svm", "finetune"):  # not adapt_external_svm
         training_logs += sorted((logs / rule).rglob("*.log"))
     assert len(training_logs) == 7
     for log in training_logs:
         assert "jtsc" not in log.read_text(), log
     external_meta = json.loads((tmp_path / "results/external/jtsc/features/none/efficientnet_lite0/meta.json").read_text())
     assert external_meta["n_rows"] == 300 and meta["n_rows"] == 800  # own folder; training's unchanged
+
+
+def _check_few_shot(results: Path, table: pd.DataFrame) -> None:
+    """train_per_class: 20: both SVM runs refitted with 20 labelled JTSC cells per shared class
+    (11 eosinophils: at most half of the 22), scored on JTSC's other 228 cells."""
+    few_shot = table[table["Adaptation"].str.startswith("few-shot")]
+    assert few_shot["Technique"].tolist() == ["Feature extraction", "Fine tuning + SVM"]
+    assert set(few_shot["External n"]) == {299 - 71}
+    for strategy, layer in (("features_svm", "efficientnet_lite0/pool"), ("finetune_svm", "efficientnet_lite0/finetuned")):
+        run = results / "runs/cell_type" / strategy / layer / "holdout"
+        shots = json.loads((run / "external/jtsc/shots/metrics.json").read_text())
+        none = json.loads((run / "external/jtsc/none/metrics.json").read_text())
+        assert shots["shots_per_class"] == {"eosinophil": 11, "lymphocyte": 20, "monocyte": 20, "neutrophil": 20}
+        trained = set(read(run / "external/jtsc/shots/shots.tsv")["image_id"])
+        assert not trained & set(read(run / "external/jtsc/shots/predictions.tsv")["image_id"])
+        gain = shots["external_metrics"]["accuracy"] - none["external_metrics"]["accuracy"]
+        internal_change = shots["internal_metrics"]["accuracy"] - none["internal_metrics"]["accuracy"]
+        print(f"{strategy}: JTSC accuracy {none['external_metrics']['accuracy']:.3f} -> "
+              f"{shots['external_metrics']['accuracy']:.3f} with 71 of its cells; internal (shared) change {internal_change:+.3f}; "
+              f"balanced {none['external_metrics']['balanced_accuracy']:.3f} -> {shots['external_metrics']['balanced_accuracy']:.3f}")
+        # measured 0.110 -> 0.654 (balanced 0.150 -> 0.625), internal +0.03: far outside the CIs
+        assert gain > 0.30 and shots["external_metrics"]["balanced_accuracy"] > none["external_metrics"]["balanced_accuracy"] + 0.25
+        assert shots["external_ci"]["accuracy"][0] > none["external_ci"]["accuracy"][1]
+        assert internal_change > -0.05  # the lab's own cells are not given up for the other lab's
+        assert shots["n_internal"] == none["n_internal"] == 100
 
 
 def _check_external_comparisons(results: Path, external: pd.DataFrame) -> None:

@@ -25,6 +25,7 @@ VARIANTS = [
 ]
 RUN = "results/runs/subtype/features_svm/efficientnet_lite0{}/pool/holdout"
 EXTERNAL = "external/lab2/none/metrics.json"
+FEW_SHOT = "external/lab2/shots"
 
 
 def _config(workdir: Path) -> Path:
@@ -33,7 +34,8 @@ def _config(workdir: Path) -> Path:
     cfg["augmentation"] = {"rotations": []}
     cfg["models"] = [{"backbone": "efficientnet_lite0", "weights": "imagenet", "strategies": ["features_svm"]}]
     cfg["preprocessing"] = VARIANTS
-    cfg["evaluation"] = {"n_bootstrap": 50, "external": [{"name": "lab2", "source": "demo", "tasks": ["subtype"]}]}
+    cfg["evaluation"] = {"n_bootstrap": 50, "external": [
+        {"name": "lab2", "source": "demo", "tasks": ["subtype"], "train_per_class": 2}]}
     path = workdir / "variants.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -41,7 +43,8 @@ def _config(workdir: Path) -> Path:
 
 def _targets() -> list[str]:
     runs = [RUN.format(s) for s in ("", "@cropstain", "@colour")]
-    return [f"{r}/metrics.json" for r in runs] + [f"{RUN.format('@cropstain')}/{EXTERNAL}"]
+    run = RUN.format("@cropstain")
+    return [f"{r}/metrics.json" for r in runs] + [f"{run}/{EXTERNAL}", f"{run}/{FEW_SHOT}/metrics.json"]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +127,31 @@ def test_a_variant_is_scored_on_the_external_set(study):
     assert internal["prep"] == "cropstain"
 
 
+def test_a_variant_is_refitted_few_shot_on_the_external_sets_own_features(study):
+    """train_per_class: 2 cells per class of the set join the run's training part; the record
+    is scored on the set's other cells, and the job read the variant's external features."""
+    workdir, _ = study
+    run = workdir / RUN.format("@cropstain")
+    record = json.loads((run / FEW_SHOT / "metrics.json").read_text())
+    shots = read(run / FEW_SHOT / "shots.tsv")
+    scored = read(run / FEW_SHOT / "predictions.tsv")
+    external = read(workdir / "results/external/lab2/validated.tsv")
+    n_ok = int((external["status"] == "ok").sum())
+    assert record["adapt"] == "shots" and record["prep"] == "cropstain" and record["train_per_class"] == 2
+    assert record["shots_per_class"] == shots.groupby("label").size().to_dict()
+    assert set(record["shots_per_class"]) == set(record["shared_classes"])
+    assert all(1 <= n <= 2 for n in record["shots_per_class"].values())
+    assert record["n_external"] == len(scored) == n_ok - len(shots)
+    assert not set(scored["image_id"]) & set(shots["image_id"].astype(str))
+    # the refitted model's internal predictions: the run's test part, every image
+    internal = read(run / FEW_SHOT / "internal_predictions.tsv")
+    assert set(internal["image_id"]) == set(read(run / "predictions.tsv")["image_id"])
+    log = (workdir / "results/logs/adapt_external_svm/subtype/features_svm/efficientnet_lite0@cropstain/pool/holdout/lab2.log").read_text()
+    assert f"+ {len(shots)} cells of lab2" in log
+    # the run's own model and its unadapted external record are untouched by the refit
+    assert json.loads((run / EXTERNAL).read_text())["n_external"] == n_ok
+
+
 def test_bundle_of_a_crop_and_stain_run_reproduces_its_predictions(study, tmp_path):
     """The bundle records the variant's steps and stain reference; `leukotype predict` finds
     each image's cell itself and reproduces the run's calibrated test probabilities."""
@@ -145,3 +173,34 @@ def test_bundle_of_a_crop_and_stain_run_reproduces_its_predictions(study, tmp_pa
     assert table["pred"].tolist() == expected["pred"].tolist()
     probs = [f"prob_{c}" for c in bundle.classes]
     np.testing.assert_allclose(table[probs].to_numpy(float), expected[probs].to_numpy(float), rtol=0, atol=1e-6)
+
+
+def test_few_shot_bundle_predicts_the_other_labs_cells_as_its_run_did(study, tmp_path):
+    """`leukotype export --few-shot lab2`: the refitted SVM, the variant's steps; `leukotype
+    predict` on the set's image files gives the few-shot run's predictions, and the card says
+    which cells it was measured on."""
+    from leukotype.bundle import load_bundle
+    from leukotype.cli import main
+    from leukotype.config import Run
+    from leukotype.export import export_run
+    from leukotype.predict import run_predict
+
+    workdir, _ = study
+    run = "runs/subtype/features_svm/efficientnet_lite0@cropstain/pool/holdout"
+    out = tmp_path / "few_shot_bundle"
+    assert main(["export", "--results", str(workdir / "results"), "--run", run, "--out", str(out), "--few-shot", "lab2"]) == 0
+    bundle = load_bundle(out)
+    record = json.loads((workdir / "results" / run / FEW_SHOT / "metrics.json").read_text())
+    assert bundle.spec["few_shot"]["shots_per_class"] == record["shots_per_class"]
+    assert bundle.spec["metrics"]["n_test"] == record["n_external"]
+    # the run's own bundle is still the run's: no few-shot record, the training part's cells only
+    plain = load_bundle(export_run(workdir / "results", Run.from_path(run), tmp_path / "plain"))
+    n_shots = sum(record["shots_per_class"].values())
+    assert plain.spec["few_shot"] is None and n_shots > 0
+    assert bundle.spec["training_data"]["n_train_images"] == plain.spec["training_data"]["n_train_images"] + n_shots
+    expected = read(workdir / "results" / run / FEW_SHOT / "predictions.tsv")
+    validated = read(workdir / "results/external/lab2/validated.tsv").set_index("image_id")
+    table = run_predict(out, validated.loc[expected["image_id"], "abspath"].tolist(), tmp_path / "pred.csv", device="cpu")
+    assert table["pred"].tolist() == expected["pred"].tolist()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"other {record['n_external']} cells" in card and "Few-shot model for the lab of `lab2`" in card

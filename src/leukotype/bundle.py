@@ -379,6 +379,25 @@ def _image_steps_text(record: Mapping[str, Any] | None) -> str:
     return f"variant `{record['variant']['name']}`: {steps} (fitted on training images only; applied by predict and explain)"
 
 
+def _test_metrics_text(spec: Mapping[str, Any]) -> list[str]:
+    """What the card's metrics table was measured on: the training data's test part, or for a
+    few-shot model the adapted lab's cells it did not train on."""
+    n_test = spec["metrics"].get("n_test", "n/a")
+    few = spec.get("few_shot")
+    if not few:
+        return [f"On the {n_test} held-out test images of the training data's split (95% bootstrap "
+                "confidence intervals over groups):"]
+    shots = ", ".join(f"{c} {n}" for c, n in few["shots_per_class"].items())
+    internal = (few.get("internal_metrics") or {}).get("accuracy")
+    return [
+        f"**Few-shot model for the lab of `{few['external']}`**: the SVM was refitted with {shots} of"
+        f" that lab's labelled cells added to its training part. The table is measured on the lab's"
+        f" other {n_test} cells of the classes it shares with the task ({', '.join(few['shared_classes'])});"
+        f" on the training data's test part (the same classes, {few['n_internal']} images) the refitted"
+        f" model scores {_percent(internal)} accuracy. 95% bootstrap confidence intervals over groups:",
+    ]
+
+
 def model_card(spec: Mapping[str, Any]) -> str:
     """MODEL_CARD.md text from a bundle spec."""
     task, run, data = spec["task"], spec["run"], spec["training_data"]
@@ -445,8 +464,7 @@ def model_card(spec: Mapping[str, Any]) -> str:
         "",
         "## Test metrics",
         "",
-        f"On the {spec['metrics'].get('n_test', 'n/a')} held-out test images of the training data's "
-        "split (95% bootstrap confidence intervals over groups):",
+        *_test_metrics_text(spec),
         "",
         "| metric | value | 95% CI |",
         "|---|---|---|",

@@ -2,7 +2,7 @@
 
     leukotype predict --model BUNDLE INPUT... --out predictions.csv
     leukotype explain --model BUNDLE INPUT... --out DIR
-    leukotype export  --results results --run runs/<task>/<strategy>/<backbone>/<layer>/<fold> --out DIR
+    leukotype export  --results results --run runs/<task>/<strategy>/<backbone>/<layer>/<fold> --out DIR [--few-shot SET]
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export one finished run as a model bundle")
     export.add_argument("--results", default="results", help="the workflow's results folder")
-    export.add_argument("--run", required=True, help="runs/<task>/<strategy>/<backbone>/<layer>/<fold>")
+    export.add_argument("--run", required=True, help="runs/<task>/<strategy>/<backbone>[@<variant>]/<layer>/<fold>")
     export.add_argument("--out", required=True, help="bundle folder to write")
     export.add_argument("--copy-weights", action="store_true", help="also copy ImageNet weights into the bundle")
+    export.add_argument(
+        "--few-shot", metavar="SET", default=None,
+        help="the run's SVM as refitted with external set SET's labelled cells (its train_per_class)",
+    )
     return parser
 
 
@@ -69,12 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from leukotype.config import Run
             from leukotype.export import export_run
 
-            parts = args.run.strip("/").split("/")
-            if len(parts) != 6 or parts[0] != "runs":
-                raise LeukotypeError(
-                    f"--run {args.run!r}: expected runs/<task>/<strategy>/<backbone>/<layer>/<fold>"
-                )
-            out = export_run(args.results, Run(*parts[1:]), args.out, copy_weights=args.copy_weights)
+            out = export_run(args.results, Run.from_path(args.run), args.out, copy_weights=args.copy_weights, few_shot=args.few_shot)
             print(f"bundle -> {out}")
     except LeukotypeError as error:
         print(f"leukotype {args.command}: {error}", file=sys.stderr)

@@ -308,6 +308,16 @@ class Run:
         """Run folder relative to the results folder."""
         return paths.run_dir("", self.task, self.strategy, self.backbone, self.layer, self.fold, self.prep)
 
+    @classmethod
+    def from_path(cls, path: str) -> Run:
+        """The run of a folder ``runs/<task>/<strategy>/<backbone>[@<variant>]/<layer>/<fold>``
+        (the inverse of :attr:`path`)."""
+        parts = path.strip("/").split("/")
+        if len(parts) != 6 or parts[0] != "runs":
+            raise LeukotypeError(f"run {path!r}: expected runs/<task>/<strategy>/<backbone>[@<variant>]/<layer>/<fold>")
+        backbone, _, variant = parts[3].partition(paths.PREP_SEPARATOR)
+        return cls(parts[1], parts[2], backbone, parts[4], parts[5], variant or paths.NO_PREP)
+
 
 def study_runs(cfg: Mapping[str, Any]) -> list[Run]:
     from leukotype.split import fold_ids  # lazily: split needs pandas, a config does not
@@ -427,6 +437,21 @@ def svm_feature_dirs(
     if strategy == "features_svm":
         return [paths.features_dir(results, part, prep) for part in catalog.parts(backbone)]
     return [paths.finetuned_features_dir(results, task, backbone, fold, prep)]
+
+
+def external_svm_feature_dirs(
+    results: str, strategy: str, task: str, backbone: str, fold: str, ext: str, adapt: str, prep: str = paths.NO_PREP
+) -> list[str]:
+    """An external set's features an SVM run reads (as :func:`svm_feature_dirs` for the
+    training data): the backbone parts', or those of the run's fine-tuned network."""
+    if strategy == "features_svm":
+        return [paths.external_features_dir(results, ext, adapt, part, prep) for part in catalog.parts(backbone)]
+    return [
+        paths.external_run_file(
+            results, paths.FINETUNED_FEATURES, task, "finetune", backbone, paths.STRATEGY_LAYER["finetune"],
+            fold, ext=ext, adapt=adapt, prep=prep,
+        )
+    ]
 
 
 def svm_feature_layers(strategy: str, backbone: str, layer: str) -> list[str]:

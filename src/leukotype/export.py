@@ -23,6 +23,7 @@ from leukotype import bundle as fmt
 from leukotype import catalog, paths
 from leukotype.config import (
     Run,
+    external_svm_feature_dirs,
     finetune_settings,
     study_runs,
     svm_feature_dirs,
@@ -128,8 +129,16 @@ def export_run(
     copy_weights: bool = False,
     low_confidence: float = DEFAULT_LOW_CONFIDENCE,
     ood_quantile: float = 0.99,
+    few_shot: str | None = None,
 ) -> Path:
-    """Write the bundle of ``run`` (a finished run under ``results``) to ``out_dir``."""
+    """Write the bundle of ``run`` (a finished run under ``results``) to ``out_dir``.
+
+    ``few_shot`` (an external set's name): the run's SVM as refitted with that set's labelled
+    cells (``evaluation.external[].train_per_class``, rule ``adapt_external_svm``) instead of
+    the run's own. Its training features, calibration and out-of-distribution model then
+    include those cells, and its metrics are the few-shot record's: the set's other cells, and
+    the run's internal test part on the shared classes.
+    """
     from leukotype.calibration import fit_svm_calibration, identity_calibration
     from leukotype.classify import load_model
     from leukotype.feature_store import load_features
@@ -174,6 +183,12 @@ def export_run(
     X_train = load_features(feature_dirs, feature_layer, train[["image_id", "transform"]])
     y_train = train["label"].astype(str).to_numpy()
     groups = train["group"].astype(str).to_numpy()
+    adapted = None
+    if few_shot is not None:
+        adapted = _few_shot_part(results, run, few_shot, feature_layer)
+        X_train = np.concatenate([X_train, adapted["X"]])
+        y_train = np.concatenate([y_train, adapted["labels"]])
+        groups = np.concatenate([groups, adapted["groups"]])
 
     part_records, copies = [], {}
     part_seed = int(settings.get("seed", 0)) if trained_layers else 0
@@ -215,11 +230,11 @@ def export_run(
     # --- classifier and calibration
     technique, classifier_name = technique_and_classifier(run.strategy)
     if run.strategy in ("features_svm", "finetune_svm"):
-        model_path = run_dir / paths.SVM_MODEL
+        model_path = run_dir / paths.SVM_MODEL if adapted is None else adapted["model"]
         pipeline = load_model(model_path)
         svm_params = pipeline.named_steps["svm"].get_params()
         calibration_path = run_dir / paths.CALIBRATION
-        if calibration_path.is_file():
+        if calibration_path.is_file() and adapted is None:
             calibration = read_json(calibration_path)
         else:
             calibration = fit_svm_calibration(
@@ -231,6 +246,7 @@ def export_run(
             "description": (
                 f"StandardScaler + SVM (kernel {svm_params['kernel']}, C {svm_params['C']}, gamma "
                 f"{svm_params['gamma']}), chosen by grouped cross-validation on the training part"
+                + ("" if adapted is None else f", refitted with {adapted['n']} labelled cells of {few_shot}")
             ),
         }
         writers[fmt.SVM_FILE] = lambda target: shutil.copyfile(model_path, target)
@@ -280,11 +296,13 @@ def export_run(
                 "n_components": int(len(density.variances))},
         "tta": tta_setting(config, test),
         "validation": {k: config["validation"].get(k) for k in fmt.VALIDATION_KEYS},
-        "metrics": {k: record.get(k) for k in ("metrics", "ci", "ci_method", "n_test", "per_class")},
+        "metrics": {k: record.get(k) for k in ("metrics", "ci", "ci_method", "n_test", "per_class")}
+        if adapted is None else adapted["metrics"],
+        "few_shot": None if adapted is None else adapted["record"],
         "training_data": {
             "name": dataset_label(dataset_cfg),
             "synthetic": dataset_cfg["source"] == "demo" or bool(dataset_cfg.get("synthetic")),
-            "n_train_images": int(train["image_id"].nunique()),
+            "n_train_images": int(train["image_id"].nunique()) + (0 if adapted is None else adapted["n"]),
             "n_train_samples": int(len(train)),
             "n_test_images": int(test["image_id"].nunique()),
             "transforms": sorted(train["transform"].unique().tolist()),
@@ -292,10 +310,49 @@ def export_run(
         },
         "provenance": provenance(config=config, seed=seed),
     }
+    if adapted is not None:
+        spec["display_name"] += f", few-shot on {few_shot}"
     card = fmt.model_card(spec)
     out = fmt.write_bundle(out_dir, spec, writers, card)
     log.info("exported %s -> %s", run.path, out)
     return out
+
+
+def _few_shot_part(results: Path, run: Run, ext: str, layers: str | Sequence[str]) -> dict[str, Any]:
+    """A few-shot run's refitted model, the external cells it trained on (features, labels,
+    groups kept apart from the training data's) and its metrics, from its run folder."""
+    from leukotype.external import LABEL, SHOT_STRATEGIES
+    from leukotype.feature_store import load_features
+
+    if run.strategy not in SHOT_STRATEGIES:
+        raise LeukotypeError(f"--few-shot: run {run.path} is a {run.strategy} run; few-shot runs are SVM runs {list(SHOT_STRATEGIES)}")
+    folder = results / run.path / "external" / ext / "shots"
+    record_path = folder / paths.METRICS
+    if not record_path.is_file():
+        raise LeukotypeError(
+            f"--few-shot {ext}: {record_path} is missing; give the set train_per_class in "
+            "evaluation.external and run the workflow first"
+        )
+    shots = read_tsv(folder / paths.SHOTS)
+    dirs = external_svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, ext, "none", run.prep)
+    index = shots[["image_id"]].assign(transform="identity")
+    record = read_json(record_path)
+    return {
+        "model": folder / paths.SVM_MODEL,
+        "X": load_features([Path(d) for d in dirs], layers, index),
+        "labels": shots[LABEL].astype(str).to_numpy(),
+        "groups": np.asarray([f"{ext}:{g}" for g in shots["group"].astype(str)]),
+        "n": int(len(shots)),
+        "metrics": {
+            "metrics": record["external_metrics"], "ci": record["external_ci"], "ci_method": record.get("ci_method"),
+            "n_test": record["n_external"], "per_class": record.get("external_per_class"),
+        },
+        "record": {
+            "external": ext, "shots_per_class": record["shots_per_class"], "n_scored": record["n_external"],
+            "shared_classes": record["shared_classes"], "internal_metrics": record["internal_metrics"],
+            "internal_ci": record.get("internal_ci"), "n_internal": record["n_internal"],
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------

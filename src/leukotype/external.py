@@ -28,9 +28,13 @@ if TYPE_CHECKING:
 
     from leukotype.config import Task
 
-#: Test-time adaptations an external set is scored with: ``none`` (the trained run as it is)
-#: and ``bn`` (BatchNorm statistics re-estimated on the unlabelled external images).
-ADAPTATIONS = ("none", "bn")
+#: How an external set is scored: ``none`` (the trained run as it is), ``bn`` (BatchNorm
+#: statistics re-estimated on the unlabelled external images) and ``shots`` (few-shot: the
+#: run's SVM refitted with ``train_per_class`` labelled cells per class of the set added to its
+#: training part, scored on the set's other cells; SVM runs only, see :func:`draw_shots`).
+ADAPTATIONS = ("none", "bn", "shots")
+#: Strategies whose classifier is an SVM on features: the ones a few-shot run can refit.
+SHOT_STRATEGIES = ("features_svm", "finetune_svm")
 #: Backbones without BatchNorm layers: re-estimating statistics would change nothing.
 NO_BATCHNORM = frozenset({"alexnet", "vgg16", "paper_cnn"})
 #: Column of the external sample tables holding the task class.
@@ -49,6 +53,7 @@ class ExternalSet:
     min_images_per_class: int = 5
     display: str = ""
     synthetic: bool = False
+    train_per_class: int = 0
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> ExternalSet:
@@ -61,6 +66,7 @@ class ExternalSet:
             min_images_per_class=int(entry.get("min_images_per_class", 5)),
             display=str(entry.get("display") or entry["name"]),
             synthetic=bool(entry.get("synthetic", False)) or entry["source"] == "demo",
+            train_per_class=int(entry.get("train_per_class") or 0),
         )
 
     @property
@@ -197,6 +203,35 @@ def external_samples(validated: pd.DataFrame, task: Task, ext: ExternalSet) -> t
         "n_scored": int(keep.sum()),
     }
     return samples.reset_index(drop=True), summary
+
+
+def draw_shots(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
+    """Which scored external samples a few-shot run trains on (True) instead of scoring.
+
+    Per class, whole groups (exact duplicates stay together) are drawn in a seeded random
+    order until ``k`` images are reached, but never more than half of the class's images, so
+    every shared class keeps at least half of its cells to be scored on. The same ``seed``
+    gives every run the same cells: the few-shot rows of a table are scored on one set.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    chosen = pd.Series(False, index=samples.index)
+    for cls in sorted(samples[LABEL].astype(str).unique()):
+        rows = samples[samples[LABEL].astype(str) == cls]
+        limit = min(k, len(rows) // 2)
+        groups = sorted(rows["group"].astype(str).unique())
+        taken = 0
+        for group in rng.permutation(groups):
+            members = rows.index[rows["group"].astype(str) == group]
+            if taken + len(members) > limit:
+                continue
+            chosen[members] = True
+            taken += len(members)
+            if taken == limit:
+                break
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ LEARNING_CURVE = "learning_curve.png"
 #: Folder of a fine-tuning run holding the fine-tuned network's features (for finetune_svm).
 FINETUNED_FEATURES = "features"
 
+#: Files of a few-shot run on an external set (``<run folder>/external/<set>/shots/``): the
+#: external cells it trained on, and its predictions for the run's internal test part.
+SHOTS = "shots.tsv"
+INTERNAL_PREDICTIONS = "internal_predictions.tsv"
+
 #: Layer folder of the strategies that read no backbone layer (what their runs are keyed by).
 STRATEGY_LAYER = {"finetune": "softmax", "finetune_svm": "finetuned"}
 

@@ -13,6 +13,7 @@ import pandas as pd
 from leukotype.compare import record_run_key, standing_against_best
 from leukotype.comparison_report import STANDING_COLUMN
 from leukotype.errors import LeukotypeError
+from leukotype.external import ADAPTATIONS
 from leukotype.report import (
     _new_figure,
     _sort_key,
@@ -22,8 +23,20 @@ from leukotype.report import (
     technique_and_classifier,
 )
 
-#: How the adaptation of a row is shown.
+#: How the adaptation of a row is shown (``shots``: see :func:`adaptation_name`).
 ADAPTATION_NAMES = {"none": "none", "bn": "BatchNorm re-estimated (test-time)"}
+
+
+def adaptation_name(adapt: str, shots_per_class: Mapping[str, int] | None = None) -> str:
+    """A row's adaptation in words; a few-shot row names the cells per class it trained on
+    (fewer than ``train_per_class`` where a class has few: at most half of it trains)."""
+    if adapt == "shots":
+        counts = ", ".join(f"{c} {n}" for c, n in (shots_per_class or {}).items())
+        return f"few-shot: SVM refitted with the set's labelled cells ({counts}); scored on its other cells"
+    return ADAPTATION_NAMES.get(adapt, adapt)
+
+#: ``vs best`` of a few-shot row: scored on the cells it did not train on, so not paired.
+NOT_PAIRED = "not compared (scored on other cells)"
 
 EXTERNAL_COLUMNS = (
     "Technique",
@@ -63,6 +76,10 @@ def _pct(value: float, sd: float = math.nan) -> str:
     return f"{text} ± {100 * sd:.1f}" if math.isfinite(sd) else text
 
 
+def _adapt_order(adapt: str) -> int:
+    return ADAPTATIONS.index(adapt) if adapt in ADAPTATIONS else len(ADAPTATIONS)
+
+
 def summarise_external(
     records: Sequence[Mapping[str, Any]], internal: Sequence[Mapping[str, Any]], task: str
 ) -> pd.DataFrame:
@@ -89,7 +106,10 @@ def summarise_external(
             "n_external": int(recs[0].get("n_external") or 0),
             "internal_accuracy": _mean(internal_acc.get((strategy, backbone, layer, prep), [])),
             "run_key": record_run_key(recs[0]),
+            "shots_per_class": recs[0].get("shots_per_class"),
         }
+        if adapt == "shots":  # the refitted model's accuracy on the internal test part
+            row["internal_accuracy"] = _mean([r.get("internal_accuracy_all") for r in recs])
         for name in ("accuracy", "balanced_accuracy"):
             ext_values, int_values = metric("external_metrics", name), metric("internal_metrics", name)
             row[f"external_{name}"] = _mean(ext_values)
@@ -109,7 +129,7 @@ def summarise_external(
         range(len(frame)),
         key=lambda i: (
             *_sort_key(frame["strategy"][i], frame["backbone"][i], frame["layer"][i]),
-            frame["prep"][i], frame["external"][i], frame["adapt"][i] != "none",
+            frame["prep"][i], frame["external"][i], _adapt_order(frame["adapt"][i]),
         ),
     )
     return frame.iloc[order].reset_index(drop=True)
@@ -134,7 +154,8 @@ def external_table(
     displays = displays or {}
     standing: dict[tuple[str, str], str] = {}
     for name, pairs in (comparisons or {}).items():
-        keys = list(summary.loc[summary["external"] == name, "run_key"])
+        # few-shot rows are scored on other cells than the rest: not in the paired comparison
+        keys = list(summary.loc[(summary["external"] == name) & (summary["adapt"] != "shots"), "run_key"])
         standing.update({(name, k): v for k, v in standing_against_best(pairs, keys).items()})
     out = []
     for _, row in summary.iterrows():
@@ -146,7 +167,7 @@ def external_table(
                 "Model": model_display_name(row["backbone"], row["layer"]),
                 "Classifier": classifier,
                 "Preprocessing": row["prep"] or "none",
-                "Adaptation": ADAPTATION_NAMES.get(row["adapt"], row["adapt"]),
+                "Adaptation": adaptation_name(row["adapt"], row["shots_per_class"]),
                 "External set": displays.get(row["external"], row["external"]),
                 "Shared classes": f"{row['n_shared']}: {row['shared_classes']}",
                 "Internal accuracy": _pct(row["internal_accuracy"]),
@@ -165,8 +186,8 @@ def external_table(
     table = pd.DataFrame(out, columns=list(EXTERNAL_COLUMNS))
     if comparisons is not None:
         table[STANDING_COLUMN] = [
-            standing.get((str(ext), str(key)), "")
-            for ext, key in zip(summary["external"], summary["run_key"])
+            NOT_PAIRED if adapt == "shots" else standing.get((str(ext), str(key)), "")
+            for ext, key, adapt in zip(summary["external"], summary["run_key"], summary["adapt"])
         ]
     if dataset:
         table["Data"] = dataset
@@ -190,8 +211,10 @@ def plot_external(
         label = f"{model_display_name(row['backbone'], row['layer'])} — {technique_and_classifier(row['strategy'])[0]}"
         if row["prep"] not in ("", "none"):
             label += f" [{row['prep']}]"
-        if row["adapt"] != "none":
+        if row["adapt"] == "bn":
             label += " + BN adapt"
+        elif row["adapt"] == "shots":
+            label += f" + {sum((row['shots_per_class'] or {}).values())} lab cells"
         labels.append(f"{label} → {displays.get(row['external'], row['external'])}")
     n = len(summary)
     fig = _new_figure(9.0, 2.0 + 0.55 * n)

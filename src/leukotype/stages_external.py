@@ -130,6 +130,72 @@ def run_predict_external_svm(
     return predictions
 
 
+def run_adapt_external_svm(
+    model: PathLike,
+    samples: PathLike,
+    fold: str,
+    train_feature_dirs: Sequence[PathLike],
+    validated: PathLike,
+    task_cfg: Mapping[str, Any],
+    ext_cfg: Mapping[str, Any],
+    external_feature_dirs: Sequence[PathLike],
+    layers: Sequence[str],
+    seed: int,
+    out_predictions: PathLike,
+    out_internal: PathLike,
+    out_shots: PathLike,
+    out_model: PathLike | None = None,
+) -> pd.DataFrame:
+    """Few-shot adaptation of one SVM run to an external lab (``adapt: shots``).
+
+    The run's pipeline (scaler + SVM with the setting its own search chose) is refitted on the
+    run's training rows plus ``train_per_class`` labelled external cells per shared class
+    (:func:`leukotype.external.draw_shots`); no new search, no new calibration. It predicts
+    the set's other scored cells (``out_predictions``) and the run's internal test part again
+    (``out_internal``: a fix for another lab must not break the lab's own cells);
+    ``out_shots`` lists the cells it trained on, ``out_model`` holds the refitted pipeline
+    (``leukotype export --few-shot`` bundles it). The run's own files are left as they are.
+    """
+    import numpy as np
+    from sklearn.base import clone
+
+    from leukotype.classify import load_model, predict_table, save_model
+    from leukotype.external import LABEL, draw_shots
+    from leukotype.feature_store import load_features
+    from leukotype.stages import fold_parts
+
+    task = task_from_dict(task_cfg)
+    ext = ExternalSet.from_dict(ext_cfg)
+    if ext.train_per_class < 1:
+        raise LeukotypeError(f"external set {ext.name!r}: train_per_class is {ext.train_per_class}; few-shot runs need >= 1")
+    scored, _ = _scored(validated, task_cfg, ext_cfg)
+    if scored.empty:
+        raise LeukotypeError(f"external set {ext.name!r} has no scored image for task {task.name!r}")
+    shots = draw_shots(scored, ext.train_per_class, seed)
+    train, test = fold_parts(read_tsv(samples), fold)
+    index = ["image_id", "transform"]
+    train_dirs, ext_dirs = [Path(d) for d in train_feature_dirs], [Path(d) for d in external_feature_dirs]
+    X_train = load_features(train_dirs, list(layers), train[index])
+    X_shots = load_features(ext_dirs, list(layers), scored.loc[shots, index])
+    pipeline = clone(load_model(model)).fit(
+        np.concatenate([X_train, X_shots]),
+        np.concatenate([train["label"].astype(str).to_numpy(), scored.loc[shots, LABEL].astype(str).to_numpy()]),
+    )
+    counts = scored.loc[shots, LABEL].value_counts().to_dict()
+    log.info(
+        "few-shot refit on %d training rows + %d cells of %s (%s), scored on its other %d cells",
+        len(train), int(shots.sum()), ext.name, {str(c): int(n) for c, n in sorted(counts.items())}, int((~shots).sum()),
+    )
+    rest = scored[~shots].reset_index(drop=True)
+    predictions = predict_table(pipeline, load_features(ext_dirs, list(layers), rest[index]), rest, list(task.classes))
+    write_tsv(predictions, out_predictions)
+    write_tsv(predict_table(pipeline, load_features(train_dirs, list(layers), test[index]), test, list(task.classes)), out_internal)
+    write_tsv(scored.loc[shots, ["image_id", "abspath", LABEL, "group"]].reset_index(drop=True), out_shots)
+    if out_model is not None:
+        save_model(pipeline, out_model)
+    return predictions
+
+
 def run_predict_external_finetune(
     model_file: PathLike,
     validated: PathLike,
@@ -218,13 +284,18 @@ def run_evaluate_external(
     meta: Mapping[str, Any],
     evaluation_cfg: Mapping[str, Any],
     out_metrics: PathLike,
+    shots: PathLike | None = None,
 ) -> dict[str, Any]:
+    """One run's metrics on an external set next to its internal ones. A few-shot run
+    (``shots``: the cells it trained on) is scored on the other cells, and its internal
+    predictions are those of the refitted model."""
     task = task_from_dict(task_cfg)
     samples, summary = _scored(validated, task_cfg, ext_cfg)
     internal = read_tsv(internal_samples)
+    internal_rows = read_tsv(internal_predictions)
     record = evaluate_external(
         read_tsv(predictions),
-        read_tsv(internal_predictions),
+        internal_rows,
         samples,
         dict(zip(internal["image_id"].astype(str), internal["group"].astype(str))),
         summary,
@@ -233,6 +304,16 @@ def run_evaluate_external(
         n_boot=evaluation_cfg["n_bootstrap"],
         seed=evaluation_cfg["seed"],
     )
+    identity = internal_rows[internal_rows["transform"].astype(str) == "identity"]
+    # all of the task's classes, as the run's own metrics.json: the refitted model's for shots
+    record["internal_accuracy_all"] = float((identity["true"].astype(str) == identity["pred"].astype(str)).mean()) if len(identity) else None
+    if shots is not None:
+        from leukotype.external import LABEL
+
+        trained = read_tsv(shots)
+        record["train_per_class"] = ExternalSet.from_dict(ext_cfg).train_per_class
+        record["shots_per_class"] = {str(c): int(n) for c, n in sorted(trained[LABEL].astype(str).value_counts().items())}
+        record["n_shots"] = int(len(trained))
     write_json(record, out_metrics)
     return record
 

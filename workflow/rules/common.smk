@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from leukotype import catalog, paths  # noqa: E402
 from leukotype.config import (  # noqa: E402
+    external_svm_feature_dirs,
     extraction_backbones,
     finetune_feature_dirs as _finetune_feature_dirs,
     features_result_settings,
@@ -138,7 +139,7 @@ wildcard_constraints:
     variant=_alternatives(PREP),
     key=_alternatives(ANALYSES or ["-"]),
     ext=_alternatives([e["name"] for e in config["evaluation"]["external"]] or ["-"]),
-    adapt="none|bn",
+    adapt="none|bn|shots",
 
 
 def dataset_input(wildcards):
@@ -350,6 +351,7 @@ def export_weight_files(wildcards):
 # External test sets (leukotype.external): their own validation, features and predictions,
 # read by no training job.
 from leukotype.external import NO_BATCHNORM, external_sets  # noqa: E402
+from leukotype.external import SHOT_STRATEGIES  # noqa: E402
 
 EXTERNAL = {ext.name: ext for ext in external_sets(config)}
 EXTERNAL_CFG = {e["name"]: e for e in config["evaluation"]["external"]}
@@ -360,6 +362,14 @@ def has_batchnorm(backbone):
     return not any(part in NO_BATCHNORM for part in catalog.parts(backbone))
 
 
+def _adaptations(run, ext):
+    """How ``run`` is scored on ``ext``: as it is, BatchNorm-adapted, few-shot refitted."""
+    adapts = [a for a in ADAPT if a == "none" or has_batchnorm(run.backbone)]
+    if ext.train_per_class and run.strategy in SHOT_STRATEGIES:
+        adapts.append("shots")
+    return adapts
+
+
 def external_runs():
     """(run, external set, adaptation) triples: every trained run on every set it scores."""
     return [
@@ -367,8 +377,7 @@ def external_runs():
         for run in RUNS
         for name, ext in EXTERNAL.items()
         if ext.evaluates(run.task)
-        for adapt in ADAPT
-        if adapt == "none" or has_batchnorm(run.backbone)
+        for adapt in _adaptations(run, ext)
     ]
 
 
@@ -396,28 +405,24 @@ def external_source(wildcards):
     return source
 
 
-def external_feature_dirs(wildcards):
-    """External features an SVM run reads: the backbone parts', or its fine-tuned network's."""
-    prep = paths.prep_name(wildcards.prep)
-    if wildcards.svm_strategy == "features_svm":
-        return [
-            paths.external_features_dir(R, wildcards.ext, wildcards.adapt, part, prep)
-            for part in catalog.parts(wildcards.backbone)
-        ]
-    return [
-        paths.external_run_file(
-            R,
-            paths.FINETUNED_FEATURES,
-            wildcards.task,
-            "finetune",
-            wildcards.backbone,
-            paths.STRATEGY_LAYER["finetune"],
-            wildcards.fold,
-            ext=wildcards.ext,
-            adapt=wildcards.adapt,
-            prep=prep,
-        )
-    ]
+def external_feature_dirs(wildcards, adapt=None):
+    """External features an SVM run reads: the backbone parts', or its fine-tuned network's
+    (``adapt``: which features, default the job's own adaptation)."""
+    return external_svm_feature_dirs(
+        R,
+        wildcards.svm_strategy,
+        wildcards.task,
+        wildcards.backbone,
+        wildcards.fold,
+        wildcards.ext,
+        adapt or wildcards.adapt,
+        paths.prep_name(wildcards.prep),
+    )
+
+
+def unadapted_external_feature_dirs(wildcards):
+    """The external features a few-shot run trains and predicts on: the unadapted ones."""
+    return external_feature_dirs(wildcards, adapt="none")
 
 
 def external_finetune_feature_dirs(wildcards):
@@ -431,9 +436,11 @@ def external_finetune_feature_dirs(wildcards):
     return []
 
 
-def _external_run_files(name, task, ext=None):
+def _external_run_files(name, task, ext=None, paired=False):
     """``name`` of every run of ``task`` on every external set that scores it (or on ``ext``
     only), adapted rows included, in one order for metrics and predictions: they pair up.
+    ``paired``: only the rows scored on all of the set's cells (few-shot rows are scored on
+    the cells they did not train on, so they cannot be paired with the others).
     """
     return [
         paths.external_run_file(
@@ -449,7 +456,9 @@ def _external_run_files(name, task, ext=None):
             prep=run.prep,
         )
         for run, run_ext, adapt in external_runs()
-        if run.task == task and ext in (None, run_ext)
+        if run.task == task
+        and ext in (None, run_ext)
+        and not (paired and adapt == "shots")
     ]
 
 
@@ -458,11 +467,43 @@ def external_task_metrics(wildcards):
 
 
 def external_set_metrics(wildcards):
-    return _external_run_files(paths.METRICS, wildcards.task, wildcards.ext)
+    return _external_run_files(
+        paths.METRICS, wildcards.task, wildcards.ext, paired=True
+    )
 
 
 def external_set_predictions(wildcards):
-    return _external_run_files(paths.PREDICTIONS, wildcards.task, wildcards.ext)
+    return _external_run_files(
+        paths.PREDICTIONS, wildcards.task, wildcards.ext, paired=True
+    )
+
+
+def evaluate_external_inputs(wildcards):
+    """A run's predictions on the set and on its internal test part; a few-shot run's are
+    both the refitted model's, and the cells it trained on come with them."""
+    prep = paths.prep_name(wildcards.prep)
+    run = (wildcards.task, wildcards.strategy, wildcards.backbone, wildcards.layer)
+    inputs = {
+        "predictions": paths.external_run_file(
+            R,
+            paths.PREDICTIONS,
+            *run,
+            wildcards.fold,
+            wildcards.ext,
+            wildcards.adapt,
+            prep,
+        ),
+        "internal": paths.run_file(R, paths.PREDICTIONS, *run, wildcards.fold, prep),
+    }
+    if wildcards.adapt == "shots":
+        for key, name in (
+            ("internal", paths.INTERNAL_PREDICTIONS),
+            ("shots", paths.SHOTS),
+        ):
+            inputs[key] = paths.external_run_file(
+                R, name, *run, wildcards.fold, wildcards.ext, "shots", prep
+            )
+    return inputs
 
 
 def external_sets_of(task):

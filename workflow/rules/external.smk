@@ -75,6 +75,8 @@ rule extract_external_features:
         f"{R}/logs/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}{{prep}}.log",
     benchmark:
         f"{R}/benchmarks/extract_external_features/{{ext}}/{{adapt}}/{{backbone}}{{prep}}.tsv"
+    wildcard_constraints:
+        adapt="none|bn",
     conda:
         CONDA_ENV
     threads: config["compute"]["threads"]
@@ -103,6 +105,8 @@ rule predict_external_svm:
         ),
     log:
         f"{R}/logs/predict_external/{{task}}/{{svm_strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}/{{ext}}/{{adapt}}.log",
+    wildcard_constraints:
+        adapt="none|bn",
     conda:
         CONDA_ENV
     threads: 1
@@ -144,6 +148,8 @@ rule predict_external_finetune:
         f"{R}/logs/predict_external/{{task}}/finetune/{{backbone}}{{prep}}/{{fold}}/{{ext}}/{{adapt}}.log",
     benchmark:
         f"{R}/benchmarks/predict_external/{{task}}/finetune/{{backbone}}{{prep}}/{{fold}}/{{ext}}/{{adapt}}.tsv"
+    wildcard_constraints:
+        adapt="none|bn",
     conda:
         CONDA_ENV
     threads: config["compute"]["threads"]
@@ -160,10 +166,57 @@ rule predict_external_finetune:
         "../scripts/predict_external_finetune.py"
 
 
+rule adapt_external_svm:
+    # Few-shot (evaluation.external[].train_per_class): the run's SVM refitted on its training
+    # part + k labelled cells per class of the set; the run's own files stay as they are.
+    input:
+        model=rules.train_svm.output.model,
+        samples=samples_input,
+        features=feature_dirs,
+        validated=rules.validate_external.output.table,
+        external_features=unadapted_external_feature_dirs,
+    output:
+        predictions=paths.external_run_file(
+            R,
+            paths.PREDICTIONS,
+            strategy="{svm_strategy}",
+            adapt="shots",
+            prep="{prep}",
+        ),
+        internal=paths.external_run_file(
+            R,
+            paths.INTERNAL_PREDICTIONS,
+            strategy="{svm_strategy}",
+            adapt="shots",
+            prep="{prep}",
+        ),
+        shots=paths.external_run_file(
+            R, paths.SHOTS, strategy="{svm_strategy}", adapt="shots", prep="{prep}"
+        ),
+        model=paths.external_run_file(
+            R, paths.SVM_MODEL, strategy="{svm_strategy}", adapt="shots", prep="{prep}"
+        ),
+    log:
+        f"{R}/logs/adapt_external_svm/{{task}}/{{svm_strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}/{{ext}}.log",
+    benchmark:
+        f"{R}/benchmarks/adapt_external_svm/{{task}}/{{svm_strategy}}/{{backbone}}{{prep}}/{{layer}}/{{fold}}/{{ext}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=config["compute"]["mem_mb_svm"],
+        runtime=config["compute"]["runtime_svm"],
+    params:
+        task=lambda wildcards: TASKS[wildcards.task],
+        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        seed=config["evaluation"]["seed"],
+    script:
+        "../scripts/adapt_external_svm.py"
+
+
 rule evaluate_external:
     input:
-        predictions=paths.external_run_file(R, paths.PREDICTIONS, prep="{prep}"),
-        internal=paths.run_file(R, paths.PREDICTIONS, prep="{prep}"),
+        unpack(evaluate_external_inputs),
         samples=paths.samples_file(R),
         validated=rules.validate_external.output.table,
     output:

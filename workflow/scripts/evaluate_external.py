@@ -15,4 +15,5 @@ with logged(snakemake):
         meta,
         snakemake.params.evaluation,
         snakemake.output.metrics,
+        shots=snakemake.input.get("shots"),
     )
