@@ -6,6 +6,7 @@ crop + Reinhard, colour views) and the demo's external set: a handful of small j
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def test_few_shot_bundle_predicts_the_other_labs_cells_as_its_run_did(study, tmp
     out = tmp_path / "few_shot_bundle"
     assert main(["export", "--results", str(workdir / "results"), "--run", run, "--out", str(out), "--few-shot", "lab2"]) == 0
     bundle = load_bundle(out)
+    # the refitted SVM, not the run's own
+    digest = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in (
+        ("bundle", bundle.path(bundle.spec["classifier"]["file"])),
+        ("refitted", workdir / "results" / run / FEW_SHOT / "svm.skops"), ("run", workdir / "results" / run / "svm.skops"))}
+    assert digest["bundle"] == digest["refitted"] != digest["run"]
     record = json.loads((workdir / "results" / run / FEW_SHOT / "metrics.json").read_text())
     assert bundle.spec["few_shot"]["shots_per_class"] == record["shots_per_class"]
     assert bundle.spec["metrics"]["n_test"] == record["n_external"]

@@ -221,10 +221,10 @@ def draw_shots(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
     for cls in sorted(samples[LABEL].astype(str).unique()):
         rows = samples[samples[LABEL].astype(str) == cls]
         limit = min(k, len(rows) // 2)
-        groups = sorted(rows["group"].astype(str).unique())
+        by_group = rows.groupby(rows["group"].astype(str)).groups  # group -> its rows' index
         taken = 0
-        for group in rng.permutation(groups):
-            members = rows.index[rows["group"].astype(str) == group]
+        for group in rng.permutation(sorted(by_group)):
+            members = by_group[group]
             if taken + len(members) > limit:
                 continue
             chosen[members] = True

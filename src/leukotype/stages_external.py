@@ -176,9 +176,10 @@ def run_adapt_external_svm(
     index = ["image_id", "transform"]
     train_dirs, ext_dirs = [Path(d) for d in train_feature_dirs], [Path(d) for d in external_feature_dirs]
     X_train = load_features(train_dirs, list(layers), train[index])
-    X_shots = load_features(ext_dirs, list(layers), scored.loc[shots, index])
+    X_scored = load_features(ext_dirs, list(layers), scored[index])
+    mask = shots.to_numpy()
     pipeline = clone(load_model(model)).fit(
-        np.concatenate([X_train, X_shots]),
+        np.concatenate([X_train, X_scored[mask]]),
         np.concatenate([train["label"].astype(str).to_numpy(), scored.loc[shots, LABEL].astype(str).to_numpy()]),
     )
     counts = scored.loc[shots, LABEL].value_counts().to_dict()
@@ -187,7 +188,7 @@ def run_adapt_external_svm(
         len(train), int(shots.sum()), ext.name, {str(c): int(n) for c, n in sorted(counts.items())}, int((~shots).sum()),
     )
     rest = scored[~shots].reset_index(drop=True)
-    predictions = predict_table(pipeline, load_features(ext_dirs, list(layers), rest[index]), rest, list(task.classes))
+    predictions = predict_table(pipeline, X_scored[~mask], rest, list(task.classes))
     write_tsv(predictions, out_predictions)
     write_tsv(predict_table(pipeline, load_features(train_dirs, list(layers), test[index]), test, list(task.classes)), out_internal)
     write_tsv(scored.loc[shots, ["image_id", "abspath", LABEL, "group"]].reset_index(drop=True), out_shots)
