@@ -398,7 +398,20 @@ def test_few_shot_refit_learns_the_other_labs_cells_and_keeps_its_own(tmp_path):
     from leukotype.classify import load_model
 
     rest = validated["image_id"].isin(adapted["image_id"]).to_numpy()  # the refitted model, saved
-    assert load_model(tmp_path / "shots_svm.skops").predict(X_ext[rest]).tolist() == adapted["pred"].tolist()
+    refitted = load_model(tmp_path / "shots_svm.skops")
+    assert refitted.predict(X_ext[rest]).tolist() == adapted["pred"].tolist()
+    # the internal predictions are the refitted model's scores, not the run's
+    from leukotype.classify import decision_scores
+
+    score_columns = [f"score_{c}" for c in classes]
+    np.testing.assert_allclose(internal[score_columns].to_numpy(), decision_scores(refitted, X[part == "test"], classes),
+                               rtol=0, atol=1e-5)
+    assert np.abs(internal[score_columns].to_numpy() - decision_scores(pipeline, X[part == "test"], classes)).max() > 0.1
+    # a job whose mem_mb cannot hold the features stops before loading them, with the reason
+    with pytest.raises(LeukotypeError, match="adapt_external_svm"):
+        run_adapt_external_svm(tmp_path / "svm.skops", tmp_path / "samples.tsv", "holdout", [tmp_path / "features"],
+                               tmp_path / "validated.tsv", task, ext_cfg, [tmp_path / "ext"], ["pool"], 0,
+                               tmp_path / "p.tsv", tmp_path / "i.tsv", tmp_path / "s.tsv", memory_mb=1)
 
     from leukotype.classify import predict_table
     from leukotype.io import write_tsv

@@ -326,19 +326,22 @@ def _few_shot_part(results: Path, run: Run, ext: str, layers: str | Sequence[str
 
     if run.strategy not in SHOT_STRATEGIES:
         raise LeukotypeError(f"--few-shot: run {run.path} is a {run.strategy} run; few-shot runs are SVM runs {list(SHOT_STRATEGIES)}")
-    folder = results / run.path / "external" / ext / "shots"
-    record_path = folder / paths.METRICS
+    def file(name: str) -> Path:
+        return Path(paths.external_run_file(str(results), name, run.task, run.strategy, run.backbone, run.layer,
+                                            run.fold, ext, "shots", run.prep))
+
+    record_path = file(paths.METRICS)
     if not record_path.is_file():
         raise LeukotypeError(
             f"--few-shot {ext}: {record_path} is missing; give the set train_per_class in "
             "evaluation.external and run the workflow first"
         )
-    shots = read_tsv(folder / paths.SHOTS)
+    shots = read_tsv(file(paths.SHOTS))
     dirs = external_svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, ext, "none", run.prep)
     index = shots[["image_id"]].assign(transform="identity")
     record = read_json(record_path)
     return {
-        "model": folder / paths.SVM_MODEL,
+        "model": file(paths.SVM_MODEL),
         "X": load_features([Path(d) for d in dirs], layers, index),
         "labels": shots[LABEL].astype(str).to_numpy(),
         "groups": np.asarray([f"{ext}:{g}" for g in shots["group"].astype(str)]),

@@ -145,6 +145,7 @@ def run_adapt_external_svm(
     out_internal: PathLike,
     out_shots: PathLike,
     out_model: PathLike | None = None,
+    memory_mb: float | None = None,
 ) -> pd.DataFrame:
     """Few-shot adaptation of one SVM run to an external lab (``adapt: shots``).
 
@@ -161,7 +162,8 @@ def run_adapt_external_svm(
 
     from leukotype.classify import load_model, predict_table, save_model
     from leukotype.external import LABEL, draw_shots
-    from leukotype.feature_store import load_features
+    from leukotype.feature_store import feature_dim, load_features
+    from leukotype.memory import require_memory, svm_memory_parts
     from leukotype.stages import fold_parts
 
     task = task_from_dict(task_cfg)
@@ -171,27 +173,29 @@ def run_adapt_external_svm(
     scored, _ = _scored(validated, task_cfg, ext_cfg)
     if scored.empty:
         raise LeukotypeError(f"external set {ext.name!r} has no scored image for task {task.name!r}")
-    shots = draw_shots(scored, ext.train_per_class, seed)
+    shots = draw_shots(scored, ext.train_per_class, seed).to_numpy()
+    trained, rest = scored[shots].reset_index(drop=True), scored[~shots].reset_index(drop=True)
     train, test = fold_parts(read_tsv(samples), fold)
     index = ["image_id", "transform"]
     train_dirs, ext_dirs = [Path(d) for d in train_feature_dirs], [Path(d) for d in external_feature_dirs]
+    # as train_svm: stop with a message if the job's mem_mb cannot hold the features
+    dim = sum(feature_dim(d, name) for d, name in zip(train_dirs, layers, strict=True))
+    require_memory("adapt_external_svm", svm_memory_parts(len(train) + len(trained), len(test) + len(rest), dim), memory_mb)
     X_train = load_features(train_dirs, list(layers), train[index])
     X_scored = load_features(ext_dirs, list(layers), scored[index])
-    mask = shots.to_numpy()
     pipeline = clone(load_model(model)).fit(
-        np.concatenate([X_train, X_scored[mask]]),
-        np.concatenate([train["label"].astype(str).to_numpy(), scored.loc[shots, LABEL].astype(str).to_numpy()]),
+        np.concatenate([X_train, X_scored[shots]]),
+        np.concatenate([train["label"].astype(str).to_numpy(), trained[LABEL].astype(str).to_numpy()]),
     )
-    counts = scored.loc[shots, LABEL].value_counts().to_dict()
+    counts = trained[LABEL].astype(str).value_counts().sort_index().to_dict()
     log.info(
         "few-shot refit on %d training rows + %d cells of %s (%s), scored on its other %d cells",
-        len(train), int(shots.sum()), ext.name, {str(c): int(n) for c, n in sorted(counts.items())}, int((~shots).sum()),
+        len(train), len(trained), ext.name, {c: int(n) for c, n in counts.items()}, len(rest),
     )
-    rest = scored[~shots].reset_index(drop=True)
-    predictions = predict_table(pipeline, X_scored[~mask], rest, list(task.classes))
+    predictions = predict_table(pipeline, X_scored[~shots], rest, list(task.classes))
     write_tsv(predictions, out_predictions)
     write_tsv(predict_table(pipeline, load_features(train_dirs, list(layers), test[index]), test, list(task.classes)), out_internal)
-    write_tsv(scored.loc[shots, ["image_id", "abspath", LABEL, "group"]].reset_index(drop=True), out_shots)
+    write_tsv(trained[["image_id", "abspath", LABEL, "group"]], out_shots)
     if out_model is not None:
         save_model(pipeline, out_model)
     return predictions
@@ -305,12 +309,13 @@ def run_evaluate_external(
         n_boot=evaluation_cfg["n_bootstrap"],
         seed=evaluation_cfg["seed"],
     )
-    identity = internal_rows[internal_rows["transform"].astype(str) == "identity"]
-    # all of the task's classes, as the run's own metrics.json: the refitted model's for shots
-    record["internal_accuracy_all"] = float((identity["true"].astype(str) == identity["pred"].astype(str)).mean()) if len(identity) else None
     if shots is not None:
         from leukotype.external import LABEL
 
+        # the refitted model's accuracy on all of the task's classes (the other rows' is the
+        # run's own metrics.json)
+        identity = internal_rows[internal_rows["transform"].astype(str) == "identity"]
+        record["internal_accuracy_all"] = float((identity["true"].astype(str) == identity["pred"].astype(str)).mean()) if len(identity) else None
         trained = read_tsv(shots)
         record["train_per_class"] = ExternalSet.from_dict(ext_cfg).train_per_class
         record["shots_per_class"] = {str(c): int(n) for c, n in sorted(trained[LABEL].astype(str).value_counts().items())}

@@ -22,4 +22,5 @@ with logged(snakemake):
         snakemake.output.internal,
         snakemake.output.shots,
         snakemake.output.model,
+        memory_mb=snakemake.resources.get("mem_mb"),
     )
