@@ -16,6 +16,7 @@ and the bench scripts' numbers for the same setting with the difference in point
 
     .venv/bin/python bench/pbc_dag_external.py --run                              # ~20 min on 2 busy cores
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune --append  # the fine-tuned recipe
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
     .venv/bin/python bench/pbc_dag_external.py                                    # re-read a finished run
 """
 
@@ -65,13 +66,55 @@ preprocessing:
       - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
     reference_images: 100000
 """,
+    # k-fold with the SVM recipe's white balance fitted on reference images outside the study
+    # (``reference_source``): PBC's five classes split per class into the study and a reference
+    # pool of KFOLD_REFERENCE_PER_CLASS images (write_kfold_manifests fills in their paths)
+    "kfold": _PROTOCOL + """\
+dataset: {source: STUDY_MANIFEST}
+validation: {allow_outside_paths: true}
+split: {method: kfold, n_splits: 5, seed: 42}
+models:
+  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [features_svm]}
+preprocessing:
+  - {name: none}
+  - name: crop15_wb_grey
+    steps: [{step: crop, margin: 0.15}, {step: white_balance}, {step: grey}]
+    reference_images: 100000
+    reference_source: REFERENCE_MANIFEST
+""",
 }
+KFOLD_REFERENCE_PER_CLASS = 20
+
+
+def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
+    """Manifests of PBC's five white-cell classes (absolute paths): the study, and per class
+    KFOLD_REFERENCE_PER_CLASS others (a seeded draw) as the reference pool."""
+    import numpy as np
+
+    root = REPO_ROOT.parent / "shared" / "data" / "pbc"
+    table = pd.read_csv(root / "manifest.csv")
+    table = table[table["label"].isin(["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"])]
+    table = table.assign(path=[str((root / p).resolve()) for p in table["path"]])[["path", "label"]]
+    rng = np.random.default_rng(seed)
+    reference = pd.concat([rows.iloc[rng.permutation(len(rows))[:KFOLD_REFERENCE_PER_CLASS]]
+                           for _, rows in table.groupby("label", sort=True)])
+    files = {"study": run_dir / "study.csv", "reference": run_dir / "reference.csv"}
+    table.drop(index=reference.index).to_csv(files["study"], index=False)
+    reference.to_csv(files["reference"], index=False)
+    return {k: str(v) for k, v in files.items()}
+
+
+def overlay_text(run_dir: Path, overlay_name: str) -> str:
+    if overlay_name == "kfold":
+        files = write_kfold_manifests(run_dir)
+        return OVERLAYS[overlay_name].replace("STUDY_MANIFEST", files["study"]).replace("REFERENCE_MANIFEST", files["reference"])
+    return OVERLAYS[overlay_name]
 
 
 def run_workflow(run_dir: Path, overlay_name: str, cores: int) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     overlay = run_dir / "overlay.yaml"
-    overlay.write_text(f"results: {run_dir / 'results'}\n{OVERLAYS[overlay_name]}")
+    overlay.write_text(f"results: {run_dir / 'results'}\n{overlay_text(run_dir, overlay_name)}")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"),
            "--configfile", str(REPO_ROOT / "configs" / "pbc.yaml"), str(overlay),
            "--cores", str(cores)]
@@ -148,6 +191,20 @@ def crop_box_differences(results: Path, external: str = "jtsc", margin: float = 
             "external_crop_boxes_differing_from_bench": ext[1]}
 
 
+def fit_records(results: Path, preps: pd.Series) -> dict[str, list[Any]]:
+    """Per row: what its variant's fitted steps saw (``training part`` or the reference
+    source), on how many images, and the white-balance target background they gave."""
+    columns: dict[str, list[Any]] = {"fitted_on": [], "fit_images": [], "white_balance_target": []}
+    for prep in preps:
+        path = results / "preprocessing" / prep / "state.json"
+        state = json.loads(path.read_text()) if prep != "none" and path.exists() else {}
+        targets = [s["target"] for s in state.get("states", []) if s and "target" in s]
+        columns["fitted_on"].append(state.get("reference_source", "training part") if state else "")
+        columns["fit_images"].append(state.get("n_images", pd.NA))
+        columns["white_balance_target"].append(json.dumps([round(v, 1) for v in targets[0]]) if targets else "")
+    return columns
+
+
 def summarise(results: Path) -> pd.DataFrame:
     rows = []
     for path in sorted(results.glob("runs/*/*/*/*/*/external/*/*/metrics.json")):
@@ -209,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     boxes = crop_box_differences(args.run_dir / "results")
     for key, value in boxes.items():  # the internal images' crop boxes, shared by the crop variants
         table[key] = [value if prep != "none" else pd.NA for prep in table["preprocessing"]]
-    table["overlay"] = OVERLAYS[args.overlay].replace("\n", " ").strip()
+    if args.overlay == "kfold":  # the bench scripts have no k-fold rows to compare with
+        table = table.drop(columns=[c for c in table.columns if "bench" in c])
+    table = table.assign(**fit_records(args.run_dir / "results", table["preprocessing"]))
+    table["overlay"] = overlay_text(args.run_dir, args.overlay).replace("\n", " ").strip()
     for key, value in {**info, **machine_info()}.items():
         table[key] = value
     if args.append and args.out.exists():

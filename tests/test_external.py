@@ -274,6 +274,59 @@ def test_no_training_job_reads_an_external_file_with_preprocessing_variants(tmp_
     assert len(jobs["evaluate_external"]) == 3 * (3 + 2)  # every subtype run, per variant
 
 
+def test_an_external_image_with_a_study_images_bytes_is_rejected_not_scored(tmp_path):
+    from leukotype.demo import make_demo_external
+    from leukotype.io import read_json, read_tsv
+    from leukotype.stages_external import run_validate_external
+
+    manifest = make_demo_external(tmp_path / "ext", 1, 48, 0)
+    table = pd.read_csv(manifest)
+    copied = tmp_path / "study" / "cell.png"
+    copied.parent.mkdir()
+    copied.write_bytes((manifest.parent / table["path"][3]).read_bytes())  # a training image sent as another lab's
+    import hashlib
+    study = pd.DataFrame({"image_id": ["img000000"], "path": ["L1/cell.png"], "abspath": [str(copied)],
+                          "md5": [hashlib.md5(copied.read_bytes()).hexdigest()], "status": ["ok"]})
+    study.to_csv(tmp_path / "study.tsv", sep="\t", index=False)
+    checks = {"min_side": 32, "max_pixels": 10**7}
+    run_validate_external(manifest, {"name": "lab2", "source": str(manifest)}, checks,
+                          tmp_path / "validated.tsv", tmp_path / "validation.json", study=tmp_path / "study.tsv")
+    validated = read_tsv(tmp_path / "validated.tsv").set_index("path")
+    assert validated.loc[table["path"][3], "status"] == "rejected"
+    assert validated.loc[table["path"][3], "reason"] == "in_study: identical bytes to the study's image L1/cell.png"
+    assert (validated.drop(index=table["path"][3])["status"] == "ok").all() and len(validated) == len(table)
+    assert read_json(tmp_path / "validation.json")["reasons"] == {"in_study": 1}
+
+
+def test_kfold_fits_a_variant_on_its_reference_images_and_no_split_in_the_job_graph(tmp_path):
+    """With k-fold every image is a test image once, so a fitted variant (white balance) takes
+    its reference from images outside the study: its fit reads them, no split nor study table
+    of boxes, and every fold's runs share its one feature folder."""
+    from PIL import Image
+
+    reference = tmp_path / "reference_slide"
+    reference.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200 + i, 190, 210)).save(reference / f"r{i}.png")
+    cfg = {
+        "results": "results",
+        "split": {"method": "kfold", "n_splits": 2},
+        "preprocessing": [{"name": "none"}, {"name": "wb", "reference_source": str(reference),
+                                              "steps": [{"step": "crop", "margin": 0.15}, {"step": "white_balance"}]}],
+        "models": [{"backbone": "efficientnet_lite0", "weights": "imagenet", "strategies": ["features_svm"]}],
+    }
+    overlay = tmp_path / "kfold.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "configs" / "test.yaml"), str(overlay))
+    jobs = _jobs(result.stdout)
+    (fit_inputs,) = jobs["fit_preprocessing"]
+    assert sorted(fit_inputs) == sorted([str(reference), "results/data/validated.tsv"])
+    extract = [i for i in jobs["extract_features"] if "results/preprocessing/wb/state.json" in i]
+    assert len(extract) == 1 and len(jobs["extract_features"]) == 2  # one folder per variant, for every fold
+    runs = [i for i in jobs["train_svm"] if any("efficientnet_lite0@wb" in p for p in i)]
+    assert len(runs) == len(jobs["train_svm"]) // 2 == 2 * len(TEST_CONFIG["tasks"])  # 2 folds x 3 tasks
+
+
 def test_demo_external_set_differs_in_stain_and_scale(tmp_path):
     from PIL import Image
 

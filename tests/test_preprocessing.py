@@ -208,6 +208,69 @@ def test_fitted_steps_see_training_images_that_are_never_test_images():
     assert any("kfold" in p for p in check_preprocessing_config(cfg))
     cfg["preprocessing"].append({"name": "none", "steps": [{"step": "crop"}]})
     assert any("reserved" in p for p in check_preprocessing_config(cfg))
+
+
+def test_a_reference_source_outside_the_study_lets_kfold_fit_a_variant(tmp_path):
+    steps = [{"step": "crop", "margin": 0.15}, {"step": "white_balance"}]
+    cfg = {"preprocessing": [{"name": "wb", "steps": steps, "reference_source": str(tmp_path)}], "split": {"method": "kfold"}}
+    assert check_preprocessing_config(cfg) == []  # fitted on images no split touches
+    variant = Variant.from_dict(cfg["preprocessing"][0])
+    assert variant.to_dict()["reference_source"] == str(tmp_path)
+    assert "reference_source" not in Variant.from_dict({"name": "wb", "steps": steps}).to_dict()  # old params unchanged
+    cfg["preprocessing"][0]["reference_source"] = str(tmp_path / "missing")
+    (problem,) = check_preprocessing_config(cfg)
+    assert "does not exist" in problem and "missing" in problem
+    cfg["preprocessing"] = [{"name": "cropped", "steps": steps[:1], "reference_source": str(tmp_path)}]
+    (problem,) = check_preprocessing_config(cfg)
+    assert "no step is fitted" in problem
+
+
+def test_a_variant_is_fitted_on_its_reference_images_and_never_on_a_study_image(tmp_path):
+    import pandas as pd
+
+    from leukotype.io import read_json
+    from leukotype.preprocessing import fit_variant
+    from leukotype.stages import run_fit_preprocessing
+
+    def save(path, array):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+        return path
+
+    study = [save(tmp_path / "study" / f"s{i}.png", synthetic_cell(128, (64, 64), 25, seed=i)) for i in range(3)]
+    # the reference slide: another stain (a colour cast), in sub-folders, with one unreadable file
+    cast = np.array([0.8, 1.0, 1.15])
+    reference = [save(tmp_path / "ref" / f"slide{i % 2}" / f"r{i}.png",
+                      np.clip(synthetic_cell(128, (60, 70), 28, seed=10 + i) * cast, 0, 255).astype(np.uint8))
+                 for i in range(4)]
+    (tmp_path / "ref" / "notes.png").write_text("not an image")
+    validated = tmp_path / "validated.tsv"
+    import hashlib
+    pd.DataFrame({"image_id": [f"img{i}" for i in range(3)], "path": [p.name for p in study],
+                  "abspath": [str(p) for p in study], "md5": [hashlib.md5(p.read_bytes()).hexdigest() for p in study],
+                  "status": "ok"}).to_csv(validated, sep="\t", index=False)
+    variant = {"name": "wb", "steps": [{"step": "crop", "margin": 0.15}, {"step": "white_balance"}],
+               "reference_images": 3, "reference_source": str(tmp_path / "ref")}
+    checks = {"min_side": 32, "max_pixels": 50_000_000, "max_aspect_ratio": 5, "allow_outside_paths": False}
+    record = run_fit_preprocessing(validated, [], variant, [], 0, tmp_path / "state.json",
+                                   reference=tmp_path / "ref", validation=checks)
+    assert read_json(tmp_path / "state.json")["states"] == record["states"]
+    used = [r["path"] for r in record["reference"]]
+    assert record["n_images"] == 3 and len(set(used)) == 3 and "image_ids" not in record
+    assert set(used) <= {str(p) for p in reference}  # never the study's images, nor the unreadable file
+    images = [(p, Image.open(p).convert("RGB")) for p in used]
+    expected = fit_variant(Variant.from_dict(variant), images)  # crop boxes found on each image
+    assert record["states"] == expected and record["states"][0] is None
+    # the fitted background is the reference slide's cast one, not the study's
+    study_fit = fit_variant(Variant.from_dict(variant), [(str(p), Image.open(p).convert("RGB")) for p in study])
+    target, study_target = (np.asarray(s[1]["target"]) for s in (record["states"], study_fit))
+    assert target[2] > study_target[2] + 10 and target[0] < study_target[0] - 10
+    # a study image among the reference images is refused, naming it
+    (tmp_path / "ref" / "slide0" / "copy.png").write_bytes(study[1].read_bytes())
+    with pytest.raises(LeukotypeError, match=r"study images.*copy.png = the study's s1.png"):
+        run_fit_preprocessing(validated, [], variant, [], 0, tmp_path / "state2.json",
+                              reference=tmp_path / "ref", validation=checks)
+    assert not (tmp_path / "state2.json").exists()
 # ------------------------------------------------------------------ steps that remove lab differences
 
 

@@ -691,26 +691,38 @@ class StretchStep(Step):
 
 @dataclass(frozen=True)
 class Variant:
-    """One ``preprocessing`` entry: ``{name, steps: [{step: <kind>, ...}, ...], reference_images}``."""
+    """One ``preprocessing`` entry: ``{name, steps: [{step: <kind>, ...}, ...], reference_images,
+    reference_source}``.
+
+    A fitted step (stain reference, white balance) is fitted on at most ``reference_images``
+    images: the study's training images that are never test images, or, with
+    ``reference_source`` (a folder or manifest of images outside the study, e.g. a reference
+    slide), those images, so that the fit depends on no split and k-fold may use it."""
 
     name: str = NONE
     steps: tuple[Step, ...] = ()
     reference_images: int = 200
+    reference_source: str | None = None
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any] | None) -> Variant:
         entry = dict(entry or {})
-        unknown = sorted(set(entry) - {"name", "steps", "reference_images"})
+        unknown = sorted(set(entry) - {"name", "steps", "reference_images", "reference_source"})
         if unknown:
             raise LeukotypeError(f"preprocessing variant: unknown key(s) {unknown}")
+        source = entry.get("reference_source")
         return cls(
             name=str(entry.get("name", NONE)),
             steps=tuple(step_from_dict(s) for s in entry.get("steps") or ()),
             reference_images=int(entry.get("reference_images", 200)),
+            reference_source=str(source) if source else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": [s.to_dict() for s in self.steps], "reference_images": self.reference_images}
+        record = {"name": self.name, "steps": [s.to_dict() for s in self.steps], "reference_images": self.reference_images}
+        if self.reference_source:  # only when set: a study without it keeps its jobs' params
+            record["reference_source"] = self.reference_source
+        return record
 
     @property
     def is_identity(self) -> bool:
@@ -743,6 +755,13 @@ class Variant:
             problems.append(f"{where}: no steps; it would repeat 'none'")
         if sum(1 for s in self.steps if s.views) > 1:
             problems.append(f"{where}: at most one step may draw training views")
+        if self.reference_source and not self.fitted:
+            problems.append(f"{where}: reference_source is given, but no step is fitted (stain, white_balance)")
+        if self.reference_source and not Path(self.reference_source).expanduser().exists():
+            problems.append(
+                f"{where}: reference_source {self.reference_source!r} does not exist (relative to "
+                f"{Path.cwd()}); give a folder or manifest of reference images outside the study"
+            )
         return problems
 
 
@@ -775,11 +794,12 @@ def check_preprocessing_config(cfg: Mapping[str, Any]) -> list[str]:
             problems.append(f"preprocessing[{i}]: {err}")
             continue
         problems += variant.problems()
-        if variant.fitted and (cfg.get("split") or {}).get("method") == "kfold":
+        if variant.fitted and not variant.reference_source and (cfg.get("split") or {}).get("method") == "kfold":
             problems.append(
                 f"preprocessing variant {variant.name!r} fits a step (stain reference) on training "
                 "images that are never test images; with split.method kfold every image is a test "
-                "image in one fold, so use split.method holdout for this variant"
+                "image in one fold, so use split.method holdout for this variant, or give it "
+                "reference_source: a folder or manifest of reference images outside the study"
             )
     return problems
 

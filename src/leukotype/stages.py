@@ -210,28 +210,74 @@ def run_fit_preprocessing(
     analyses: Sequence[PathLike],
     seed: int,
     out_state: PathLike,
+    reference: PathLike | None = None,
+    validation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A variant's fitted states (stain reference) from at most ``reference_images`` training
-    images that are never test images in any fold of any task's ``splits``."""
+    images that are never test images in any fold of any task's ``splits``; or, when the
+    variant names a ``reference_source`` (``reference``: the same path), from its images,
+    validated under ``validation`` like new images, with any image whose bytes are a study
+    image's refused (a study image would bring its test part in again)."""
     from leukotype.images import load_rgb
     from leukotype.preprocessing import Variant, fit_variant, read_analysis_table, reference_image_ids
 
     variant = Variant.from_dict(preprocessing)
-    chosen = reference_image_ids([read_tsv(p) for p in splits], variant.reference_images, seed)
-    table = read_tsv(validated).set_index("image_id")
-    abspaths = table.loc[chosen, "abspath"].astype(str).tolist()
-    tables = {Path(p).parent.name: read_analysis_table(p) for p in analyses}
+    table = read_tsv(validated)
+    if reference is None:
+        chosen = reference_image_ids([read_tsv(p) for p in splits], variant.reference_images, seed)
+        abspaths = table.set_index("image_id").loc[chosen, "abspath"].astype(str).tolist()
+        tables = {Path(p).parent.name: read_analysis_table(p) for p in analyses}
+        used: dict[str, Any] = {"image_ids": chosen}
+    else:
+        if validation is None:
+            raise LeukotypeError("a reference source is validated like new images: give the config's validation")
+        reference_table = reference_images(reference, validation, table, variant.reference_images, seed)
+        abspaths = reference_table["abspath"].tolist()
+        tables = {}  # per-image rows (crop boxes) are computed from each reference image
+        used = {"reference_source": str(reference), "reference": reference_table[["path", "md5"]].to_dict("records")}
     states = fit_variant(variant, [(p, load_rgb(p)) for p in abspaths], tables)
     record = {
         "variant": variant.to_dict(),
         "states": states,
-        "image_ids": chosen,
-        "n_images": len(chosen),
+        **used,
+        "n_images": len(abspaths),
         "provenance": provenance(seed=seed),
     }
     write_json(record, out_state)
-    log.info("variant %s fitted on %d training images (never test images)", variant.name, len(chosen))
+    where = f"images of {reference}" if reference is not None else "training images (never test images)"
+    log.info("variant %s fitted on %d %s", variant.name, len(abspaths), where)
     return record
+
+
+def reference_images(
+    source: PathLike, validation: Mapping[str, Any], study: pd.DataFrame, n: int, seed: int
+) -> pd.DataFrame:
+    """``path, abspath, md5`` of at most ``n`` (seeded sample) valid images of a reference
+    source (a folder or manifest outside the study, :func:`leukotype.predict.gather_inputs`),
+    none with the bytes of an image of the validated ``study`` table."""
+    import hashlib
+
+    from leukotype.predict import gather_inputs, validate_inputs
+
+    table = validate_inputs(gather_inputs([source]), validation)
+    for row in table[table["status"] != "ok"].itertuples():
+        log.warning("reference %s: rejected %s: %s", source, row.path, row.reason)
+    table = table[table["status"] == "ok"].reset_index(drop=True)
+    table["md5"] = [hashlib.md5(Path(p).read_bytes()).hexdigest() for p in table["abspath"]]
+    in_study = dict(zip(study["md5"].astype(str), study["path"].astype(str)))
+    shared = table[table["md5"].isin(in_study)]
+    if not shared.empty:
+        examples = "; ".join(f"{r.path} = the study's {in_study[r.md5]}" for r in shared.head(3).itertuples())
+        raise LeukotypeError(
+            f"reference_source {source}: {len(shared)} image(s) are study images (identical bytes: "
+            f"{examples}); a fitted step would see the study's test images through them, so give "
+            "reference images from outside the study"
+        )
+    if table.empty:
+        raise LeukotypeError(f"reference_source {source}: no valid image to fit the variant on")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(table), size=min(n, len(table)), replace=False).tolist())
+    return table.iloc[chosen][["path", "abspath", "md5"]].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------- classifier

@@ -33,8 +33,11 @@ def run_validate_external(
     out_table: PathLike,
     out_summary: PathLike,
     threads: int = 1,
+    study: PathLike | None = None,
 ) -> pd.DataFrame:
-    """Validate an external set as training data is validated (same checks and reasons)."""
+    """Validate an external set as training data is validated (same checks and reasons); an
+    image with the bytes of an image of the validated ``study`` table is rejected as
+    ``in_study`` (a training image scored as another lab's would inflate the external score)."""
     from leukotype.dataset import read_dataset
     from leukotype.validate import summarise_validation, validate_images
 
@@ -47,12 +50,27 @@ def run_validate_external(
         max_pixels=validation_cfg["max_pixels"],
         threads=threads,
     )
+    if study is not None:
+        validated = reject_study_images(validated, read_tsv(study))
     for row in validated[validated["status"] != "ok"].itertuples():
         log.warning("external %s: rejected %s: %s", ext.name, row.path, row.reason)
     summary = summarise_validation(validated)
     log.info("external %s validation: %s", ext.name, summary)
     write_tsv(validated, out_table)
     write_json({"external": ext.name, "dataset": str(source), **summary, "provenance": provenance()}, out_summary)
+    return validated
+
+
+def reject_study_images(validated: pd.DataFrame, study: pd.DataFrame) -> pd.DataFrame:
+    """``validated`` with its valid rows whose bytes (md5) are a ``study`` image's rejected as
+    ``in_study``, naming that image."""
+    in_study = dict(zip(study["md5"].astype(str), study["path"].astype(str)))
+    shared = (validated["status"] == "ok") & validated["md5"].astype(str).isin(in_study)
+    validated = validated.copy()
+    validated.loc[shared, "status"] = "rejected"
+    validated.loc[shared, "reason"] = [
+        f"in_study: identical bytes to the study's image {in_study[m]}" for m in validated.loc[shared, "md5"].astype(str)
+    ]
     return validated
 
 

@@ -107,6 +107,19 @@ def preprocessing_inputs(wildcards):
     return files
 
 
+def fit_preprocessing_inputs(wildcards):
+    """What a variant's fitted steps see: at most `reference_images` training images that are
+    test images in no task's split (so every split is an input), or the variant's
+    `reference_source`, which no split changes."""
+    variant = PREP[wildcards.variant]
+    if variant.reference_source:
+        return {"reference": variant.reference_source}
+    return {
+        "splits": [f"{R}/data/splits/{task}.tsv" for task in TASKS],
+        "analyses": [paths.analysis_table(R, key) for key in variant.analysis_keys()],
+    }
+
+
 def external_preprocessing_inputs(wildcards):
     """The external set's own per-image tables and the variant's state fitted on training."""
     variant = variant_of(wildcards)

@@ -22,6 +22,8 @@ rule demo_external_data:
 rule validate_external:
     input:
         dataset=external_source,
+        # the study's images: one with the same bytes is rejected (in_study), not scored
+        study=rules.validate_images.output.table,
     output:
         table=f"{R}/external/{{ext}}/validated.tsv",
         summary=f"{R}/external/{{ext}}/validation.json",

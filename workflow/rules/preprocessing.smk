@@ -1,6 +1,7 @@
 # Preprocessing variants' data (leukotype.preprocessing), computed once and shared: each
 # per-image step's table (crop boxes: one per margin, whichever variants use it) and each
-# variant's fitted states (stain reference: training images that are never test images).
+# variant's fitted states (stain reference: training images that are never test images, or the
+# variant's reference images from outside the study).
 # The external sets' own tables are made in external.smk.
 
 
@@ -27,13 +28,10 @@ rule analyse_images:
 
 rule fit_preprocessing:
     input:
+        # the study's images (a reference source's may not repeat them), and what the fit
+        # sees: training images and their splits, or the variant's reference images
+        unpack(fit_preprocessing_inputs),
         validated=rules.validate_images.output.table,
-        # every task's split: the fitted images are test images in none of them
-        splits=[f"{R}/data/splits/{task}.tsv" for task in TASKS],
-        analyses=lambda wildcards: [
-            paths.analysis_table(R, key)
-            for key in PREP[wildcards.variant].analysis_keys()
-        ],
     output:
         state=paths.prep_state(R),
     log:
@@ -49,5 +47,6 @@ rule fit_preprocessing:
     params:
         preprocessing=lambda wildcards: PREP[wildcards.variant].to_dict(),
         seed=config["split"]["seed"],
+        validation=config["validation"],
     script:
         "../scripts/fit_preprocessing.py"

@@ -1,4 +1,5 @@
-"""Snakemake adapter: a preprocessing variant's fitted states (stain reference) from training images."""
+"""Snakemake adapter: a preprocessing variant's fitted states (stain reference) from training
+images, or from the variant's reference images outside the study."""
 
 from leukotype.smk import logged
 from leukotype.stages import run_fit_preprocessing
@@ -6,9 +7,11 @@ from leukotype.stages import run_fit_preprocessing
 with logged(snakemake):
     run_fit_preprocessing(
         snakemake.input.validated,
-        snakemake.input.splits,
+        snakemake.input.get("splits", []),
         snakemake.params.preprocessing,
-        snakemake.input.analyses,
+        snakemake.input.get("analyses", []),
         snakemake.params.seed,
         snakemake.output.state,
+        reference=snakemake.input.get("reference") or None,
+        validation=snakemake.params.validation,
     )

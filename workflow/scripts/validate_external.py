@@ -11,4 +11,5 @@ with logged(snakemake):
         snakemake.output.table,
         snakemake.output.summary,
         threads=snakemake.threads,
+        study=snakemake.input.study,
     )
