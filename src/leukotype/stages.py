@@ -258,16 +258,17 @@ def reference_images(
     import hashlib
 
     from leukotype.predict import gather_inputs, validate_inputs
+    from leukotype.validate import study_copies
 
     table = validate_inputs(gather_inputs([source]), validation)
     for row in table[table["status"] != "ok"].itertuples():
         log.warning("reference %s: rejected %s: %s", source, row.path, row.reason)
     table = table[table["status"] == "ok"].reset_index(drop=True)
     table["md5"] = [hashlib.md5(Path(p).read_bytes()).hexdigest() for p in table["abspath"]]
-    in_study = dict(zip(study["md5"].astype(str), study["path"].astype(str)))
-    shared = table[table["md5"].isin(in_study)]
+    copies = study_copies(table["md5"], study)
+    shared = table[copies != ""]
     if not shared.empty:
-        examples = "; ".join(f"{r.path} = the study's {in_study[r.md5]}" for r in shared.head(3).itertuples())
+        examples = "; ".join(f"{path} = the study's {copies[i]}" for i, path in shared["path"].head(3).items())
         raise LeukotypeError(
             f"reference_source {source}: {len(shared)} image(s) are study images (identical bytes: "
             f"{examples}); a fitted step would see the study's test images through them, so give "

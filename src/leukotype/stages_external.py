@@ -64,13 +64,13 @@ def run_validate_external(
 def reject_study_images(validated: pd.DataFrame, study: pd.DataFrame) -> pd.DataFrame:
     """``validated`` with its valid rows whose bytes (md5) are a ``study`` image's rejected as
     ``in_study``, naming that image."""
-    in_study = dict(zip(study["md5"].astype(str), study["path"].astype(str)))
-    shared = (validated["status"] == "ok") & validated["md5"].astype(str).isin(in_study)
+    from leukotype.validate import study_copies
+
+    copies = study_copies(validated["md5"], study)
+    shared = (validated["status"] == "ok") & (copies != "")
     validated = validated.copy()
     validated.loc[shared, "status"] = "rejected"
-    validated.loc[shared, "reason"] = [
-        f"in_study: identical bytes to the study's image {in_study[m]}" for m in validated.loc[shared, "md5"].astype(str)
-    ]
+    validated.loc[shared, "reason"] = "in_study: identical bytes to the study's image " + copies[shared]
     return validated
 
 

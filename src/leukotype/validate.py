@@ -351,6 +351,14 @@ def class_counts(validated_ok: pd.DataFrame, task: Task) -> dict[str, int]:
     return {cls: int(counts.get(cls, 0)) for cls in task.classes}
 
 
+def study_copies(md5s: pd.Series, study: pd.DataFrame) -> pd.Series:
+    """For each md5 the ``path`` of the validated ``study`` image with those bytes, "" for
+    none: images from outside the study (external sets, stain references) must not be copies
+    of its images."""
+    path_of = dict(zip(study["md5"].astype(str), study["path"].astype(str)))
+    return md5s.astype(str).map(path_of).fillna("")
+
+
 def summarise_validation(validated: pd.DataFrame) -> dict[str, Any]:
     """Counts per status, per reason code, and of converted (non-RGB) images."""
     codes = validated["reason"].fillna("").astype(str).str.split(":", n=1).str[0]
