@@ -36,12 +36,14 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
 
-_PROTOCOL = """\
+#: PBC's white-cell classes, the five it shares with JTSC (the bench scripts' task)
+WHITE_CELL_CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+_PROTOCOL = f"""\
 tasks:
   - name: cell_type
     column: label
-    classes: [basophil, eosinophil, lymphocyte, monocyte, neutrophil]
-augmentation: {rotations: []}
+    classes: [{", ".join(WHITE_CELL_CLASSES)}]
+augmentation: {{rotations: []}}
 """
 #: Overlays on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped
 #: config). ``svm``: Lite0 features -> SVM with the config's variants, BatchNorm adaptation on;
@@ -93,7 +95,7 @@ def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
 
     root = REPO_ROOT.parent / "shared" / "data" / "pbc"
     table = pd.read_csv(root / "manifest.csv")
-    table = table[table["label"].isin(["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"])]
+    table = table[table["label"].isin(WHITE_CELL_CLASSES)]
     table = table.assign(path=[str((root / p).resolve()) for p in table["path"]])[["path", "label"]]
     rng = np.random.default_rng(seed)
     reference = pd.concat([rows.iloc[rng.permutation(len(rows))[:KFOLD_REFERENCE_PER_CLASS]]

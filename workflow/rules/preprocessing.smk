@@ -47,6 +47,5 @@ rule fit_preprocessing:
     params:
         preprocessing=lambda wildcards: PREP[wildcards.variant].to_dict(),
         seed=config["split"]["seed"],
-        validation=config["validation"],
     script:
         "../scripts/fit_preprocessing.py"

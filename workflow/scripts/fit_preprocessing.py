@@ -13,5 +13,7 @@ with logged(snakemake):
         snakemake.params.seed,
         snakemake.output.state,
         reference=snakemake.input.get("reference") or None,
-        validation=snakemake.params.validation,
+        # not a param: a change of the validation settings reruns validate_images, whose table
+        # is an input, so a param would only rerun every existing study's fit (and extraction)
+        validation=snakemake.config["validation"],
     )
