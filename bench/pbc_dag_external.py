@@ -17,6 +17,8 @@ and the bench scripts' numbers for the same setting with the difference in point
     .venv/bin/python bench/pbc_dag_external.py --run                              # ~20 min on 2 busy cores
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune --append  # the fine-tuned recipe
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_balanced --append \
+        --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, shot_weight: balanced
     .venv/bin/python bench/pbc_dag_external.py                                    # re-read a finished run
 """
 
@@ -86,6 +88,23 @@ preprocessing:
 """,
 }
 KFOLD_REFERENCE_PER_CLASS = 20
+#: Overlays that rerun ``kfold``'s few-shot refits with the lab's cells weighted
+#: (``evaluation.external[].shot_weight``) -> the weight; their rows are the few-shot ones
+#: only (the zero-shot rows are ``kfold``'s).
+SHOT_WEIGHT_OVERLAYS = {"kfold_balanced": "balanced"}
+
+
+def jtsc_entry(**extra: Any) -> dict[str, Any]:
+    """configs/pbc.yaml's external set, with ``extra`` keys (an overlay replaces the list)."""
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / "pbc.yaml").read_text())
+    (entry,) = config["evaluation"]["external"]
+    return {**entry, **extra}
+
+
+for _name, _weight in SHOT_WEIGHT_OVERLAYS.items():
+    OVERLAYS[_name] = OVERLAYS["kfold"] + f"evaluation: {{external: [{json.dumps(jtsc_entry(shot_weight=_weight))}]}}\n"
 
 
 def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
@@ -107,7 +126,7 @@ def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
 
 
 def overlay_text(run_dir: Path, overlay_name: str) -> str:
-    if overlay_name == "kfold":
+    if overlay_name == "kfold" or overlay_name in SHOT_WEIGHT_OVERLAYS:
         files = write_kfold_manifests(run_dir)
         return OVERLAYS[overlay_name].replace("STUDY_MANIFEST", files["study"]).replace("REFERENCE_MANIFEST", files["reference"])
     return OVERLAYS[overlay_name]
@@ -225,6 +244,8 @@ def summarise(results: Path) -> pd.DataFrame:
             # a few-shot row's model is the refitted one: its own internal accuracy
             "internal_accuracy": record.get("internal_accuracy_all") if record["adapt"] == "shots" else internal["metrics"]["accuracy"],
             "n_shots": record.get("n_shots", 0),
+            "shot_weight": record.get("shot_weight", 1.0 if record["adapt"] == "shots" else pd.NA),
+            "weight_per_shot": record.get("weight_per_shot", 1.0 if record["adapt"] == "shots" else pd.NA),
             "shots_per_class": json.dumps(record.get("shots_per_class")) if record.get("shots_per_class") else "",
             "internal_shared_accuracy": record["internal_metrics"]["accuracy"],
             "external_accuracy": ext_m["accuracy"],
@@ -268,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     boxes = crop_box_differences(args.run_dir / "results")
     for key, value in boxes.items():  # the internal images' crop boxes, shared by the crop variants
         table[key] = [value if prep != "none" else pd.NA for prep in table["preprocessing"]]
-    if args.overlay == "kfold":  # the bench scripts have no k-fold rows to compare with
+    if args.overlay == "kfold" or args.overlay in SHOT_WEIGHT_OVERLAYS:  # no bench rows to compare with
         table = table.drop(columns=[c for c in table.columns if "bench" in c])
+    if args.overlay in SHOT_WEIGHT_OVERLAYS:
+        table = table[table["adapt"] == "shots"].reset_index(drop=True)
     table = table.assign(**fit_records(args.run_dir / "results", table["preprocessing"]))
     table["overlay"] = overlay_text(args.run_dir, args.overlay).replace("\n", " ").strip()
     for key, value in {**info, **machine_info()}.items():

@@ -260,6 +260,31 @@ def test_gram_svc_is_libsvm_svc_with_precomputed_kernels(params, monkeypatch):
     )
 
 
+def test_every_svm_takes_sample_weights_and_a_weighted_model_saves_as_a_plain_one(tmp_path):
+    """Weights (a few-shot refit's ``shot_weight``) reach libsvm and liblinear on every path: the
+    exact SVM equals SVC fitted with them; the scalable ones (the linear one-vs-one wrapper
+    needs scikit-learn's metadata routing) change their scores, and their model files load
+    with the allowed types and score as before saving."""
+    from sklearn.svm import SVC
+
+    X, y_int = make_classification(n_samples=120, n_features=10, n_informative=5, n_classes=3,
+                                   n_clusters_per_class=1, random_state=3)
+    y = np.array(["L1", "L2", "M3"])[y_int]
+    weights = np.where(np.arange(120) % 7 == 0, 5.0, 1.0)
+    reference = SVC(C=0.5).fit(X, y, sample_weight=weights)
+    gram = classify.GramSVC(C=0.5).fit(X, y, sample_weight=weights)
+    np.testing.assert_allclose(gram.decision_function(X), reference.decision_function(X), atol=1e-8)
+    assert (classify.GramSVC(C=0.5).fit(X, y).predict(X) != gram.predict(X)).any()
+    for kernel in ("linear", "rbf"):
+        weighted = classify.make_svm_pipeline(kernel=kernel, solver="scalable").fit(X, y, svm__sample_weight=weights)
+        plain = classify.make_svm_pipeline(kernel=kernel, solver="scalable").fit(X, y)
+        assert np.abs(weighted.decision_function(X) - plain.decision_function(X)).max() > 0.1
+        save_model(weighted, tmp_path / f"{kernel}.skops")
+        np.testing.assert_array_equal(
+            load_model(tmp_path / f"{kernel}.skops").decision_function(X), weighted.decision_function(X)
+        )
+
+
 def test_grid_search_matches_sklearn_gridsearchcv_over_a_pipeline():
     """The shared-Gram search gives GridSearchCV's fold scores, choice and refitted model."""
     from sklearn.model_selection import GridSearchCV

@@ -45,6 +45,20 @@ def test_unknown_task_and_duplicate_names_fail_at_validation():
     assert "name 'lab2' is used twice" in str(err.value)
 
 
+def test_a_shot_weight_must_be_positive_or_balanced_and_needs_few_shot_cells():
+    with pytest.raises(LeukotypeError) as err:
+        validate_config(config_with([{"name": "lab2", "source": "x", "train_per_class": 2, "shot_weight": 0}]))
+    assert "shot_weight" in str(err.value)
+    with pytest.raises(LeukotypeError) as err:
+        validate_config(config_with([{"name": "lab2", "source": "x", "shot_weight": "balanced"}]))
+    assert "shot_weight weighs few-shot cells, but train_per_class is 0" in str(err.value)
+    cfg = validate_config(config_with([{"name": "lab2", "source": "x", "train_per_class": 2}]))
+    assert "shot_weight" not in cfg["evaluation"]["external"][0]  # no new param for existing studies
+    ext = ExternalSet.from_dict({"name": "lab2", "source": "x", "train_per_class": 2, "shot_weight": "balanced"})
+    assert ext.weight_per_shot(300, 75) == 4.0
+    assert ExternalSet.from_dict({"name": "lab2", "source": "x", "shot_weight": 2.5}).weight_per_shot(300, 75) == 2.5
+
+
 def test_valid_external_entry_gets_its_defaults():
     cfg = validate_config(config_with([{"name": "lab2", "source": "x"}]))
     (entry,) = cfg["evaluation"]["external"]
@@ -493,6 +507,59 @@ def test_few_shot_refit_learns_the_other_labs_cells_and_keeps_its_own(tmp_path):
     assert few_shot["External n"] == "45" and rows.loc["none", "External n"] == "60"
     assert float(few_shot["External accuracy"]) >= 90.0 > 40.0 > float(rows.loc["none", "External accuracy"])
     assert few_shot["vs best"] == NOT_PAIRED and rows.loc["none", "vs best"] == "best"
+
+
+def test_balanced_shot_weight_lets_few_lab_cells_move_a_regularised_svm(tmp_path):
+    """54 training rows against 15 of the lab's cells, a soft-margin linear SVM (C 1): with
+    weight 1 the refit still follows the training lab and gets about half of the lab's other
+    cells right; with ``shot_weight: balanced`` each lab cell weighs 54 / 15 = 3.6 rows (listed
+    in shots.tsv and the metrics) and the refit gets at least 20 points more of them right."""
+    from leukotype.classify import make_svm_pipeline, save_model
+    from leukotype.feature_store import write_feature_matrix
+    from leukotype.stages_external import run_adapt_external_svm, run_evaluate_external
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+
+    def cells(label, n, shift):
+        x = rng.normal(0.0, 0.25, (n, 6))
+        x[:, 0] += 3.0 * classes.index(label) + shift
+        return x
+
+    X = np.vstack([cells(c, 24, 0.0) for c in classes])
+    part = np.array((["train"] * 18 + ["test"] * 6) * 3)
+    samples = pd.DataFrame({"image_id": [f"i{i}" for i in range(72)], "group": [f"i{i}" for i in range(72)],
+                            "transform": "identity", "label": [c for c in classes for _ in range(24)],
+                            "fold": "holdout", "part": part})
+    samples.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    write_feature_matrix(tmp_path / "features", "pool", samples[["image_id", "transform"]], X)
+    train = part == "train"
+    save_model(make_svm_pipeline(kernel="linear", C=1.0).fit(X[train], samples["label"][train]), tmp_path / "svm.skops")
+    validated = pd.DataFrame({"image_id": [f"e{i}" for i in range(60)], "abspath": "/x.png",
+                              "subtype": [c for c in classes for _ in range(20)],
+                              "group": [f"e{i}" for i in range(60)], "status": "ok"})
+    validated.to_csv(tmp_path / "validated.tsv", sep="\t", index=False)
+    X_ext = np.vstack([cells(c, 20, 2.0) for c in classes])  # a lands in b's region, b in c's
+    write_feature_matrix(tmp_path / "ext", "pool", validated[["image_id"]].assign(transform="identity"), X_ext)
+    task = {"name": "subtype", "column": "subtype", "classes": classes}
+    accuracy = {}
+    for weight in (1.0, "balanced"):
+        ext_cfg = {"name": "lab2", "source": "x", "train_per_class": 5, "shot_weight": weight}
+        out = {k: tmp_path / f"{weight}_{k}" for k in ("pred.tsv", "internal.tsv", "shots.tsv", "svm.skops")}
+        adapted = run_adapt_external_svm(tmp_path / "svm.skops", tmp_path / "samples.tsv", "holdout",
+                                         [tmp_path / "features"], tmp_path / "validated.tsv", task, ext_cfg,
+                                         [tmp_path / "ext"], ["pool"], 0, *out.values())
+        accuracy[weight] = (adapted["true"] == adapted["pred"]).mean()
+        record = run_evaluate_external(out["pred.tsv"], out["internal.tsv"], tmp_path / "samples.tsv",
+                                       tmp_path / "validated.tsv", task, ext_cfg,
+                                       {"task": "subtype", "strategy": "features_svm", "backbone": "vgg16",
+                                        "layer": "fc6", "fold": "holdout", "ext": "lab2", "adapt": "shots"},
+                                       {"n_bootstrap": 20, "seed": 0}, tmp_path / f"{weight}.json",
+                                       shots=out["shots.tsv"])
+        expected = 1.0 if weight == 1.0 else 54 / 15
+        assert record["shot_weight"] == weight and record["weight_per_shot"] == pytest.approx(expected)
+        assert pd.read_csv(out["shots.tsv"], sep="\t")["weight"].tolist() == pytest.approx([expected] * 15)
+    assert accuracy[1.0] <= 0.6 and accuracy["balanced"] >= accuracy[1.0] + 0.2
 
 
 def test_external_features_of_a_fitted_variant_with_colour_views(tmp_path):

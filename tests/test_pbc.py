@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_helpers import REPO, snakemake
+from workflow_helpers import REPO, planned_jobs, snakemake
 
 pytestmark = [pytest.mark.e2e, pytest.mark.shared_data]
 
@@ -62,18 +62,16 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
     Rotations are off to keep the suite inside its time budget (800 forward passes instead of
     3,200 on 2 cores); bench/ measures the augmented setting.
     """
-    config = pbc_config(
-        tmp_path,
-        shared_data,
-        augmentation={"rotations": []},
-        models=[{"backbone": "efficientnet_lite0", "weights": "imagenet",
-                 "strategies": ["features_svm", "finetune", "finetune_svm"]}],
-        finetune={"policy": "head", "epochs": 20, "batch_size": 30, "lr": 0.01},
-        evaluation={"n_bootstrap": 500, "external": [
-            {"name": "jtsc", "source": str(shared_data / "jtsc"), "labels": {"cell_type": {c: c for c in JTSC}},
-             "train_per_class": 20}
-        ]},
-    )
+    jtsc = {"name": "jtsc", "source": str(shared_data / "jtsc"), "labels": {"cell_type": {c: c for c in JTSC}},
+            "train_per_class": 20}
+    settings = {
+        "augmentation": {"rotations": []},
+        "models": [{"backbone": "efficientnet_lite0", "weights": "imagenet",
+                    "strategies": ["features_svm", "finetune", "finetune_svm"]}],
+        "finetune": {"policy": "head", "epochs": 20, "batch_size": 30, "lr": 0.01},
+        "evaluation": {"n_bootstrap": 500, "external": [jtsc]},
+    }
+    config = pbc_config(tmp_path, shared_data, **settings)
     snakemake(tmp_path, configfile=config)
 
     table = pd.read_csv(tmp_path / "results/tables/cell_type.csv")
@@ -124,6 +122,15 @@ def test_pbc_efficientnet_features_and_finetuning_far_above_chance(tmp_path, sha
         assert "jtsc" not in log.read_text(), log
     external_meta = json.loads((tmp_path / "results/external/jtsc/features/none/efficientnet_lite0/meta.json").read_text())
     assert external_meta["n_rows"] == 300 and meta["n_rows"] == 800  # own folder; training's unchanged
+    # Another weight for the lab's few-shot cells reruns the two refits and what reads their
+    # rows, not the set's validation, extraction or zero-shot scores
+    weighted = pbc_config(tmp_path, shared_data, **{**settings, "evaluation": {
+        "n_bootstrap": 500, "external": [{**jtsc, "shot_weight": "balanced"}]}})
+    jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=weighted))
+    assert jobs["adapt_external_svm"] == 2 and jobs["evaluate_external"] == 2, jobs
+    for rule in ("validate_external", "extract_external_features", "predict_external_svm",
+                 "predict_external_finetune", "train_svm", "finetune", "extract_features"):
+        assert rule not in jobs, jobs
 
 
 def _check_few_shot(results: Path, table: pd.DataFrame) -> None:

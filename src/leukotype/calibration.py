@@ -77,12 +77,14 @@ def out_of_fold_svm_scores(
     classes: Sequence[str],
     cv_folds: int = 3,
     seed: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, K) decision scores of the training rows, each from a refit that did not see its group.
 
     The refits clone ``pipeline`` (same kernel, C, gamma) on the grouped, stratified inner folds
     that the grid search uses (``classify.make_inner_cv``), so rotated copies of an image or a
-    patient's other cells never score their own group.
+    patient's other cells never score their own group. ``sample_weight``: the rows' SVM weights
+    when ``pipeline`` was fitted with them (a few-shot refit's), used by every refit.
     """
     from sklearn.base import clone
 
@@ -99,7 +101,8 @@ def out_of_fold_svm_scores(
                 "an inner calibration fold lacks a class; add images from more groups or lower "
                 "svm.cv_folds"
             )
-        model = clone(pipeline).fit(X[fit_rows], y[fit_rows])
+        weights = {} if sample_weight is None else {"svm__sample_weight": np.asarray(sample_weight)[fit_rows]}
+        model = clone(pipeline).fit(X[fit_rows], y[fit_rows], **weights)
         scores[val_rows] = decision_scores(model, X[val_rows], classes)
     return scores
 
@@ -113,6 +116,7 @@ def fit_svm_calibration(
     cv_folds: int = 3,
     seed: int = 0,
     scores: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Temperature for the SVM's decision scores, fitted on out-of-fold training scores.
 
@@ -123,7 +127,9 @@ def fit_svm_calibration(
     """
     classes = [str(c) for c in classes]
     if scores is None:
-        scores = out_of_fold_svm_scores(pipeline, X, y, groups, classes, cv_folds=cv_folds, seed=seed)
+        scores = out_of_fold_svm_scores(
+            pipeline, X, y, groups, classes, cv_folds=cv_folds, seed=seed, sample_weight=sample_weight
+        )
     elif np.shape(scores) != (len(y), len(classes)) or not np.isfinite(scores).all():
         raise LeukotypeError(
             f"out-of-fold scores of shape {np.shape(scores)} (finite: "

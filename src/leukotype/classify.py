@@ -228,7 +228,10 @@ class GramSVC(ClassifierMixin, BaseEstimator):
             gram, self.kernel, self.gamma_, sq_rows, sq_cols, degree=self.degree, coef0=self.coef0
         )
 
-    def fit(self, X: np.ndarray, y: Sequence[Any]) -> GramSVC:
+    def fit(
+        self, X: np.ndarray, y: Sequence[Any], sample_weight: np.ndarray | None = None
+    ) -> GramSVC:
+        """``sample_weight``: per-row multipliers of ``C``, as in ``SVC.fit``."""
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {list(KERNELS)}")
         X = np.asarray(X, dtype=np.float64)
@@ -239,20 +242,25 @@ class GramSVC(ClassifierMixin, BaseEstimator):
                 len(X),
                 self.gram_mb,
             )
-            self.svc_ = self._svc(self.kernel).fit(X, np.asarray(y))
+            self.svc_ = self._svc(self.kernel).fit(X, np.asarray(y), sample_weight=sample_weight)
             self.support_, self.classes_ = self.svc_.support_, self.svc_.classes_
             self.n_features_in_, self.n_fit_ = X.shape[1], len(X)
             self.support_vectors_ = None  # kept by the SVC itself
             return self
         gram, sq, _ = _gram(X, X)
-        return self._fit_gram(gram, sq, X, y)
+        return self._fit_gram(gram, sq, X, y, sample_weight)
 
     def _fit_gram(
-        self, gram: np.ndarray, sq: np.ndarray, X: np.ndarray, y: Sequence[Any]
+        self,
+        gram: np.ndarray,
+        sq: np.ndarray,
+        X: np.ndarray,
+        y: Sequence[Any],
+        sample_weight: np.ndarray | None = None,
     ) -> GramSVC:
         """Fit on ``gram = X @ X.T`` and ``sq`` = squared row norms of X (shared by a search)."""
         self.gamma_ = resolve_gamma(self.gamma, X)
-        svc = self._svc().fit(self._kernel(gram, sq, sq), np.asarray(y))
+        svc = self._svc().fit(self._kernel(gram, sq, sq), np.asarray(y), sample_weight=sample_weight)
         self.n_fit_ = len(X)
         self.support_vectors_ = np.asarray(X, dtype=np.float64)[svc.support_]
         self.support_ = svc.support_
@@ -315,6 +323,30 @@ def _linear_svm(C: float, kernel: str, class_weight, random_state) -> BaseEstima
     )
 
 
+def _fit_weighted(
+    estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None
+) -> BaseEstimator:
+    """``estimator.fit(X, y, sample_weight=...)``, also for the one-vs-one wrapper.
+
+    ``OneVsOneClassifier`` passes weights to its binary SVMs only through scikit-learn's
+    metadata routing. It is switched on for this one call (not globally), and the routing
+    requests are removed again afterwards, so the saved model holds no routing objects (a
+    model file may hold only ``ALLOWED_MODEL_TYPES``).
+    """
+    if sample_weight is None:
+        return estimator.fit(X, y)
+    if not isinstance(estimator, OneVsOneClassifier):
+        return estimator.fit(X, y, sample_weight=sample_weight)
+    import sklearn
+
+    with sklearn.config_context(enable_metadata_routing=True):
+        estimator.estimator.set_fit_request(sample_weight=True)
+        estimator.fit(X, y, sample_weight=sample_weight)
+    for part in (estimator.estimator, *estimator.estimators_):
+        part.__dict__.pop("_metadata_request", None)
+    return estimator
+
+
 class ScalableSVC(ClassifierMixin, BaseEstimator):
     """A linear SVM in the features (``kernel="linear"``) or in a Nystroem feature map that
     approximates the RBF kernel (``kernel="rbf"``), for training sets whose kernel matrix does
@@ -360,13 +392,23 @@ class ScalableSVC(ClassifierMixin, BaseEstimator):
             random_state=self.random_state,
         ).fit(X)
 
-    def fit(self, X: np.ndarray, y: Sequence[Any]) -> ScalableSVC:
+    def fit(
+        self, X: np.ndarray, y: Sequence[Any], sample_weight: np.ndarray | None = None
+    ) -> ScalableSVC:
+        """``sample_weight``: per-row multipliers of ``C``, as in ``LinearSVC.fit``."""
         X = np.asarray(X, dtype=np.float32)
         feature_map = self._make_map(X)
-        return self._fit_mapped(self._apply(feature_map, X), y, feature_map, X.shape[1])
+        return self._fit_mapped(
+            self._apply(feature_map, X), y, feature_map, X.shape[1], sample_weight
+        )
 
     def _fit_mapped(
-        self, Z: np.ndarray, y: Sequence[Any], feature_map: Nystroem | None, n_features: int
+        self,
+        Z: np.ndarray,
+        y: Sequence[Any],
+        feature_map: Nystroem | None,
+        n_features: int,
+        sample_weight: np.ndarray | None = None,
     ) -> ScalableSVC:
         """Fit the linear solver on already mapped rows ``Z`` (shared by a search's C values)."""
         self.map_ = feature_map
@@ -374,9 +416,12 @@ class ScalableSVC(ClassifierMixin, BaseEstimator):
         with warnings.catch_warnings():
             # liblinear stopping at max_iter is reported as the fit's n_iter_, not per warning
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self.linear_ = _linear_svm(
-                self.C, self.kernel, self.class_weight, self.random_state
-            ).fit(Z, np.asarray(y))
+            self.linear_ = _fit_weighted(
+                _linear_svm(self.C, self.kernel, self.class_weight, self.random_state),
+                Z,
+                np.asarray(y),
+                sample_weight,
+            )
         self.classes_ = self.linear_.classes_
         self.n_features_in_ = n_features
         return self

@@ -183,9 +183,11 @@ def export_run(
     X_train = load_features(feature_dirs, feature_layer, train[["image_id", "transform"]])
     y_train = train["label"].astype(str).to_numpy()
     groups = train["group"].astype(str).to_numpy()
-    adapted = None
+    adapted, sample_weight = None, None
     if few_shot is not None:
         adapted = _few_shot_part(results, run, few_shot, feature_layer)
+        # the refit's own weights (shot_weight), so that calibration refits the same model
+        sample_weight = np.concatenate([np.ones(len(X_train)), np.full(adapted["n"], adapted["record"]["weight_per_shot"])])
         X_train = np.concatenate([X_train, adapted["X"]])
         y_train = np.concatenate([y_train, adapted["labels"]])
         groups = np.concatenate([groups, adapted["groups"]])
@@ -238,7 +240,8 @@ def export_run(
             calibration = read_json(calibration_path)
         else:
             calibration = fit_svm_calibration(
-                pipeline, X_train, y_train, groups, classes, cv_folds=config["svm"]["cv_folds"], seed=seed
+                pipeline, X_train, y_train, groups, classes, cv_folds=config["svm"]["cv_folds"], seed=seed,
+                sample_weight=sample_weight,
             )
         classifier = {
             "kind": "svm",
@@ -354,6 +357,7 @@ def _few_shot_part(results: Path, run: Run, ext: str, layers: str | Sequence[str
             "external": ext, "shots_per_class": record["shots_per_class"], "n_scored": record["n_external"],
             "shared_classes": record["shared_classes"], "internal_metrics": record["internal_metrics"],
             "internal_ci": record.get("internal_ci"), "n_internal": record["n_internal"],
+            "weight_per_shot": float(record.get("weight_per_shot", 1.0)),
         },
     }
 

@@ -39,6 +39,9 @@ SHOT_STRATEGIES = ("features_svm", "finetune_svm")
 NO_BATCHNORM = frozenset({"alexnet", "vgg16", "paper_cnn"})
 #: Column of the external sample tables holding the task class.
 LABEL = "label"
+#: ``shot_weight`` value that gives the lab's labelled cells, together, the weight of the
+#: run's training rows (see :meth:`ExternalSet.weight_per_shot`).
+BALANCED = "balanced"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ExternalSet:
     display: str = ""
     synthetic: bool = False
     train_per_class: int = 0
+    shot_weight: float | str = 1.0
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> ExternalSet:
@@ -67,7 +71,22 @@ class ExternalSet:
             display=str(entry.get("display") or entry["name"]),
             synthetic=bool(entry.get("synthetic", False)) or entry["source"] == "demo",
             train_per_class=int(entry.get("train_per_class") or 0),
+            shot_weight=_shot_weight(entry.get("shot_weight", 1.0)),
         )
+
+    def weight_per_shot(self, n_training_rows: int, n_shots: int) -> float:
+        """The SVM weight (a multiplier of ``C``) of each of the lab's labelled cells in a
+        few-shot refit; the run's own training rows weigh 1.
+
+        A number is used as it is. ``balanced``: ``n_training_rows / n_shots``, so the lab's
+        cells weigh as much as the training part together. With 20 cells per class against
+        hundreds or thousands of training rows, weight 1 lets the training lab's look outvote
+        the new lab's; balancing is the usual remedy when training on two domains of unequal
+        size.
+        """
+        if self.shot_weight == BALANCED:
+            return n_training_rows / max(n_shots, 1)
+        return float(self.shot_weight)
 
     @property
     def label_display(self) -> str:
@@ -91,6 +110,31 @@ class ExternalSet:
         return identity
 
 
+#: Keys of an ``evaluation.external`` entry that only the few-shot refits (and their rows'
+#: records) read. The other jobs get the entry without them (:func:`zero_shot_entry`), so a
+#: change of them reruns the refits, not the set's validation, extraction or zero-shot scores.
+FEW_SHOT_KEYS = ("train_per_class", "shot_weight")
+
+
+def zero_shot_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """``entry`` without :data:`FEW_SHOT_KEYS`: the params of the jobs that never refit."""
+    return {key: value for key, value in entry.items() if key not in FEW_SHOT_KEYS}
+
+
+def _shot_weight(value: Any) -> float | str:
+    """``shot_weight`` as given: ``balanced`` or a positive number (checked here, so that a
+    bad value fails at config validation, naming the choices)."""
+    if value == BALANCED:
+        return BALANCED
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not weight > 0:
+        raise LeukotypeError(f"shot_weight must be a positive number or {BALANCED!r}, got {value!r}")
+    return weight
+
+
 def external_sets(cfg: Mapping[str, Any]) -> list[ExternalSet]:
     return [ExternalSet.from_dict(e) for e in cfg.get("evaluation", {}).get("external", [])]
 
@@ -110,8 +154,16 @@ def check_external_config(cfg: Mapping[str, Any]) -> list[str]:
     names = [e["name"] for e in cfg.get("evaluation", {}).get("external", [])]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"evaluation.external: name {duplicate!r} is used twice")
-    for i, ext in enumerate(external_sets(cfg)):
+    entries = cfg.get("evaluation", {}).get("external", [])
+    for i, entry in enumerate(entries):
+        try:
+            ext = ExternalSet.from_dict(entry)
+        except LeukotypeError as error:
+            problems.append(f"evaluation.external[{i}] ({entry.get('name')}): {error}")
+            continue
         where = f"evaluation.external[{i}] ({ext.name})"
+        if "shot_weight" in entry and ext.train_per_class < 1:
+            problems.append(f"{where}: shot_weight weighs few-shot cells, but train_per_class is {ext.train_per_class}; set train_per_class >= 1")
         for task_name in [*ext.labels, *(ext.tasks or ())]:
             if task_name not in tasks:
                 problems.append(

@@ -201,19 +201,22 @@ def run_adapt_external_svm(
     require_memory("adapt_external_svm", svm_memory_parts(len(train) + len(trained), len(test) + len(rest), dim), memory_mb)
     X_train = load_features(train_dirs, list(layers), train[index])
     X_scored = load_features(ext_dirs, list(layers), scored[index])
+    weight = ext.weight_per_shot(len(train), len(trained))
+    fit_weights = {} if weight == 1.0 else {"svm__sample_weight": np.concatenate([np.ones(len(train)), np.full(len(trained), weight)])}
     pipeline = clone(load_model(model)).fit(
         np.concatenate([X_train, X_scored[shots]]),
         np.concatenate([train["label"].astype(str).to_numpy(), trained[LABEL].astype(str).to_numpy()]),
+        **fit_weights,
     )
     counts = trained[LABEL].astype(str).value_counts().sort_index().to_dict()
     log.info(
-        "few-shot refit on %d training rows + %d cells of %s (%s), scored on its other %d cells",
-        len(train), len(trained), ext.name, {c: int(n) for c, n in counts.items()}, len(rest),
+        "few-shot refit on %d training rows + %d cells of %s (%s, weight %.3g each), scored on its other %d cells",
+        len(train), len(trained), ext.name, {c: int(n) for c, n in counts.items()}, weight, len(rest),
     )
     predictions = predict_table(pipeline, X_scored[~shots], rest, list(task.classes))
     write_tsv(predictions, out_predictions)
     write_tsv(predict_table(pipeline, load_features(train_dirs, list(layers), test[index]), test, list(task.classes)), out_internal)
-    write_tsv(trained[["image_id", "abspath", LABEL, "group"]], out_shots)
+    write_tsv(trained[["image_id", "abspath", LABEL, "group"]].assign(weight=weight), out_shots)
     if out_model is not None:
         save_model(pipeline, out_model)
     return predictions
@@ -338,6 +341,9 @@ def run_evaluate_external(
         record["train_per_class"] = ExternalSet.from_dict(ext_cfg).train_per_class
         record["shots_per_class"] = {str(c): int(n) for c, n in sorted(trained[LABEL].astype(str).value_counts().items())}
         record["n_shots"] = int(len(trained))
+        record["shot_weight"] = ExternalSet.from_dict(ext_cfg).shot_weight
+        # shots.tsv of a run before shot_weight existed has no weight column: weight 1
+        record["weight_per_shot"] = float(trained["weight"].iloc[0]) if "weight" in trained and len(trained) else 1.0
     write_json(record, out_metrics)
     return record
 

@@ -364,10 +364,21 @@ def export_weight_files(wildcards):
 # External test sets (leukotype.external): their own validation, features and predictions,
 # read by no training job.
 from leukotype.external import NO_BATCHNORM, external_sets  # noqa: E402
-from leukotype.external import SHOT_STRATEGIES  # noqa: E402
+from leukotype.external import SHOT_STRATEGIES, zero_shot_entry  # noqa: E402
 
 EXTERNAL = {ext.name: ext for ext in external_sets(config)}
 EXTERNAL_CFG = {e["name"]: e for e in config["evaluation"]["external"]}
+# what the jobs that never refit see of an entry: a few-shot setting does not rerun them
+EXTERNAL_ZERO_SHOT = {name: zero_shot_entry(e) for name, e in EXTERNAL_CFG.items()}
+
+
+def external_entry_for_adapt(wildcards):
+    """The entry an evaluation reads: all of it for a few-shot row, else its zero-shot part."""
+    if wildcards.adapt == "shots":
+        return EXTERNAL_CFG[wildcards.ext]
+    return EXTERNAL_ZERO_SHOT[wildcards.ext]
+
+
 ADAPT = ["none", "bn"] if config["evaluation"]["adapt_batchnorm"] else ["none"]
 
 

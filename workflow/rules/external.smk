@@ -38,7 +38,7 @@ rule validate_external:
         mem_mb=2000,
         runtime=60,
     params:
-        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        external=lambda wildcards: EXTERNAL_ZERO_SHOT[wildcards.ext],
         validation=config["validation"],
     script:
         "../scripts/validate_external.py"
@@ -117,7 +117,7 @@ rule predict_external_svm:
         runtime=10,
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        external=lambda wildcards: EXTERNAL_ZERO_SHOT[wildcards.ext],
     script:
         "../scripts/predict_external_svm.py"
 
@@ -161,7 +161,7 @@ rule predict_external_finetune:
         runtime=config["compute"]["runtime_finetune"],
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        external=lambda wildcards: EXTERNAL_ZERO_SHOT[wildcards.ext],
         settings=lambda wildcards: finetune_result_settings(wildcards.backbone),
         preprocessing=preprocessing_record,
     script:
@@ -233,7 +233,7 @@ rule evaluate_external:
         runtime=10,
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        external=external_entry_for_adapt,
         evaluation={k: config["evaluation"][k] for k in ("n_bootstrap", "seed")},
     script:
         "../scripts/evaluate_external.py"
@@ -273,7 +273,7 @@ rule compare_external:
         runtime=20,
     params:
         task=lambda wildcards: TASKS[wildcards.task],
-        external=lambda wildcards: EXTERNAL_CFG[wildcards.ext],
+        external=lambda wildcards: EXTERNAL_ZERO_SHOT[wildcards.ext],
         evaluation=comparison_settings(),
     script:
         "../scripts/compare_external.py"
