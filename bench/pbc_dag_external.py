@@ -17,8 +17,9 @@ and the bench scripts' numbers for the same setting with the difference in point
     .venv/bin/python bench/pbc_dag_external.py --run                              # ~20 min on 2 busy cores
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune --append  # the fine-tuned recipe
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
-    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_balanced --append \
-        --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, shot_weight: balanced
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_augment --append \
+        --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, feature-augmented
+    (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced)
     .venv/bin/python bench/pbc_dag_external.py                                    # re-read a finished run
 """
 
@@ -88,10 +89,13 @@ preprocessing:
 """,
 }
 KFOLD_REFERENCE_PER_CLASS = 20
-#: Overlays that rerun ``kfold``'s few-shot refits with the lab's cells weighted
-#: (``evaluation.external[].shot_weight``) -> the weight; their rows are the few-shot ones
-#: only (the zero-shot rows are ``kfold``'s).
-SHOT_WEIGHT_OVERLAYS = {"kfold_balanced": "balanced"}
+#: Overlays that rerun ``kfold``'s few-shot refits with other few-shot settings
+#: (``evaluation.external[]``: the lab's cells weighted, ``shot_weight``; feature-augmented,
+#: ``shot_method``); their rows are the few-shot ones only (the zero-shot rows are ``kfold``'s).
+FEW_SHOT_OVERLAYS = {
+    "kfold_balanced": {"shot_weight": "balanced"},
+    "kfold_augment": {"shot_method": "augment"},
+}
 
 
 def jtsc_entry(**extra: Any) -> dict[str, Any]:
@@ -103,8 +107,8 @@ def jtsc_entry(**extra: Any) -> dict[str, Any]:
     return {**entry, **extra}
 
 
-for _name, _weight in SHOT_WEIGHT_OVERLAYS.items():
-    OVERLAYS[_name] = OVERLAYS["kfold"] + f"evaluation: {{external: [{json.dumps(jtsc_entry(shot_weight=_weight))}]}}\n"
+for _name, _settings in FEW_SHOT_OVERLAYS.items():
+    OVERLAYS[_name] = OVERLAYS["kfold"] + f"evaluation: {{external: [{json.dumps(jtsc_entry(**_settings))}]}}\n"
 
 
 def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
@@ -126,7 +130,7 @@ def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
 
 
 def overlay_text(run_dir: Path, overlay_name: str) -> str:
-    if overlay_name == "kfold" or overlay_name in SHOT_WEIGHT_OVERLAYS:
+    if overlay_name == "kfold" or overlay_name in FEW_SHOT_OVERLAYS:
         files = write_kfold_manifests(run_dir)
         return OVERLAYS[overlay_name].replace("STUDY_MANIFEST", files["study"]).replace("REFERENCE_MANIFEST", files["reference"])
     return OVERLAYS[overlay_name]
@@ -246,6 +250,7 @@ def summarise(results: Path) -> pd.DataFrame:
             "n_shots": record.get("n_shots", 0),
             "shot_weight": record.get("shot_weight", 1.0 if record["adapt"] == "shots" else pd.NA),
             "weight_per_shot": record.get("weight_per_shot", 1.0 if record["adapt"] == "shots" else pd.NA),
+            "shot_method": record.get("shot_method", "pooled" if record["adapt"] == "shots" else pd.NA),
             "shots_per_class": json.dumps(record.get("shots_per_class")) if record.get("shots_per_class") else "",
             "internal_shared_accuracy": record["internal_metrics"]["accuracy"],
             "external_accuracy": ext_m["accuracy"],
@@ -289,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     boxes = crop_box_differences(args.run_dir / "results")
     for key, value in boxes.items():  # the internal images' crop boxes, shared by the crop variants
         table[key] = [value if prep != "none" else pd.NA for prep in table["preprocessing"]]
-    if args.overlay == "kfold" or args.overlay in SHOT_WEIGHT_OVERLAYS:  # no bench rows to compare with
+    if args.overlay == "kfold" or args.overlay in FEW_SHOT_OVERLAYS:  # no bench rows to compare with
         table = table.drop(columns=[c for c in table.columns if "bench" in c])
-    if args.overlay in SHOT_WEIGHT_OVERLAYS:
+    if args.overlay in FEW_SHOT_OVERLAYS:
         table = table[table["adapt"] == "shots"].reset_index(drop=True)
     table = table.assign(**fit_records(args.run_dir / "results", table["preprocessing"]))
     table["overlay"] = overlay_text(args.run_dir, args.overlay).replace("\n", " ").strip()

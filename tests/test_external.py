@@ -51,7 +51,10 @@ def test_a_shot_weight_must_be_positive_or_balanced_and_needs_few_shot_cells():
     assert "shot_weight" in str(err.value)
     with pytest.raises(LeukotypeError) as err:
         validate_config(config_with([{"name": "lab2", "source": "x", "shot_weight": "balanced"}]))
-    assert "shot_weight weighs few-shot cells, but train_per_class is 0" in str(err.value)
+    assert "shot_weight sets how few-shot cells are used, but train_per_class is 0" in str(err.value)
+    with pytest.raises(LeukotypeError) as err:
+        validate_config(config_with([{"name": "lab2", "source": "x", "train_per_class": 2, "shot_method": "mix"}]))
+    assert "shot_method: 'mix' is not valid; choose one of ['pooled', 'augment']" in str(err.value)
     cfg = validate_config(config_with([{"name": "lab2", "source": "x", "train_per_class": 2}]))
     assert "shot_weight" not in cfg["evaluation"]["external"][0]  # no new param for existing studies
     ext = ExternalSet.from_dict({"name": "lab2", "source": "x", "train_per_class": 2, "shot_weight": "balanced"})
@@ -509,11 +512,14 @@ def test_few_shot_refit_learns_the_other_labs_cells_and_keeps_its_own(tmp_path):
     assert few_shot["vs best"] == NOT_PAIRED and rows.loc["none", "vs best"] == "best"
 
 
-def test_balanced_shot_weight_lets_few_lab_cells_move_a_regularised_svm(tmp_path):
-    """54 training rows against 15 of the lab's cells, a soft-margin linear SVM (C 1): with
-    weight 1 the refit still follows the training lab and gets about half of the lab's other
-    cells right; with ``shot_weight: balanced`` each lab cell weighs 54 / 15 = 3.6 rows (listed
-    in shots.tsv and the metrics) and the refit gets at least 20 points more of them right."""
+def test_shot_weight_and_feature_augmentation_on_a_shift_that_conflicts_with_the_training_lab(tmp_path):
+    """The lab's a cells look like the training lab's b, its b like c. 54 training rows against
+    15 of the lab's cells, a soft-margin linear SVM (C 1): pooled with weight 1 the refit still
+    follows the training lab and gets about half of the lab's other cells right; with
+    ``shot_weight: balanced`` each lab cell weighs 54 / 15 = 3.6 rows (listed in shots.tsv and
+    the metrics) and the refit gets at least 20 points more of them right, paid for on the
+    training lab's cells. ``shot_method: augment`` gives each lab a view of its own: as many
+    more of the lab's cells right, and every one of the training lab's test cells."""
     from leukotype.classify import make_svm_pipeline, save_model
     from leukotype.feature_store import write_feature_matrix
     from leukotype.stages_external import run_adapt_external_svm, run_evaluate_external
@@ -542,14 +548,16 @@ def test_balanced_shot_weight_lets_few_lab_cells_move_a_regularised_svm(tmp_path
     X_ext = np.vstack([cells(c, 20, 2.0) for c in classes])  # a lands in b's region, b in c's
     write_feature_matrix(tmp_path / "ext", "pool", validated[["image_id"]].assign(transform="identity"), X_ext)
     task = {"name": "subtype", "column": "subtype", "classes": classes}
-    accuracy = {}
-    for weight in (1.0, "balanced"):
-        ext_cfg = {"name": "lab2", "source": "x", "train_per_class": 5, "shot_weight": weight}
-        out = {k: tmp_path / f"{weight}_{k}" for k in ("pred.tsv", "internal.tsv", "shots.tsv", "svm.skops")}
+    accuracy, internal = {}, {}
+    for weight, method in ((1.0, "pooled"), ("balanced", "pooled"), (1.0, "augment")):
+        ext_cfg = {"name": "lab2", "source": "x", "train_per_class": 5, "shot_weight": weight, "shot_method": method}
+        out = {k: tmp_path / f"{weight}_{method}_{k}" for k in ("pred.tsv", "internal.tsv", "shots.tsv", "svm.skops")}
         adapted = run_adapt_external_svm(tmp_path / "svm.skops", tmp_path / "samples.tsv", "holdout",
                                          [tmp_path / "features"], tmp_path / "validated.tsv", task, ext_cfg,
                                          [tmp_path / "ext"], ["pool"], 0, *out.values())
-        accuracy[weight] = (adapted["true"] == adapted["pred"]).mean()
+        own = pd.read_csv(out["internal.tsv"], sep="\t")
+        accuracy[weight, method] = (adapted["true"] == adapted["pred"]).mean()
+        internal[weight, method] = (own["true"] == own["pred"]).mean()
         record = run_evaluate_external(out["pred.tsv"], out["internal.tsv"], tmp_path / "samples.tsv",
                                        tmp_path / "validated.tsv", task, ext_cfg,
                                        {"task": "subtype", "strategy": "features_svm", "backbone": "vgg16",
@@ -558,8 +566,13 @@ def test_balanced_shot_weight_lets_few_lab_cells_move_a_regularised_svm(tmp_path
                                        shots=out["shots.tsv"])
         expected = 1.0 if weight == 1.0 else 54 / 15
         assert record["shot_weight"] == weight and record["weight_per_shot"] == pytest.approx(expected)
+        assert record["shot_method"] == method
         assert pd.read_csv(out["shots.tsv"], sep="\t")["weight"].tolist() == pytest.approx([expected] * 15)
-    assert accuracy[1.0] <= 0.6 and accuracy["balanced"] >= accuracy[1.0] + 0.2
+    print("lab's cells:", accuracy, "training lab's:", internal)
+    assert accuracy[1.0, "pooled"] <= 0.6 and accuracy["balanced", "pooled"] >= accuracy[1.0, "pooled"] + 0.2
+    assert internal["balanced", "pooled"] < internal[1.0, "pooled"]
+    assert accuracy[1.0, "augment"] >= accuracy[1.0, "pooled"] + 0.2
+    assert internal[1.0, "augment"] == 1.0 > internal[1.0, "pooled"]
 
 
 def test_external_features_of_a_fitted_variant_with_colour_views(tmp_path):

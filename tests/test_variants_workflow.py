@@ -36,7 +36,8 @@ def _config(workdir: Path) -> Path:
     cfg["models"] = [{"backbone": "efficientnet_lite0", "weights": "imagenet", "strategies": ["features_svm"]}]
     cfg["preprocessing"] = VARIANTS
     cfg["evaluation"] = {"n_bootstrap": 50, "external": [
-        {"name": "lab2", "source": "demo", "tasks": ["subtype"], "train_per_class": 2}]}
+        {"name": "lab2", "source": "demo", "tasks": ["subtype"], "train_per_class": 2, "shot_weight": "balanced",
+         "shot_method": "augment"}]}
     path = workdir / "variants.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -86,7 +87,7 @@ def test_variants_have_their_own_features_cached_per_image_and_transform(study):
     train = {v: read(workdir / f"results/data/samples/subtype{s}.tsv") for v, s in (("none", ""), ("colour", "@colour"))}
     n_train = int((train["none"]["part"] == "train").sum())
     assert int((train["colour"]["part"] == "train").sum()) == 3 * n_train
-    assert not (workdir / "results/data/samples/subtype@cropstain.tsv").exists()  # no views: the plain table
+    assert not (workdir / "results/data/samples/subtype.tsv").exists()  # no views: the plain table
     # nothing changed: nothing reruns (the cache is per image x transform and variant)
     result = snakemake(workdir, "-n", *_targets(), configfile=config)
     assert planned_jobs(result) == {}
@@ -149,6 +150,10 @@ def test_a_variant_is_refitted_few_shot_on_the_external_sets_own_features(study)
     assert set(internal["image_id"]) == set(read(run / "predictions.tsv")["image_id"])
     log = (workdir / "results/logs/adapt_external_svm/subtype/features_svm/efficientnet_lite0@cropstain/pool/holdout/lab2.log").read_text()
     assert f"+ {len(shots)} cells of lab2" in log
+    # shot_weight: balanced: the lab's cells together weigh as much as the training rows
+    n_train = int((read(workdir / "results/data/samples/subtype.tsv")["part"] == "train").sum())
+    assert record["shot_weight"] == "balanced" and record["weight_per_shot"] == pytest.approx(n_train / len(shots))
+    assert shots["weight"].tolist() == pytest.approx([n_train / len(shots)] * len(shots))
     # the run's own model and its unadapted external record are untouched by the refit
     assert json.loads((run / EXTERNAL).read_text())["n_external"] == n_ok
 
@@ -210,3 +215,6 @@ def test_few_shot_bundle_predicts_the_other_labs_cells_as_its_run_did(study, tmp
     assert table["pred"].tolist() == expected["pred"].tolist()
     card = (out / "MODEL_CARD.md").read_text()
     assert f"other {record['n_external']} cells" in card and "Few-shot model for the lab of `lab2`" in card
+    assert bundle.spec["few_shot"]["weight_per_shot"] == record["weight_per_shot"] > 1
+    assert f"each weighing {record['weight_per_shot']:.3g} training rows" in card
+    assert bundle.spec["few_shot"]["shot_method"] == record["shot_method"] == "augment" and "feature-augmented" in card

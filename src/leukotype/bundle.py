@@ -381,7 +381,11 @@ def _image_steps_text(record: Mapping[str, Any] | None) -> str:
 
 def _shot_weight_text(few: Mapping[str, Any]) -> str:
     weight = float(few.get("weight_per_shot", 1.0))
-    return "" if weight == 1.0 else f" (each weighing {weight:.3g} training rows, `shot_weight`)"
+    text = "" if weight == 1.0 else f" (each weighing {weight:.3g} training rows, `shot_weight`)"
+    if few.get("shot_method") == "augment":
+        text += (", feature-augmented (`shot_method: augment`: a part shared by both labs and one of each"
+                 " lab's own; this model is that lab's view)")
+    return text
 
 
 def _test_metrics_text(spec: Mapping[str, Any]) -> list[str]:

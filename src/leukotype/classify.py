@@ -172,7 +172,7 @@ def kernel_from_gram(
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _gram(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gram_matrix(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``A @ B.T`` in float64 (one BLAS call) and the squared row norms of A and B (for rbf;
     O(n d), negligible next to the product)."""
     A = np.asarray(A, dtype=np.float64)
@@ -247,7 +247,7 @@ class GramSVC(ClassifierMixin, BaseEstimator):
             self.n_features_in_, self.n_fit_ = X.shape[1], len(X)
             self.support_vectors_ = None  # kept by the SVC itself
             return self
-        gram, sq, _ = _gram(X, X)
+        gram, sq, _ = gram_matrix(X, X)
         return self._fit_gram(gram, sq, X, y, sample_weight)
 
     def _fit_gram(
@@ -260,7 +260,20 @@ class GramSVC(ClassifierMixin, BaseEstimator):
     ) -> GramSVC:
         """Fit on ``gram = X @ X.T`` and ``sq`` = squared row norms of X (shared by a search)."""
         self.gamma_ = resolve_gamma(self.gamma, X)
-        svc = self._svc().fit(self._kernel(gram, sq, sq), np.asarray(y), sample_weight=sample_weight)
+        return self._fit_kernel(self._kernel(gram, sq, sq), X, y, sample_weight)
+
+    def _fit_kernel(
+        self,
+        kernel: np.ndarray,
+        X: np.ndarray,
+        y: Sequence[Any],
+        sample_weight: np.ndarray | None = None,
+    ) -> GramSVC:
+        """Fit on the training kernel matrix of ``X`` (``gamma_`` already resolved): the
+        search's shared Gram path, and a few-shot refit's domain-augmented kernel
+        (:mod:`leukotype.few_shot`)."""
+        svc = self._svc().fit(kernel, np.asarray(y), sample_weight=sample_weight)
+        self.support_scale_ = None
         self.n_fit_ = len(X)
         self.support_vectors_ = np.asarray(X, dtype=np.float64)[svc.support_]
         self.support_ = svc.support_
@@ -275,9 +288,14 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         libsvm reads only the support-vector columns of a precomputed kernel, so the others
         need not be computed.
         """
-        gram, sq_rows, sq_sv = _gram(X, self.support_vectors_)
+        gram, sq_rows, sq_sv = gram_matrix(X, self.support_vectors_)
         block = np.zeros((len(X), self.n_fit_))
         block[:, self.support_] = self._kernel(gram, sq_rows, sq_sv)
+        # a view of a domain-augmented fit scales each support vector's kernel column
+        # (leukotype.few_shot); models saved before it existed have no such attribute
+        scale = getattr(self, "support_scale_", None)
+        if scale is not None:
+            block[:, self.support_] *= scale
         return block
 
     def _blocks(self, X: np.ndarray, method: str) -> np.ndarray:
@@ -303,7 +321,7 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         return self._blocks(X, "predict")
 
 
-def _linear_svm(C: float, kernel: str, class_weight, random_state) -> BaseEstimator:
+def linear_svm(C: float, kernel: str, class_weight, random_state) -> BaseEstimator:
     """The scalable path's linear solver (liblinear), chosen by what converged fast and came
     closest to the exact SVM on real CNN features (``bench/svm_scaling.py``):
 
@@ -323,7 +341,7 @@ def _linear_svm(C: float, kernel: str, class_weight, random_state) -> BaseEstima
     )
 
 
-def _fit_weighted(
+def fit_weighted(
     estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None
 ) -> BaseEstimator:
     """``estimator.fit(X, y, sample_weight=...)``, also for the one-vs-one wrapper.
@@ -354,7 +372,7 @@ class ScalableSVC(ClassifierMixin, BaseEstimator):
 
     Memory is linear in the number of rows: the map is an (n x n_components) product with
     ``n_components`` landmark rows drawn with ``random_state``; the solver is liblinear's
-    (:func:`_linear_svm`). Memory is O(n * max(d, n_components)) instead of O(n^2). ``gamma``
+    (:func:`linear_svm`). Memory is O(n * max(d, n_components)) instead of O(n^2). ``gamma``
     follows SVC's conventions (``scale``, ``auto`` or a number), so the grid means the same on
     both paths. Scores with ``decision_function`` / ``predict`` like an SVC (one column per
     class; one column for two classes).
@@ -416,8 +434,8 @@ class ScalableSVC(ClassifierMixin, BaseEstimator):
         with warnings.catch_warnings():
             # liblinear stopping at max_iter is reported as the fit's n_iter_, not per warning
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self.linear_ = _fit_weighted(
-                _linear_svm(self.C, self.kernel, self.class_weight, self.random_state),
+            self.linear_ = fit_weighted(
+                linear_svm(self.C, self.kernel, self.class_weight, self.random_state),
                 Z,
                 np.asarray(y),
                 sample_weight,
@@ -642,8 +660,8 @@ def _score_fold(
             if decisions is not None:
                 decisions[i] = decision_scores(model, B, classes)
         return scores, seconds, decisions
-    gram_fit, sq_fit, _ = _gram(A, A)
-    gram_val, sq_val, _ = _gram(B, A)
+    gram_fit, sq_fit, _ = gram_matrix(A, A)
+    gram_val, sq_val, _ = gram_matrix(B, A)
     for i, candidate in enumerate(candidates):
         started = time.perf_counter()
         model = _candidate_estimator(candidate, class_weight, seed, gram_mb)

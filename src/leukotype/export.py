@@ -183,11 +183,15 @@ def export_run(
     X_train = load_features(feature_dirs, feature_layer, train[["image_id", "transform"]])
     y_train = train["label"].astype(str).to_numpy()
     groups = train["group"].astype(str).to_numpy()
-    adapted, sample_weight = None, None
+    adapted, sample_weight, lab = None, None, None
     if few_shot is not None:
+        from leukotype.few_shot import NEW_LAB, TRAINING_LAB
+
         adapted = _few_shot_part(results, run, few_shot, feature_layer)
-        # the refit's own weights (shot_weight), so that calibration refits the same model
+        # the refit's own weights (shot_weight) and labs (shot_method augment), so that
+        # calibration refits the same model
         sample_weight = np.concatenate([np.ones(len(X_train)), np.full(adapted["n"], adapted["record"]["weight_per_shot"])])
+        lab = np.repeat([TRAINING_LAB, NEW_LAB], [len(X_train), adapted["n"]])
         X_train = np.concatenate([X_train, adapted["X"]])
         y_train = np.concatenate([y_train, adapted["labels"]])
         groups = np.concatenate([groups, adapted["groups"]])
@@ -239,9 +243,15 @@ def export_run(
         if calibration_path.is_file() and adapted is None:
             calibration = read_json(calibration_path)
         else:
+            scores = None
+            if adapted is not None and adapted["record"]["shot_method"] == "augment":
+                from leukotype.few_shot import out_of_fold_view_scores
+
+                scores = out_of_fold_view_scores(pipeline, X_train, y_train, groups, lab, classes,
+                                                 cv_folds=config["svm"]["cv_folds"], seed=seed, sample_weight=sample_weight)
             calibration = fit_svm_calibration(
                 pipeline, X_train, y_train, groups, classes, cv_folds=config["svm"]["cv_folds"], seed=seed,
-                sample_weight=sample_weight,
+                scores=scores, sample_weight=sample_weight,
             )
         classifier = {
             "kind": "svm",
@@ -358,6 +368,7 @@ def _few_shot_part(results: Path, run: Run, ext: str, layers: str | Sequence[str
             "shared_classes": record["shared_classes"], "internal_metrics": record["internal_metrics"],
             "internal_ci": record.get("internal_ci"), "n_internal": record["n_internal"],
             "weight_per_shot": float(record.get("weight_per_shot", 1.0)),
+            "shot_method": record.get("shot_method", "pooled"),
         },
     }
 

@@ -58,6 +58,7 @@ class ExternalSet:
     synthetic: bool = False
     train_per_class: int = 0
     shot_weight: float | str = 1.0
+    shot_method: str = "pooled"
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> ExternalSet:
@@ -72,6 +73,7 @@ class ExternalSet:
             synthetic=bool(entry.get("synthetic", False)) or entry["source"] == "demo",
             train_per_class=int(entry.get("train_per_class") or 0),
             shot_weight=_shot_weight(entry.get("shot_weight", 1.0)),
+            shot_method=_shot_method(entry.get("shot_method", "pooled")),
         )
 
     def weight_per_shot(self, n_training_rows: int, n_shots: int) -> float:
@@ -113,7 +115,7 @@ class ExternalSet:
 #: Keys of an ``evaluation.external`` entry that only the few-shot refits (and their rows'
 #: records) read. The other jobs get the entry without them (:func:`zero_shot_entry`), so a
 #: change of them reruns the refits, not the set's validation, extraction or zero-shot scores.
-FEW_SHOT_KEYS = ("train_per_class", "shot_weight")
+FEW_SHOT_KEYS = ("train_per_class", "shot_weight", "shot_method")
 
 
 def zero_shot_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,6 +135,14 @@ def _shot_weight(value: Any) -> float | str:
     if not weight > 0:
         raise LeukotypeError(f"shot_weight must be a positive number or {BALANCED!r}, got {value!r}")
     return weight
+
+
+def _shot_method(value: Any) -> str:
+    from leukotype.few_shot import SHOT_METHODS
+
+    if value not in SHOT_METHODS:
+        raise LeukotypeError(f"shot_method must be one of {list(SHOT_METHODS)}, got {value!r}")
+    return str(value)
 
 
 def external_sets(cfg: Mapping[str, Any]) -> list[ExternalSet]:
@@ -162,8 +172,9 @@ def check_external_config(cfg: Mapping[str, Any]) -> list[str]:
             problems.append(f"evaluation.external[{i}] ({entry.get('name')}): {error}")
             continue
         where = f"evaluation.external[{i}] ({ext.name})"
-        if "shot_weight" in entry and ext.train_per_class < 1:
-            problems.append(f"{where}: shot_weight weighs few-shot cells, but train_per_class is {ext.train_per_class}; set train_per_class >= 1")
+        for key in ("shot_weight", "shot_method"):
+            if key in entry and ext.train_per_class < 1:
+                problems.append(f"{where}: {key} sets how few-shot cells are used, but train_per_class is {ext.train_per_class}; set train_per_class >= 1")
         for task_name in [*ext.labels, *(ext.tasks or ())]:
             if task_name not in tasks:
                 problems.append(

@@ -169,11 +169,14 @@ def run_adapt_external_svm(
 
     The run's pipeline (scaler + SVM with the setting its own search chose) is refitted on the
     run's training rows plus ``train_per_class`` labelled external cells per shared class
-    (:func:`leukotype.external.draw_shots`); no new search, no new calibration. It predicts
-    the set's other scored cells (``out_predictions``) and the run's internal test part again
-    (``out_internal``: a fix for another lab must not break the lab's own cells);
-    ``out_shots`` lists the cells it trained on, ``out_model`` holds the refitted pipeline
-    (``leukotype export --few-shot`` bundles it). The run's own files are left as they are.
+    (:func:`leukotype.external.draw_shots`), weighted by ``shot_weight``, as one population
+    (``shot_method: pooled``) or feature-augmented (``augment``, :mod:`leukotype.few_shot`);
+    no new search, no new calibration. It predicts the set's other scored cells
+    (``out_predictions``; ``augment``: the lab's view) and the run's internal test part again
+    (``out_internal``, the training lab's view: a fix for another lab must not break the lab's
+    own cells); ``out_shots`` lists the cells it trained on, ``out_model`` holds the refitted
+    pipeline that scores the lab's cells (``leukotype export --few-shot`` bundles it). The
+    run's own files are left as they are.
     """
     import numpy as np
     from sklearn.base import clone
@@ -181,6 +184,7 @@ def run_adapt_external_svm(
     from leukotype.classify import load_model, predict_table, save_model
     from leukotype.external import LABEL, draw_shots
     from leukotype.feature_store import feature_dim, load_features
+    from leukotype.few_shot import NEW_LAB, TRAINING_LAB, fit_lab_views
     from leukotype.memory import require_memory, svm_memory_parts
     from leukotype.stages import fold_parts
 
@@ -202,23 +206,28 @@ def run_adapt_external_svm(
     X_train = load_features(train_dirs, list(layers), train[index])
     X_scored = load_features(ext_dirs, list(layers), scored[index])
     weight = ext.weight_per_shot(len(train), len(trained))
-    fit_weights = {} if weight == 1.0 else {"svm__sample_weight": np.concatenate([np.ones(len(train)), np.full(len(trained), weight)])}
-    pipeline = clone(load_model(model)).fit(
-        np.concatenate([X_train, X_scored[shots]]),
-        np.concatenate([train["label"].astype(str).to_numpy(), trained[LABEL].astype(str).to_numpy()]),
-        **fit_weights,
-    )
+    X_fit = np.concatenate([X_train, X_scored[shots]])
+    y_fit = np.concatenate([train["label"].astype(str).to_numpy(), trained[LABEL].astype(str).to_numpy()])
+    sample_weight = None if weight == 1.0 else np.concatenate([np.ones(len(train)), np.full(len(trained), weight)])
+    if ext.shot_method == "augment":
+        views = fit_lab_views(load_model(model), X_fit, y_fit, np.repeat([TRAINING_LAB, NEW_LAB], [len(train), len(trained)]),
+                              sample_weight)
+        lab_model, own_model = views[NEW_LAB], views[TRAINING_LAB]
+    else:
+        fit_weights = {} if sample_weight is None else {"svm__sample_weight": sample_weight}
+        lab_model = own_model = clone(load_model(model)).fit(X_fit, y_fit, **fit_weights)
     counts = trained[LABEL].astype(str).value_counts().sort_index().to_dict()
     log.info(
-        "few-shot refit on %d training rows + %d cells of %s (%s, weight %.3g each), scored on its other %d cells",
-        len(train), len(trained), ext.name, {c: int(n) for c, n in counts.items()}, weight, len(rest),
+        "few-shot refit (%s) on %d training rows + %d cells of %s (%s, weight %.3g each), scored on its other %d cells",
+        ext.shot_method, len(train), len(trained), ext.name, {c: int(n) for c, n in counts.items()}, weight, len(rest),
     )
-    predictions = predict_table(pipeline, X_scored[~shots], rest, list(task.classes))
+    # the lab's cells are scored by the lab's view, the run's test part by the training lab's
+    predictions = predict_table(lab_model, X_scored[~shots], rest, list(task.classes))
     write_tsv(predictions, out_predictions)
-    write_tsv(predict_table(pipeline, load_features(train_dirs, list(layers), test[index]), test, list(task.classes)), out_internal)
+    write_tsv(predict_table(own_model, load_features(train_dirs, list(layers), test[index]), test, list(task.classes)), out_internal)
     write_tsv(trained[["image_id", "abspath", LABEL, "group"]].assign(weight=weight), out_shots)
     if out_model is not None:
-        save_model(pipeline, out_model)
+        save_model(lab_model, out_model)
     return predictions
 
 
@@ -342,6 +351,7 @@ def run_evaluate_external(
         record["shots_per_class"] = {str(c): int(n) for c, n in sorted(trained[LABEL].astype(str).value_counts().items())}
         record["n_shots"] = int(len(trained))
         record["shot_weight"] = ExternalSet.from_dict(ext_cfg).shot_weight
+        record["shot_method"] = ExternalSet.from_dict(ext_cfg).shot_method
         # shots.tsv of a run before shot_weight existed has no weight column: weight 1
         record["weight_per_shot"] = float(trained["weight"].iloc[0]) if "weight" in trained and len(trained) else 1.0
     write_json(record, out_metrics)
