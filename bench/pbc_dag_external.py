@@ -89,11 +89,13 @@ preprocessing:
 """,
 }
 KFOLD_REFERENCE_PER_CLASS = 20
-#: Overlays that rerun ``kfold``'s few-shot refits with other few-shot settings
-#: (``evaluation.external[]``: the lab's cells weighted, ``shot_weight``; feature-augmented,
-#: ``shot_method``); their rows are the few-shot ones only (the zero-shot rows are ``kfold``'s).
+#: The k-fold overlay's few-shot settings (``evaluation.external[]``), and overlays that rerun
+#: its few-shot refits with others: the lab's cells weighted (``shot_weight``) or
+#: feature-augmented (``shot_method``). Their rows are the few-shot ones only (the zero-shot
+#: rows are ``kfold``'s).
+KFOLD_FEW_SHOT = {"shot_method": "pooled"}
 FEW_SHOT_OVERLAYS = {
-    "kfold_balanced": {"shot_weight": "balanced"},
+    "kfold_balanced": {"shot_method": "pooled", "shot_weight": "balanced"},
     "kfold_augment": {"shot_method": "augment"},
 }
 
@@ -107,8 +109,9 @@ def jtsc_entry(**extra: Any) -> dict[str, Any]:
     return {**entry, **extra}
 
 
-for _name, _settings in FEW_SHOT_OVERLAYS.items():
-    OVERLAYS[_name] = OVERLAYS["kfold"] + f"evaluation: {{external: [{json.dumps(jtsc_entry(**_settings))}]}}\n"
+_KFOLD = OVERLAYS["kfold"]
+for _name, _settings in {"kfold": KFOLD_FEW_SHOT, **FEW_SHOT_OVERLAYS}.items():
+    OVERLAYS[_name] = _KFOLD + f"evaluation: {{external: [{json.dumps(jtsc_entry(**_settings))}]}}\n"
 
 
 def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
