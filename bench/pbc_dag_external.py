@@ -19,7 +19,8 @@ and the bench scripts' numbers for the same setting with the difference in point
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_augment --append \
         --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, feature-augmented
-    (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced)
+    (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced; svm_augment with
+    --run-dir /tmp/leukotype-pbc-dag-external-svm: the hold-out run's refits, feature-augmented)
     .venv/bin/python bench/pbc_dag_external.py                                    # re-read a finished run
 """
 
@@ -56,8 +57,6 @@ OVERLAYS = {
     "svm": _PROTOCOL + """\
 models:
   - {backbone: efficientnet_lite0, weights: imagenet, strategies: [features_svm]}
-evaluation:
-  adapt_batchnorm: true
 """,
     "finetune": _PROTOCOL + """\
 models:
@@ -89,14 +88,18 @@ preprocessing:
 """,
 }
 KFOLD_REFERENCE_PER_CLASS = 20
-#: The k-fold overlay's few-shot settings (``evaluation.external[]``), and overlays that rerun
-#: its few-shot refits with others: the lab's cells weighted (``shot_weight``) or
-#: feature-augmented (``shot_method``). Their rows are the few-shot ones only (the zero-shot
-#: rows are ``kfold``'s).
-KFOLD_FEW_SHOT = {"shot_method": "pooled"}
+#: The ``evaluation`` section of the SVM overlays: its settings, and the few-shot settings of
+#: configs/pbc.yaml's external set (``evaluation.external[]``) pinned, so that a change of the
+#: shipped config does not change what a row measured.
+EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}}
+POOLED = {"shot_method": "pooled"}
+#: Overlays that rerun an SVM overlay's few-shot refits (in its --run-dir) with other settings:
+#: the lab's cells weighted (``shot_weight``) or feature-augmented (``shot_method``). Their
+#: rows are the few-shot ones only (the zero-shot rows are the base overlay's).
 FEW_SHOT_OVERLAYS = {
-    "kfold_balanced": {"shot_method": "pooled", "shot_weight": "balanced"},
-    "kfold_augment": {"shot_method": "augment"},
+    "svm_augment": ("svm", {"shot_method": "augment"}),
+    "kfold_balanced": ("kfold", {"shot_method": "pooled", "shot_weight": "balanced"}),
+    "kfold_augment": ("kfold", {"shot_method": "augment"}),
 }
 
 
@@ -109,9 +112,13 @@ def jtsc_entry(**extra: Any) -> dict[str, Any]:
     return {**entry, **extra}
 
 
-_KFOLD = OVERLAYS["kfold"]
-for _name, _settings in {"kfold": KFOLD_FEW_SHOT, **FEW_SHOT_OVERLAYS}.items():
-    OVERLAYS[_name] = _KFOLD + f"evaluation: {{external: [{json.dumps(jtsc_entry(**_settings))}]}}\n"
+def _with_evaluation(base: str, few_shot: dict[str, Any]) -> str:
+    evaluation = {**EVALUATION[base], "external": [jtsc_entry(**few_shot)]}
+    return OVERLAYS[base] + f"evaluation: {json.dumps(evaluation)}\n"
+
+
+OVERLAYS.update({name: _with_evaluation(base, settings) for name, (base, settings) in FEW_SHOT_OVERLAYS.items()})
+OVERLAYS.update({base: _with_evaluation(base, POOLED) for base in EVALUATION})
 
 
 def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
@@ -133,7 +140,7 @@ def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
 
 
 def overlay_text(run_dir: Path, overlay_name: str) -> str:
-    if overlay_name == "kfold" or overlay_name in FEW_SHOT_OVERLAYS:
+    if overlay_name == "kfold" or FEW_SHOT_OVERLAYS.get(overlay_name, ("",))[0] == "kfold":
         files = write_kfold_manifests(run_dir)
         return OVERLAYS[overlay_name].replace("STUDY_MANIFEST", files["study"]).replace("REFERENCE_MANIFEST", files["reference"])
     return OVERLAYS[overlay_name]

@@ -87,7 +87,7 @@ def test_variants_have_their_own_features_cached_per_image_and_transform(study):
     train = {v: read(workdir / f"results/data/samples/subtype{s}.tsv") for v, s in (("none", ""), ("colour", "@colour"))}
     n_train = int((train["none"]["part"] == "train").sum())
     assert int((train["colour"]["part"] == "train").sum()) == 3 * n_train
-    assert not (workdir / "results/data/samples/subtype.tsv").exists()  # no views: the plain table
+    assert not (workdir / "results/data/samples/subtype@cropstain.tsv").exists()  # no views: the plain table
     # nothing changed: nothing reruns (the cache is per image x transform and variant)
     result = snakemake(workdir, "-n", *_targets(), configfile=config)
     assert planned_jobs(result) == {}
