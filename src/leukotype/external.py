@@ -39,6 +39,9 @@ SHOT_STRATEGIES = ("features_svm", "finetune_svm")
 NO_BATCHNORM = frozenset({"alexnet", "vgg16", "paper_cnn"})
 #: Column of the external sample tables holding the task class.
 LABEL = "label"
+#: How a lab's labelled cells join a few-shot refit (``shot_method``; :mod:`leukotype.few_shot`):
+#: added to the training rows, or feature-augmented.
+SHOT_METHODS = ("pooled", "augment")
 #: ``shot_weight`` value that gives the lab's labelled cells, together, the weight of the
 #: run's training rows (see :meth:`ExternalSet.weight_per_shot`).
 BALANCED = "balanced"
@@ -82,9 +85,9 @@ class ExternalSet:
 
         A number is used as it is. ``balanced``: ``n_training_rows / n_shots``, so the lab's
         cells weigh as much as the training part together. With 20 cells per class against
-        hundreds or thousands of training rows, weight 1 lets the training lab's look outvote
-        the new lab's; balancing is the usual remedy when training on two domains of unequal
-        size.
+        thousands of training rows that a soft-margin SVM cannot all separate, weight 1 lets
+        the training lab's look outvote the new lab's; where the refit separates every row
+        (PBC -> JTSC, README), no weight changes it.
         """
         if self.shot_weight == BALANCED:
             return n_training_rows / max(n_shots, 1)
@@ -138,8 +141,6 @@ def _shot_weight(value: Any) -> float | str:
 
 
 def _shot_method(value: Any) -> str:
-    from leukotype.few_shot import SHOT_METHODS
-
     if value not in SHOT_METHODS:
         raise LeukotypeError(f"shot_method must be one of {list(SHOT_METHODS)}, got {value!r}")
     return str(value)

@@ -38,9 +38,10 @@ from leukotype.classify import (
     resolve_gamma,
 )
 from leukotype.errors import LeukotypeError
+from leukotype.external import SHOT_METHODS
 
-#: How a lab's labelled cells join a few-shot refit (``evaluation.external[].shot_method``).
-SHOT_METHODS = ("pooled", "augment")
+__all__ = ["NEW_LAB", "SHOT_METHODS", "TRAINING_LAB", "fit_lab_views", "out_of_fold_view_scores"]
+
 #: Domain codes of :func:`fit_lab_views`: the run's own training rows, the new lab's cells.
 TRAINING_LAB, NEW_LAB = 0, 1
 
