@@ -162,10 +162,10 @@ def check_external_config(cfg: Mapping[str, Any]) -> list[str]:
             tasks[entry["name"]] = task_from_dict(entry)
         except LeukotypeError:
             pass  # reported by the task checks
-    names = [e["name"] for e in cfg.get("evaluation", {}).get("external", [])]
+    entries = cfg.get("evaluation", {}).get("external", [])
+    names = [e["name"] for e in entries]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"evaluation.external: name {duplicate!r} is used twice")
-    entries = cfg.get("evaluation", {}).get("external", [])
     for i, entry in enumerate(entries):
         try:
             ext = ExternalSet.from_dict(entry)
