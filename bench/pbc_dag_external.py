@@ -16,11 +16,12 @@ and the bench scripts' numbers for the same setting with the difference in point
 
     .venv/bin/python bench/pbc_dag_external.py --run                              # ~20 min on 2 busy cores
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune --append  # the fine-tuned recipe
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune_svm --append  # its features -> SVM
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_augment --append \
         --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, feature-augmented
-    (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced; svm_augment with
-    --run-dir /tmp/leukotype-pbc-dag-external-svm: the hold-out run's refits, feature-augmented)
+    (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced; svm_augment and
+    finetune_svm_augment in the run folders of svm and finetune_svm: their refits, augmented)
     .venv/bin/python bench/pbc_dag_external.py                                    # re-read a finished run
 """
 
@@ -70,6 +71,19 @@ preprocessing:
       - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
     reference_images: 100000
 """,
+    # the fine-tuned recipe's network, its fine-tuned features -> SVM (with few-shot rows)
+    "finetune_svm": _PROTOCOL + """\
+models:
+  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [finetune_svm], finetune: {policy: last_block}}
+preprocessing:
+  - name: crop15_wb_grey_stain2
+    steps:
+      - {step: crop, margin: 0.15}
+      - {step: white_balance}
+      - {step: grey}
+      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
+    reference_images: 100000
+""",
     # k-fold with the SVM recipe's white balance fitted on reference images outside the study
     # (``reference_source``): PBC's five classes split per class into the study and a reference
     # pool of KFOLD_REFERENCE_PER_CLASS images (write_kfold_manifests fills in their paths)
@@ -91,7 +105,7 @@ KFOLD_REFERENCE_PER_CLASS = 20
 #: The ``evaluation`` section of the SVM overlays: its settings, and the few-shot settings of
 #: configs/pbc.yaml's external set (``evaluation.external[]``) pinned, so that a change of the
 #: shipped config does not change what a row measured.
-EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}}
+EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}, "finetune_svm": {}}
 POOLED = {"shot_method": "pooled"}
 #: Overlays that rerun an SVM overlay's few-shot refits (in its --run-dir) with other settings:
 #: the lab's cells weighted (``shot_weight``) or feature-augmented (``shot_method``). Their
@@ -100,7 +114,10 @@ FEW_SHOT_OVERLAYS = {
     "svm_augment": ("svm", {"shot_method": "augment"}),
     "kfold_balanced": ("kfold", {"shot_method": "pooled", "shot_weight": "balanced"}),
     "kfold_augment": ("kfold", {"shot_method": "augment"}),
+    "finetune_svm_augment": ("finetune_svm", {"shot_method": "augment"}),
 }
+#: Overlays the bench scripts have no rows for (their ``bench_*`` columns are left out)
+NO_BENCH_ROWS = {"kfold", "finetune_svm", *FEW_SHOT_OVERLAYS}
 
 
 def jtsc_entry(**extra: Any) -> dict[str, Any]:
@@ -304,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     boxes = crop_box_differences(args.run_dir / "results")
     for key, value in boxes.items():  # the internal images' crop boxes, shared by the crop variants
         table[key] = [value if prep != "none" else pd.NA for prep in table["preprocessing"]]
-    if args.overlay == "kfold" or args.overlay in FEW_SHOT_OVERLAYS:  # no bench rows to compare with
+    if args.overlay in NO_BENCH_ROWS:
         table = table.drop(columns=[c for c in table.columns if "bench" in c])
     if args.overlay in FEW_SHOT_OVERLAYS:
         table = table[table["adapt"] == "shots"].reset_index(drop=True)
