@@ -257,6 +257,22 @@ def fit_records(results: Path, preps: pd.Series) -> dict[str, list[Any]]:
     return columns
 
 
+def margin_violations(run_dir: Path, n_shots: int, weight: float) -> int | None:
+    """Support vectors of a few-shot refit at their bound C (times ``weight`` for the lab's
+    cells, the last ``n_shots`` rows): the rows inside the margin, the only ones a weight
+    acts on. None where the model is not a kernel SVM with its dual coefficients."""
+    import numpy as np
+
+    from leukotype.classify import load_model
+
+    svm = load_model(run_dir / "svm.skops").named_steps["svm"]
+    svc = getattr(svm, "svc_", None)
+    if svc is None or not hasattr(svc, "dual_coef_"):
+        return None
+    bound = svc.C * np.where(svc.support_ >= svm.n_fit_ - n_shots, weight, 1.0)
+    return int((np.abs(svc.dual_coef_) >= 0.999 * bound).any(axis=0).sum())
+
+
 def summarise(results: Path) -> pd.DataFrame:
     rows = []
     for path in sorted(results.glob("runs/*/*/*/*/*/external/*/*/metrics.json")):
@@ -289,6 +305,8 @@ def summarise(results: Path) -> pd.DataFrame:
             **bench_numbers(record["strategy"], prep, record["adapt"]),
         }
         row["drop_points"] = 100 * (row["internal_accuracy"] - ext_m["accuracy"])
+        if record["adapt"] == "shots":
+            row["shot_svs_at_bound"] = margin_violations(path.parent, row["n_shots"], float(row["weight_per_shot"]))
         for part in ("internal", "external"):
             if f"bench_{part}_accuracy" in row:
                 row[f"{part}_minus_bench_points"] = 100 * (row[f"{part}_accuracy"] - row[f"bench_{part}_accuracy"])
