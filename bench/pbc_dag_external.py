@@ -18,6 +18,7 @@ and the bench scripts' numbers for the same setting with the difference in point
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune --append  # the fine-tuned recipe
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune_svm --append  # its features -> SVM
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_finetune_svm --append  # the same, finetune_svm
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_augment --append \
         --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, feature-augmented
     (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced; svm_augment and
@@ -49,6 +50,11 @@ tasks:
     column: label
     classes: [{", ".join(WHITE_CELL_CLASSES)}]
 augmentation: {{rotations: []}}
+"""
+_KFOLD_PROTOCOL = _PROTOCOL + """\
+dataset: {source: STUDY_MANIFEST}
+validation: {allow_outside_paths: true}
+split: {method: kfold, n_splits: 5, seed: 42}
 """
 #: Overlays on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped
 #: config). ``svm``: Lite0 features -> SVM with the config's variants, BatchNorm adaptation on;
@@ -87,10 +93,7 @@ preprocessing:
     # k-fold with the SVM recipe's white balance fitted on reference images outside the study
     # (``reference_source``): PBC's five classes split per class into the study and a reference
     # pool of KFOLD_REFERENCE_PER_CLASS images (write_kfold_manifests fills in their paths)
-    "kfold": _PROTOCOL + """\
-dataset: {source: STUDY_MANIFEST}
-validation: {allow_outside_paths: true}
-split: {method: kfold, n_splits: 5, seed: 42}
+    "kfold": _KFOLD_PROTOCOL + """\
 models:
   - {backbone: efficientnet_lite0, weights: imagenet, strategies: [features_svm]}
 preprocessing:
@@ -100,12 +103,26 @@ preprocessing:
     reference_images: 100000
     reference_source: REFERENCE_MANIFEST
 """,
+    # the same five folds with finetune_svm's recipe (its white balance from the reference pool)
+    "kfold_finetune_svm": _KFOLD_PROTOCOL + """\
+models:
+  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [finetune_svm], finetune: {policy: last_block}}
+preprocessing:
+  - name: crop15_wb_grey_stain2
+    steps:
+      - {step: crop, margin: 0.15}
+      - {step: white_balance}
+      - {step: grey}
+      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
+    reference_images: 100000
+    reference_source: REFERENCE_MANIFEST
+""",
 }
 KFOLD_REFERENCE_PER_CLASS = 20
 #: The ``evaluation`` section of the SVM overlays: its settings, and the few-shot settings of
 #: configs/pbc.yaml's external set (``evaluation.external[]``) pinned, so that a change of the
 #: shipped config does not change what a row measured.
-EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}, "finetune_svm": {}}
+EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}, "finetune_svm": {}, "kfold_finetune_svm": {}}
 POOLED = {"shot_method": "pooled"}
 #: Overlays that rerun an SVM overlay's few-shot refits (in its --run-dir) with other settings:
 #: the lab's cells weighted (``shot_weight``) or feature-augmented (``shot_method``). Their
@@ -115,9 +132,10 @@ FEW_SHOT_OVERLAYS = {
     "kfold_balanced": ("kfold", {"shot_method": "pooled", "shot_weight": "balanced"}),
     "kfold_augment": ("kfold", {"shot_method": "augment"}),
     "finetune_svm_augment": ("finetune_svm", {"shot_method": "augment"}),
+    "kfold_finetune_svm_augment": ("kfold_finetune_svm", {"shot_method": "augment"}),
 }
 #: Overlays the bench scripts have no rows for (their ``bench_*`` columns are left out)
-NO_BENCH_ROWS = {"kfold", "finetune_svm", *FEW_SHOT_OVERLAYS}
+NO_BENCH_ROWS = {"kfold", "finetune_svm", "kfold_finetune_svm", *FEW_SHOT_OVERLAYS}
 
 
 def jtsc_entry(**extra: Any) -> dict[str, Any]:
@@ -157,7 +175,7 @@ def write_kfold_manifests(run_dir: Path, seed: int = 42) -> dict[str, str]:
 
 
 def overlay_text(run_dir: Path, overlay_name: str) -> str:
-    if overlay_name == "kfold" or FEW_SHOT_OVERLAYS.get(overlay_name, ("",))[0] == "kfold":
+    if FEW_SHOT_OVERLAYS.get(overlay_name, (overlay_name,))[0].startswith("kfold"):
         files = write_kfold_manifests(run_dir)
         return OVERLAYS[overlay_name].replace("STUDY_MANIFEST", files["study"]).replace("REFERENCE_MANIFEST", files["reference"])
     return OVERLAYS[overlay_name]
