@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,6 +57,22 @@ dataset: {source: STUDY_MANIFEST}
 validation: {allow_outside_paths: true}
 split: {method: kfold, n_splits: 5, seed: 42}
 """
+#: Lite0 fine-tuned as configs/pbc.yaml does (``last_block``), for one strategy
+_FINETUNED = """\
+models:
+  - {{backbone: efficientnet_lite0, weights: imagenet, strategies: [{strategy}], finetune: {{policy: last_block}}}}
+"""
+#: The fine-tuned recipe (bench/external_adaptation.py's STAIN_VIEWS on crop15_wb_grey)
+_STAIN2 = """\
+preprocessing:
+  - name: crop15_wb_grey_stain2
+    steps:
+      - {step: crop, margin: 0.15}
+      - {step: white_balance}
+      - {step: grey}
+      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
+    reference_images: 100000
+"""
 #: Overlays on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped
 #: config). ``svm``: Lite0 features -> SVM with the config's variants, BatchNorm adaptation on;
 #: ``finetune``: Lite0 fine-tuned (``last_block``, as configs/pbc.yaml) on crop15_wb_grey with
@@ -65,31 +82,9 @@ OVERLAYS = {
 models:
   - {backbone: efficientnet_lite0, weights: imagenet, strategies: [features_svm]}
 """,
-    "finetune": _PROTOCOL + """\
-models:
-  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [finetune], finetune: {policy: last_block}}
-preprocessing:
-  - name: crop15_wb_grey_stain2
-    steps:
-      - {step: crop, margin: 0.15}
-      - {step: white_balance}
-      - {step: grey}
-      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
-    reference_images: 100000
-""",
+    "finetune": _PROTOCOL + _FINETUNED.format(strategy="finetune") + _STAIN2,
     # the fine-tuned recipe's network, its fine-tuned features -> SVM (with few-shot rows)
-    "finetune_svm": _PROTOCOL + """\
-models:
-  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [finetune_svm], finetune: {policy: last_block}}
-preprocessing:
-  - name: crop15_wb_grey_stain2
-    steps:
-      - {step: crop, margin: 0.15}
-      - {step: white_balance}
-      - {step: grey}
-      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
-    reference_images: 100000
-""",
+    "finetune_svm": _PROTOCOL + _FINETUNED.format(strategy="finetune_svm") + _STAIN2,
     # k-fold with the SVM recipe's white balance fitted on reference images outside the study
     # (``reference_source``): PBC's five classes split per class into the study and a reference
     # pool of KFOLD_REFERENCE_PER_CLASS images (write_kfold_manifests fills in their paths)
@@ -104,21 +99,12 @@ preprocessing:
     reference_source: REFERENCE_MANIFEST
 """,
     # the same five folds with finetune_svm's recipe (its white balance from the reference pool)
-    "kfold_finetune_svm": _KFOLD_PROTOCOL + """\
-models:
-  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [finetune_svm], finetune: {policy: last_block}}
-preprocessing:
-  - name: crop15_wb_grey_stain2
-    steps:
-      - {step: crop, margin: 0.15}
-      - {step: white_balance}
-      - {step: grey}
-      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
-    reference_images: 100000
-    reference_source: REFERENCE_MANIFEST
-""",
+    "kfold_finetune_svm": _KFOLD_PROTOCOL + _FINETUNED.format(strategy="finetune_svm") + _STAIN2
+    + "    reference_source: REFERENCE_MANIFEST\n",
 }
 KFOLD_REFERENCE_PER_CLASS = 20
+#: What the result file writes for the run folder (``--run-dir``) in paths
+RUN_DIR = "<run-dir>"
 #: The ``evaluation`` section of the SVM overlays: its settings, and the few-shot settings of
 #: configs/pbc.yaml's external set (``evaluation.external[]``) pinned, so that a change of the
 #: shipped config does not change what a row measured.
@@ -365,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     table["overlay"] = overlay_text(args.run_dir, args.overlay).replace("\n", " ").strip()
     for key, value in {**info, **machine_info()}.items():
         table[key] = value
+    # the run folder's manifests (overlay, fitted_on) by a placeholder: no machine's paths
+    for folder in {str(args.run_dir.resolve()), str(args.run_dir)}:
+        table = table.replace(re.escape(folder), RUN_DIR, regex=True)
     if args.append and args.out.exists():
         previous = pd.read_csv(args.out)
         table = pd.concat([previous[previous["overlay_name"] != args.overlay], table], ignore_index=True)
