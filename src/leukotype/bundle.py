@@ -379,7 +379,7 @@ def _image_steps_text(record: Mapping[str, Any] | None) -> str:
     return f"variant `{record['variant']['name']}`: {steps} (fitted on training images only; applied by predict and explain)"
 
 
-def _shot_weight_text(few: Mapping[str, Any]) -> str:
+def _few_shot_fit_text(few: Mapping[str, Any]) -> str:
     weight = float(few.get("weight_per_shot", 1.0))
     text = "" if weight == 1.0 else f" (each weighing {weight:.3g} training rows, `shot_weight`)"
     if few.get("shot_method") == "augment":
@@ -400,7 +400,7 @@ def _test_metrics_text(spec: Mapping[str, Any]) -> list[str]:
     internal = (few.get("internal_metrics") or {}).get("accuracy")
     return [
         f"**Few-shot model for the lab of `{few['external']}`**: the SVM was refitted with {shots} of"
-        f" that lab's labelled cells added to its training part{_shot_weight_text(few)}. The table is measured on the lab's"
+        f" that lab's labelled cells added to its training part{_few_shot_fit_text(few)}. The table is measured on the lab's"
         f" other {n_test} cells of the classes it shares with the task ({', '.join(few['shared_classes'])});"
         f" on the training data's test part (the same classes, {few['n_internal']} images) the refitted"
         f" model scores {_percent(internal)} accuracy. 95% bootstrap confidence intervals over groups:",

@@ -190,7 +190,9 @@ def export_run(
         adapted = _few_shot_part(results, run, few_shot, feature_layer)
         # the refit's own weights (shot_weight) and labs (shot_method augment), so that
         # calibration refits the same model
-        sample_weight = np.concatenate([np.ones(len(X_train)), np.full(adapted["n"], adapted["record"]["weight_per_shot"])])
+        weight = adapted["record"]["weight_per_shot"]
+        if weight != 1.0:
+            sample_weight = np.concatenate([np.ones(len(X_train)), np.full(adapted["n"], weight)])
         lab = np.repeat([TRAINING_LAB, NEW_LAB], [len(X_train), adapted["n"]])
         X_train = np.concatenate([X_train, adapted["X"]])
         y_train = np.concatenate([y_train, adapted["labels"]])
