@@ -573,6 +573,14 @@ def test_shot_weight_and_feature_augmentation_on_a_shift_that_conflicts_with_the
     assert internal["balanced", "pooled"] < internal[1.0, "pooled"]
     assert accuracy[1.0, "augment"] >= accuracy[1.0, "pooled"] + 0.2
     assert internal[1.0, "augment"] == 1.0 > internal[1.0, "pooled"]
+    # the tables say which rows were feature-augmented (record: the last one written, augment's)
+    from leukotype.report_external import adaptation_name, summarise_external
+
+    internal_record = {"task": "subtype", "strategy": "features_svm", "backbone": "vgg16", "layer": "fc6",
+                       "fold": "holdout", "metrics": {"accuracy": 1.0}}
+    (row,) = summarise_external([record], [internal_record], "subtype").to_dict("records")
+    assert "(feature-augmented: " in adaptation_name(row["adapt"], row["shots_per_class"], row["shot_method"])
+    assert "augmented" not in adaptation_name("shots", row["shots_per_class"], "pooled")
 
 
 def test_external_features_of_a_fitted_variant_with_colour_views(tmp_path):

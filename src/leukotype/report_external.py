@@ -27,12 +27,16 @@ from leukotype.report import (
 ADAPTATION_NAMES = {"none": "none", "bn": "BatchNorm re-estimated (test-time)"}
 
 
-def adaptation_name(adapt: str, shots_per_class: Mapping[str, int] | None = None) -> str:
+def adaptation_name(
+    adapt: str, shots_per_class: Mapping[str, int] | None = None, shot_method: str | None = None
+) -> str:
     """A row's adaptation in words; a few-shot row names the cells per class it trained on
-    (fewer than ``train_per_class`` where a class has few: at most half of it trains)."""
+    (fewer than ``train_per_class`` where a class has few: at most half of it trains) and,
+    when they were feature-augmented, says so (``shot_method``)."""
     if adapt == "shots":
         counts = ", ".join(f"{c} {n}" for c, n in (shots_per_class or {}).items())
-        return f"few-shot: SVM refitted with the set's labelled cells ({counts}); scored on its other cells"
+        how = " (feature-augmented: a part shared by both labs, one of each lab's own)" if shot_method == "augment" else ""
+        return f"few-shot: SVM refitted with the set's labelled cells ({counts}){how}; scored on its other cells"
     return ADAPTATION_NAMES.get(adapt, adapt)
 
 #: ``vs best`` of a few-shot row: scored on the cells it did not train on, so not paired.
@@ -107,6 +111,7 @@ def summarise_external(
             "internal_accuracy": _mean(internal_acc.get((strategy, backbone, layer, prep), [])),
             "run_key": record_run_key(recs[0]),
             "shots_per_class": recs[0].get("shots_per_class"),
+            "shot_method": recs[0].get("shot_method"),
         }
         if adapt == "shots":  # the refitted model's accuracy on the internal test part
             row["internal_accuracy"] = _mean([r.get("internal_accuracy_all") for r in recs])
@@ -167,7 +172,7 @@ def external_table(
                 "Model": model_display_name(row["backbone"], row["layer"]),
                 "Classifier": classifier,
                 "Preprocessing": row["prep"] or "none",
-                "Adaptation": adaptation_name(row["adapt"], row["shots_per_class"]),
+                "Adaptation": adaptation_name(row["adapt"], row["shots_per_class"], row["shot_method"]),
                 "External set": displays.get(row["external"], row["external"]),
                 "Shared classes": f"{row['n_shared']}: {row['shared_classes']}",
                 "Internal accuracy": _pct(row["internal_accuracy"]),
@@ -215,6 +220,7 @@ def plot_external(
             label += " + BN adapt"
         elif row["adapt"] == "shots":
             label += f" + {sum((row['shots_per_class'] or {}).values())} lab cells"
+            label += " (augmented)" if row["shot_method"] == "augment" else ""
         labels.append(f"{label} → {displays.get(row['external'], row['external'])}")
     n = len(summary)
     fig = _new_figure(9.0, 2.0 + 0.55 * n)
