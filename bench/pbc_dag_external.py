@@ -119,6 +119,7 @@ FEW_SHOT_OVERLAYS = {
     "kfold_augment": ("kfold", {"shot_method": "augment"}),
     "finetune_svm_augment": ("finetune_svm", {"shot_method": "augment"}),
     "kfold_finetune_svm_augment": ("kfold_finetune_svm", {"shot_method": "augment"}),
+    "kfold_finetune_svm_balanced": ("kfold_finetune_svm", {"shot_method": "pooled", "shot_weight": "balanced"}),
 }
 #: Overlays the bench scripts have no rows for (their ``bench_*`` columns are left out)
 NO_BENCH_ROWS = {"kfold", "finetune_svm", "kfold_finetune_svm", *FEW_SHOT_OVERLAYS}
