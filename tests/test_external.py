@@ -55,6 +55,12 @@ def test_a_shot_weight_must_be_positive_or_balanced_and_needs_few_shot_cells():
     with pytest.raises(LeukotypeError) as err:
         validate_config(config_with([{"name": "lab2", "source": "x", "train_per_class": 2, "shot_method": "mix"}]))
     assert "shot_method: 'mix' is not valid; choose one of ['pooled', 'augment']" in str(err.value)
+    # the schema's choices are the package's (one list of methods, read by both)
+    from leukotype.external import SHOT_METHODS
+
+    schema = json.loads((REPO / "workflow/schemas/config.schema.json").read_text())
+    entry = schema["properties"]["evaluation"]["properties"]["external"]["items"]["properties"]
+    assert tuple(entry["shot_method"]["enum"]) == SHOT_METHODS
     cfg = validate_config(config_with([{"name": "lab2", "source": "x", "train_per_class": 2}]))
     assert "shot_weight" not in cfg["evaluation"]["external"][0]  # no new param for existing studies
     ext = ExternalSet.from_dict({"name": "lab2", "source": "x", "train_per_class": 2, "shot_weight": "balanced"})

@@ -9,7 +9,8 @@ from sklearn.multiclass import OneVsOneClassifier
 from sklearn.svm import SVC, LinearSVC
 
 from leukotype.classify import load_model, make_svm_pipeline, save_model
-from leukotype.few_shot import NEW_LAB, TRAINING_LAB, fit_lab_views, out_of_fold_view_scores
+from leukotype.calibration import out_of_fold_svm_scores
+from leukotype.few_shot import NEW_LAB, TRAINING_LAB, fit_lab_views
 
 
 def _two_labs():
@@ -52,14 +53,14 @@ def test_each_labs_view_scores_as_the_svm_fitted_on_augmented_rows(kernel, solve
     assert np.abs(views[NEW_LAB].decision_function(X) - views[TRAINING_LAB].decision_function(X)).max() > 0.1
 
 
-def test_out_of_fold_view_scores_come_from_refits_without_the_rows_group():
+def test_out_of_fold_scores_of_an_augmented_model_come_from_augmented_refits_without_the_rows_group():
     """Every row gets scores from a refit on the other inner folds, with its own lab's view:
     a row's score changes when its copy joins the fit (so it was held out), and the training
     lab's rows are scored by their view, the new lab's by theirs."""
     X, y, lab = _two_labs()
     groups = np.array([f"g{i}" for i in range(len(X))])
     pipeline = make_svm_pipeline(kernel="linear", C=0.5)
-    scores = out_of_fold_view_scores(pipeline, X, y, groups, lab, ["a", "b", "c"], cv_folds=3, seed=0)
+    scores = out_of_fold_svm_scores(pipeline, X, y, groups, ["a", "b", "c"], cv_folds=3, seed=0, lab=lab)
     assert scores.shape == (80, 3) and np.isfinite(scores).all()
     views = fit_lab_views(pipeline, X, y, lab)  # fitted on every row: not out of fold
     in_fold = np.vstack([views[code].decision_function(X[i : i + 1]) for i, code in enumerate(lab)])

@@ -218,3 +218,7 @@ def test_few_shot_bundle_predicts_the_other_labs_cells_as_its_run_did(study, tmp
     assert bundle.spec["few_shot"]["weight_per_shot"] == record["weight_per_shot"] > 1
     assert f"each weighing {record['weight_per_shot']:.3g} training rows" in card
     assert bundle.spec["few_shot"]["shot_method"] == record["shot_method"] == "augment" and "feature-augmented" in card
+    # its temperature was fitted on augmented refits' scores, over the training rows and the lab's cells
+    calibration = bundle.spec["calibration"]
+    assert "each row scored by its own lab's view" in calibration["fitted_on"]
+    assert calibration["n"] == plain.spec["training_data"]["n_train_images"] + n_shots

@@ -78,17 +78,22 @@ def out_of_fold_svm_scores(
     cv_folds: int = 3,
     seed: int = 0,
     sample_weight: np.ndarray | None = None,
+    lab: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, K) decision scores of the training rows, each from a refit that did not see its group.
 
     The refits clone ``pipeline`` (same kernel, C, gamma) on the grouped, stratified inner folds
     that the grid search uses (``classify.make_inner_cv``), so rotated copies of an image or a
     patient's other cells never score their own group. ``sample_weight``: the rows' SVM weights
-    when ``pipeline`` was fitted with them (a few-shot refit's), used by every refit.
+    when ``pipeline`` was fitted with them (a few-shot refit's), used by every refit. ``lab``
+    (0 the training lab, 1 a new one): ``pipeline`` is a feature-augmented few-shot view, so
+    every refit is feature-augmented too (:func:`leukotype.few_shot.fit_lab_views`) and each
+    row is scored by its own lab's view.
     """
     from sklearn.base import clone
 
     from leukotype.classify import decision_scores, make_inner_cv
+    from leukotype.few_shot import fit_lab_views
 
     X = np.asarray(X)
     y = np.asarray(y).astype(str)
@@ -101,9 +106,17 @@ def out_of_fold_svm_scores(
                 "an inner calibration fold lacks a class; add images from more groups or lower "
                 "svm.cv_folds"
             )
-        weights = {} if sample_weight is None else {"svm__sample_weight": np.asarray(sample_weight)[fit_rows]}
-        model = clone(pipeline).fit(X[fit_rows], y[fit_rows], **weights)
-        scores[val_rows] = decision_scores(model, X[val_rows], classes)
+        weights = None if sample_weight is None else np.asarray(sample_weight)[fit_rows]
+        if lab is None:
+            fit_params = {} if weights is None else {"svm__sample_weight": weights}
+            model = clone(pipeline).fit(X[fit_rows], y[fit_rows], **fit_params)
+            scores[val_rows] = decision_scores(model, X[val_rows], classes)
+            continue
+        lab = np.asarray(lab).astype(int)
+        for code, view in fit_lab_views(pipeline, X[fit_rows], y[fit_rows], lab[fit_rows], weights).items():
+            rows = val_rows[lab[val_rows] == code]
+            if len(rows):
+                scores[rows] = decision_scores(view, X[rows], classes)
     return scores
 
 
@@ -117,6 +130,7 @@ def fit_svm_calibration(
     seed: int = 0,
     scores: np.ndarray | None = None,
     sample_weight: np.ndarray | None = None,
+    lab: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Temperature for the SVM's decision scores, fitted on out-of-fold training scores.
 
@@ -128,7 +142,8 @@ def fit_svm_calibration(
     classes = [str(c) for c in classes]
     if scores is None:
         scores = out_of_fold_svm_scores(
-            pipeline, X, y, groups, classes, cv_folds=cv_folds, seed=seed, sample_weight=sample_weight
+            pipeline, X, y, groups, classes, cv_folds=cv_folds, seed=seed,
+            sample_weight=sample_weight, lab=lab,
         )
     elif np.shape(scores) != (len(y), len(classes)) or not np.isfinite(scores).all():
         raise LeukotypeError(
@@ -145,7 +160,8 @@ def fit_svm_calibration(
         "scores": "svm decision_function (one-vs-rest)",
         "fitted_on": (
             f"out-of-fold decision scores of {len(scores)} training rows "
-            "(grouped, stratified inner folds of the training part; test part never used)"
+            "(grouped, stratified inner folds of the training part; test part never used"
+            + ("; feature-augmented refits, each row scored by its own lab's view)" if lab is not None else ")")
         ),
         "n": int(len(scores)),
         "nll_before": negative_log_likelihood(scores, labels, 1.0),

@@ -245,15 +245,10 @@ def export_run(
         if calibration_path.is_file() and adapted is None:
             calibration = read_json(calibration_path)
         else:
-            scores = None
-            if adapted is not None and adapted["record"]["shot_method"] == "augment":
-                from leukotype.few_shot import out_of_fold_view_scores
-
-                scores = out_of_fold_view_scores(pipeline, X_train, y_train, groups, lab, classes,
-                                                 cv_folds=config["svm"]["cv_folds"], seed=seed, sample_weight=sample_weight)
+            augmented = adapted is not None and adapted["record"]["shot_method"] == "augment"
             calibration = fit_svm_calibration(
                 pipeline, X_train, y_train, groups, classes, cv_folds=config["svm"]["cv_folds"], seed=seed,
-                scores=scores, sample_weight=sample_weight,
+                sample_weight=sample_weight, lab=lab if augmented else None,
             )
         classifier = {
             "kind": "svm",

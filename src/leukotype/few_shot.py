@@ -10,7 +10,9 @@ scored with their own view. For a kernel ``k`` this is the kernel ``k(x, x') * (
 lab])``, which is what is fitted here (every kernel, one libsvm fit). A view is the fitted SVM
 with each support vector's kernel column scaled by ``1 + [its lab is the view's lab]``: a
 plain model file that scores new cells of that lab with no lab column. Nothing is chosen on
-the lab's scored cells: the run's own setting is used, as for ``pooled``.
+the lab's scored cells: the run's own setting is used, as for ``pooled``. An exported view is
+calibrated on out-of-fold scores of augmented refits
+(:func:`leukotype.calibration.out_of_fold_svm_scores` with ``lab``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from leukotype.classify import (
 from leukotype.errors import LeukotypeError
 from leukotype.external import SHOT_METHODS
 
-__all__ = ["NEW_LAB", "SHOT_METHODS", "TRAINING_LAB", "fit_lab_views", "out_of_fold_view_scores"]
+__all__ = ["NEW_LAB", "SHOT_METHODS", "TRAINING_LAB", "fit_lab_views"]
 
 #: Domain codes of :func:`fit_lab_views`: the run's own training rows, the new lab's cells.
 TRAINING_LAB, NEW_LAB = 0, 1
@@ -122,35 +124,3 @@ def _scalable_views(
         view.n_features_in_ = Z.shape[1]
         views[code] = view
     return views
-
-
-def out_of_fold_view_scores(
-    pipeline: Pipeline,
-    X: np.ndarray,
-    y: Sequence[str],
-    groups: Sequence[str],
-    lab: np.ndarray,
-    classes: Sequence[str],
-    cv_folds: int = 3,
-    seed: int = 0,
-    sample_weight: np.ndarray | None = None,
-) -> np.ndarray:
-    """(N, K) decision scores of every row from a feature-augmented refit that did not see its
-    group, each scored with its own lab's view: what the calibration of an ``augment``
-    few-shot model is fitted on (as :func:`leukotype.calibration.out_of_fold_svm_scores` for a
-    pooled one)."""
-    X, y, lab = np.asarray(X), np.asarray(y).astype(str), np.asarray(lab).astype(int)
-    groups = np.asarray(groups).astype(str)
-    scores = np.full((len(X), len(classes)), np.nan)
-    for fit_rows, val_rows in make_inner_cv(y, groups, cv_folds=cv_folds, seed=seed).split(X, y, groups):
-        if len(np.unique(y[fit_rows])) != len(classes):
-            raise LeukotypeError(
-                "an inner calibration fold lacks a class; add images from more groups or lower svm.cv_folds"
-            )
-        weights = None if sample_weight is None else np.asarray(sample_weight)[fit_rows]
-        views = fit_lab_views(pipeline, X[fit_rows], y[fit_rows], lab[fit_rows], weights)
-        for code, view in views.items():
-            rows = val_rows[lab[val_rows] == code]
-            if len(rows):
-                scores[rows] = decision_scores(view, X[rows], classes)
-    return scores

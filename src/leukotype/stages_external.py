@@ -347,11 +347,11 @@ def run_evaluate_external(
         identity = internal_rows[internal_rows["transform"].astype(str) == "identity"]
         record["internal_accuracy_all"] = float((identity["true"].astype(str) == identity["pred"].astype(str)).mean()) if len(identity) else None
         trained = read_tsv(shots)
-        record["train_per_class"] = ExternalSet.from_dict(ext_cfg).train_per_class
+        ext = ExternalSet.from_dict(ext_cfg)
+        record["train_per_class"] = ext.train_per_class
         record["shots_per_class"] = {str(c): int(n) for c, n in sorted(trained[LABEL].astype(str).value_counts().items())}
         record["n_shots"] = int(len(trained))
-        record["shot_weight"] = ExternalSet.from_dict(ext_cfg).shot_weight
-        record["shot_method"] = ExternalSet.from_dict(ext_cfg).shot_method
+        record["shot_weight"], record["shot_method"] = ext.shot_weight, ext.shot_method
         # shots.tsv of a run before shot_weight existed has no weight column: weight 1
         record["weight_per_shot"] = float(trained["weight"].iloc[0]) if "weight" in trained and len(trained) else 1.0
     write_json(record, out_metrics)
