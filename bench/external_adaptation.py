@@ -70,6 +70,9 @@ BN_ADAPTATIONS = ("bn", "bn_standardise")
 STAIN_VIEWS = {"views": 2, "hed": 0.05, "brightness": 0.15, "contrast": 0.2, "blur": 1.0, "scale": 0.1,
                "hue": 0.0, "saturation": 0.0}
 STRONG_COLOUR_VIEWS = {**STAIN_VIEWS, "hue": 0.5, "saturation": 0.5}
+#: twice the stain, brightness and contrast ranges, more blur and scale jitter (closer to
+#: Tellez et al. 2019's "strong" HED/brightness/contrast augmentation for stain invariance)
+STRONG_STAIN_VIEWS = {**STAIN_VIEWS, "hed": 0.1, "brightness": 0.3, "contrast": 0.4, "blur": 2.0, "scale": 0.2}
 #: the fine-tuning runs' settings (the rest: leukotype.finetune.FinetuneConfig's defaults, as
 #: configs/pbc.yaml's Lite0 fine-tuning)
 FINETUNE_SETTINGS = {"policy": "last_block", "seed": SEED, "device": "cpu"}
@@ -84,6 +87,9 @@ EXPERIMENTS: dict[str, tuple[str, str, str, dict[str, Any] | None]] = {
     "svm:crop15_wb_grey:efficientnet_lite2": ("svm", "crop15_wb_grey", "efficientnet_lite2", None),
     "finetune:crop15_wb_grey:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", None),
     "finetune:crop15_wb_grey+stain2:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STAIN_VIEWS),
+    # the best frozen-feature recipe (per-image contrast stretch) with the stain views
+    "finetune:crop15_wb_grey_stretch+stain2:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
+    "finetune:crop15_wb_grey+stainstrong2:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STRONG_STAIN_VIEWS),
     "finetune:crop15_wb+colour2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STRONG_COLOUR_VIEWS),
     # colour kept (eosinophils' granules are a colour cue the grey recipes lose), the stain jittered
     "finetune:crop15_wb+stain2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STAIN_VIEWS),
