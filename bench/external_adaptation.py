@@ -73,6 +73,7 @@ STRONG_COLOUR_VIEWS = {**STAIN_VIEWS, "hue": 0.5, "saturation": 0.5}
 #: twice the stain, brightness and contrast ranges, more blur and scale jitter (closer to
 #: Tellez et al. 2019's "strong" HED/brightness/contrast augmentation for stain invariance)
 STRONG_STAIN_VIEWS = {**STAIN_VIEWS, "hed": 0.1, "brightness": 0.3, "contrast": 0.4, "blur": 2.0, "scale": 0.2}
+STRONGER_STAIN_VIEWS = {**STAIN_VIEWS, "hed": 0.2, "brightness": 0.4, "contrast": 0.5, "blur": 3.0, "scale": 0.3}
 #: the fine-tuning runs' settings (the rest: leukotype.finetune.FinetuneConfig's defaults, as
 #: configs/pbc.yaml's Lite0 fine-tuning)
 FINETUNE_SETTINGS = {"policy": "last_block", "seed": SEED, "device": "cpu"}
@@ -90,6 +91,9 @@ EXPERIMENTS: dict[str, tuple[str, str, str, dict[str, Any] | None]] = {
     # the best frozen-feature recipe (per-image contrast stretch) with the stain views
     "finetune:crop15_wb_grey_stretch+stain2:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
     "finetune:crop15_wb_grey+stainstrong2:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STRONG_STAIN_VIEWS),
+    "finetune:crop15_wb_grey+stainstrong4:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", {**STRONG_STAIN_VIEWS, "views": 4}),
+    "finetune:crop15_wb_grey_stretch+stainstrong2:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STRONG_STAIN_VIEWS),
+    "finetune:crop15_wb_grey+stainstronger2:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STRONGER_STAIN_VIEWS),
     "finetune:crop15_wb+colour2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STRONG_COLOUR_VIEWS),
     # colour kept (eosinophils' granules are a colour cue the grey recipes lose), the stain jittered
     "finetune:crop15_wb+stain2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STAIN_VIEWS),
