@@ -7,6 +7,7 @@ out-of-distribution flag on real cells in ``test_bundle_real.py``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -196,6 +197,11 @@ def test_predict_validates_new_images_with_the_bundles_training_settings(tmp_pat
     assert reasons["elsewhere.png"].endswith("trained without validation.allow_outside_paths: put the image under "
                                              "the manifest's folder, or name it (or its folder) directly")
     assert table.loc[table["reason"] != "", "status"].eq("rejected").all()
+    # the md5 of the bytes that were checked; none for a file the outside-path rule never opened
+    md5s = dict(zip(table["path"].map(lambda p: p.rsplit("/", 1)[-1]), table["md5"]))
+    assert md5s["cell.png"] == hashlib.md5((inbox / "cell.png").read_bytes()).hexdigest()
+    assert md5s["strip.png"] == hashlib.md5((inbox / "strip.png").read_bytes()).hexdigest()
+    assert md5s["elsewhere.png"] == ""
 
     permissive = fmt.Bundle(tmp_path, {"validation": {"min_side": 32, "max_pixels": 10**6, "max_aspect_ratio": 20,
                                                       "allow_outside_paths": True}})

@@ -78,32 +78,33 @@ def gather_inputs(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
 
 
 def validate_inputs(table: pd.DataFrame, validation: Mapping[str, Any], threads: int = 1) -> pd.DataFrame:
-    """Add ``status`` (ok|rejected) and ``reason`` to ``table`` (from :func:`gather_inputs`)
-    with the training data's checks under ``validation`` (:attr:`Bundle.validation`); drops
-    ``root``."""
+    """Add ``status`` (ok|rejected), ``reason`` and ``md5`` (of the bytes checked; empty for a
+    file not read) to ``table`` (from :func:`gather_inputs`) with the training data's checks
+    under ``validation`` (:attr:`Bundle.validation`); drops ``root``."""
     import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
-    from leukotype.validate import check_file, outside_reason
+    from leukotype.validate import FileCheck, check_file, outside_reason
 
-    def check(abspath: str, root: str) -> str:
+    def check(abspath: str, root: str) -> FileCheck:
         if root and not validation["allow_outside_paths"]:
             outside = outside_reason(abspath, root, hint=PREDICT_OUTSIDE_HINT)
             if outside:  # not opened, as in training
-                return outside
-        return check_file(
-            abspath, validation["min_side"], validation["max_pixels"], validation["max_aspect_ratio"]
-        ).reason
+                return FileCheck(reason=outside)
+        return check_file(abspath, validation["min_side"], validation["max_pixels"], validation["max_aspect_ratio"])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            reasons = list(pool.map(check, table["abspath"], table["root"]))
+            checks = list(pool.map(check, table["abspath"], table["root"]))
     table = table.drop(columns=["root"])
-    table["status"] = ["rejected" if r else "ok" for r in reasons]
-    table["reason"] = reasons
+    table["status"] = ["rejected" if c.reason else "ok" for c in checks]
+    table["reason"] = [c.reason for c in checks]
+    # the bytes that were checked: a caller that needs them (a reference source's study-copy
+    # test) reads no file again, and a prediction row names the exact bytes it scored
+    table["md5"] = [c.md5 or "" for c in checks]
     return table
 
 

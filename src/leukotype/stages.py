@@ -255,8 +255,6 @@ def reference_images(
     """``path, abspath, md5`` of at most ``n`` (seeded sample) valid images of a reference
     source (a folder or manifest outside the study, :func:`leukotype.predict.gather_inputs`),
     none with the bytes of an image of the validated ``study`` table."""
-    import hashlib
-
     from leukotype.predict import gather_inputs, validate_inputs
     from leukotype.validate import study_copies
 
@@ -264,7 +262,6 @@ def reference_images(
     for row in table[table["status"] != "ok"].itertuples():
         log.warning("reference %s: rejected %s: %s", source, row.path, row.reason)
     table = table[table["status"] == "ok"].reset_index(drop=True)
-    table["md5"] = [hashlib.md5(Path(p).read_bytes()).hexdigest() for p in table["abspath"]]
     copies = study_copies(table["md5"], study)
     shared = table[copies != ""]
     if not shared.empty:
