@@ -19,6 +19,7 @@ and the bench scripts' numbers for the same setting with the difference in point
     .venv/bin/python bench/pbc_dag_external.py --run --overlay finetune_svm --append  # its features -> SVM
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_finetune_svm --append  # the same, finetune_svm
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_finetune_recipes --append  # two more recipes
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_augment --append \
         --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, feature-augmented
     (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced; svm_augment and
@@ -73,6 +74,29 @@ preprocessing:
       - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
     reference_images: 100000
 """
+#: Two fine-tuning recipes chosen on JTSC's select half in bench/external_adaptation.py: the
+#: stain views on the contrast-stretch recipe (STAIN_VIEWS), and stronger stain views
+#: (STRONG_STAIN_VIEWS) on crop15_wb_grey; their white balance from the reference pool
+_STAIN_RECIPES = """\
+preprocessing:
+  - name: crop15_wb_grey_stretch_stain2
+    steps:
+      - {step: crop, margin: 0.15}
+      - {step: white_balance}
+      - {step: grey}
+      - {step: stretch}
+      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
+    reference_images: 100000
+    reference_source: REFERENCE_MANIFEST
+  - name: crop15_wb_grey_stainstrong2
+    steps:
+      - {step: crop, margin: 0.15}
+      - {step: white_balance}
+      - {step: grey}
+      - {step: colour, views: 2, hed: 0.1, brightness: 0.3, contrast: 0.4, blur: 2.0, scale: 0.2, seed: 42}
+    reference_images: 100000
+    reference_source: REFERENCE_MANIFEST
+"""
 #: Overlays on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped
 #: config). ``svm``: Lite0 features -> SVM with the config's variants, BatchNorm adaptation on;
 #: ``finetune``: Lite0 fine-tuned (``last_block``, as configs/pbc.yaml) on crop15_wb_grey with
@@ -101,6 +125,8 @@ preprocessing:
     # the same five folds with finetune_svm's recipe (its white balance from the reference pool)
     "kfold_finetune_svm": _KFOLD_PROTOCOL + _FINETUNED.format(strategy="finetune_svm") + _STAIN2
     + "    reference_source: REFERENCE_MANIFEST\n",
+    # the same five folds with the two recipes above
+    "kfold_finetune_recipes": _KFOLD_PROTOCOL + _FINETUNED.format(strategy="finetune_svm") + _STAIN_RECIPES,
 }
 KFOLD_REFERENCE_PER_CLASS = 20
 #: What the result file writes for the run folder (``--run-dir``) in paths
@@ -108,7 +134,8 @@ RUN_DIR = "<run-dir>"
 #: The ``evaluation`` section of the SVM overlays: its settings, and the few-shot settings of
 #: configs/pbc.yaml's external set (``evaluation.external[]``) pinned, so that a change of the
 #: shipped config does not change what a row measured.
-EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}, "finetune_svm": {}, "kfold_finetune_svm": {}}
+EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}, "finetune_svm": {}, "kfold_finetune_svm": {},
+              "kfold_finetune_recipes": {}}
 POOLED = {"shot_method": "pooled"}
 #: Overlays that rerun an SVM overlay's few-shot refits (in its --run-dir) with other settings:
 #: the lab's cells weighted (``shot_weight``) or feature-augmented (``shot_method``). Their
@@ -120,9 +147,10 @@ FEW_SHOT_OVERLAYS = {
     "finetune_svm_augment": ("finetune_svm", {"shot_method": "augment"}),
     "kfold_finetune_svm_augment": ("kfold_finetune_svm", {"shot_method": "augment"}),
     "kfold_finetune_svm_balanced": ("kfold_finetune_svm", {"shot_method": "pooled", "shot_weight": "balanced"}),
+    "kfold_finetune_recipes_augment": ("kfold_finetune_recipes", {"shot_method": "augment"}),
 }
 #: Overlays the bench scripts have no rows for (their ``bench_*`` columns are left out)
-NO_BENCH_ROWS = {"kfold", "finetune_svm", "kfold_finetune_svm", *FEW_SHOT_OVERLAYS}
+NO_BENCH_ROWS = {"kfold", "finetune_svm", "kfold_finetune_svm", "kfold_finetune_recipes", *FEW_SHOT_OVERLAYS}
 
 
 def jtsc_entry(**extra: Any) -> dict[str, Any]:
