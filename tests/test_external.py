@@ -350,6 +350,46 @@ def test_kfold_fits_a_variant_on_its_reference_images_and_no_split_in_the_job_gr
     assert len(runs) == len(jobs["train_svm"]) // 2 == 2 * len(TEST_CONFIG["tasks"])  # 2 folds x 3 tasks
 
 
+def test_kfold_fits_a_variant_without_reference_source_once_per_fold_on_its_training_part(tmp_path):
+    """Without a reference_source, k-fold fits the variant per fold (``wb.<fold>``): each fit
+    reads the splits, each fold's state gets its own feature folders, training and external,
+    every run reads its own fold's, and the runs (and tables) keep the variant's name."""
+    source = tmp_path / "lab2_manifest.csv"
+    cfg = {
+        "results": "results",
+        "split": {"method": "kfold", "n_splits": 2},
+        "preprocessing": [{"name": "none"}, {"name": "wb", "steps": [{"step": "crop", "margin": 0.15}, {"step": "white_balance"}]}],
+        "models": [{"backbone": "efficientnet_lite0", "weights": "imagenet", "strategies": ["features_svm"]}],
+        "evaluation": {"external": [{"name": "lab2", "source": str(source), "tasks": ["subtype"]}]},
+    }
+    source.write_text("path,subtype\n")
+    assert validate_config({**copy.deepcopy(TEST_CONFIG), **cfg})  # no reference_source needed any more
+    overlay = tmp_path / "kfold.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "configs" / "test.yaml"), str(overlay))
+    jobs = _jobs(result.stdout)
+    folds = ["r0f0", "r0f1"]
+    fits = jobs["fit_preprocessing"]
+    assert len(fits) == 2 and all(any(p.endswith("/data/splits/subtype.tsv") for p in inputs) for inputs in fits)
+    states = {f"results/preprocessing/wb.{fold}/state.json" for fold in folds}
+    extract = {p for inputs in jobs["extract_features"] for p in inputs if p.endswith("state.json")}
+    assert extract == states and len(jobs["extract_features"]) == 3  # none, and wb once per fold
+    external = {p for inputs in jobs["extract_external_features"] for p in inputs if p.endswith("state.json")}
+    assert external == states
+    wb_runs = 0
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", result.stdout):
+        if not block.strip().startswith("rule train_svm:"):
+            continue
+        output = re.search(r"^\s+output: (.*)$", block, flags=re.M).group(1)
+        inputs = re.search(r"^\s+input: (.*)$", block, flags=re.M).group(1).split(", ")
+        if "efficientnet_lite0@wb/" in output:  # a wb run reads the features of its own fold's state
+            fold = re.search(r"/(r0f[01])/", output).group(1)
+            assert [p for p in inputs if p.startswith("results/features/")] == [f"results/features/efficientnet_lite0@wb.{fold}"]
+            wb_runs += 1
+    assert wb_runs == 2 * len(TEST_CONFIG["tasks"])
+    assert not any("@wb." in p for inputs in jobs["summarise_task"] for p in inputs)  # runs keep @wb
+
+
 def test_demo_external_set_differs_in_stain_and_scale(tmp_path):
     from PIL import Image
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from skimage.draw import disk
 
+from leukotype import paths
 from leukotype.errors import LeukotypeError
 from leukotype.preprocessing import (
     STEPS,
@@ -18,10 +19,13 @@ from leukotype.preprocessing import (
     colour_jitter,
     crop_box,
     fit_stain_reference,
+    fitted_variant_name,
+    fold_fitted_variants,
     jitter_parameters,
     lab_statistics,
     locate_cell,
     normalise_stain,
+    per_fold_variants,
     preparer_from_record,
     reference_image_ids,
     register_step,
@@ -202,10 +206,29 @@ def test_fitted_steps_see_training_images_that_are_never_test_images():
     assert reference_image_ids([task_a, task_b], n=10, seed=0) == ["i0", "i3"]  # i1 is test in task b
     assert len(reference_image_ids([task_a], n=2, seed=0)) == 2
     kfold = pd.DataFrame({"image_id": ["i0", "i1", "i0", "i1"], "part": ["train", "test", "test", "train"], "fold": ["f0", "f0", "f1", "f1"]})
-    with pytest.raises(LeukotypeError, match="hold-out"):
+    with pytest.raises(LeukotypeError, match="no image is a training image in every fold"):
         reference_image_ids([kfold], n=10, seed=0)
-    cfg = {"preprocessing": [{"name": "st", "steps": [{"step": "stain", "method": "reinhard"}]}], "split": {"method": "kfold"}}
-    assert any("kfold" in p for p in check_preprocessing_config(cfg))
+    # fitted per fold: that fold's training images, in every task's split
+    assert reference_image_ids([kfold], n=10, seed=0, fold="f0") == ["i0"]
+    assert reference_image_ids([kfold], n=10, seed=0, fold="f1") == ["i1"]
+    other_task = pd.DataFrame({"image_id": ["i0", "i1", "i2", "i0", "i1", "i2"], "part": ["test", "train", "train", "train", "train", "test"],
+                               "fold": ["f0", "f0", "f0", "f1", "f1", "f1"]})
+    assert reference_image_ids([kfold, other_task], n=10, seed=0, fold="f1") == ["i1"]  # i0 is f1-test in kfold
+    assert reference_image_ids([kfold, other_task], n=10, seed=0, fold="f0") == ["i2"]  # i0 is f0-test in the other
+    flipped = kfold.assign(part=kfold["part"].map({"train": "test", "test": "train"}))
+    with pytest.raises(LeukotypeError, match="no image is a training image of fold 'f0'"):
+        reference_image_ids([kfold, flipped], n=10, seed=0, fold="f0")
+    with pytest.raises(LeukotypeError, match="fold 'f9' is in no split table"):
+        reference_image_ids([kfold], n=10, seed=0, fold="f9")
+    cfg = {"preprocessing": [{"name": "st", "steps": [{"step": "stain", "method": "reinhard"}]}, {"name": "none"},
+                             {"name": "cropped", "steps": [{"step": "crop"}]}], "split": {"method": "kfold"}}
+    assert check_preprocessing_config(cfg) == []  # k-fold fits it per fold
+    assert per_fold_variants(cfg) == {"st"}  # a step without a fit, or a hold-out split, needs no per-fold state
+    assert per_fold_variants({**cfg, "split": {"method": "holdout"}}) == set()
+    assert fitted_variant_name("st", "r0f1", {"st"}) == "st.r0f1" and fitted_variant_name("cropped", "r0f1", {"st"}) == "cropped"
+    assert paths.split_fold_fitted("st.r0f1") == ("st", "r0f1") and paths.split_fold_fitted("st") == ("st", None)
+    derived = fold_fitted_variants(cfg, ["r0f0", "r0f1"])
+    assert sorted(derived) == ["st.r0f0", "st.r0f1"] and derived["st.r0f1"].steps == Variant.from_dict(cfg["preprocessing"][0]).steps
     cfg["preprocessing"].append({"name": "none", "steps": [{"step": "crop"}]})
     assert any("reserved" in p for p in check_preprocessing_config(cfg))
 
@@ -223,6 +246,41 @@ def test_a_reference_source_outside_the_study_lets_kfold_fit_a_variant(tmp_path)
     cfg["preprocessing"] = [{"name": "cropped", "steps": steps[:1], "reference_source": str(tmp_path)}]
     (problem,) = check_preprocessing_config(cfg)
     assert "no step is fitted" in problem
+
+
+def test_a_variant_fitted_per_fold_sees_that_folds_training_images_only(tmp_path):
+    """``<variant>.<fold>`` (k-fold, no reference_source): the fit reads the fold's training
+    images and records the fold; its target is their background, not the fold's test images'."""
+    import pandas as pd
+
+    from leukotype.io import read_json
+    from leukotype.stages import run_fit_preprocessing
+
+    casts = [(1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.7, 0.9, 1.2), (0.7, 0.9, 1.2)]  # the last two: another lamp
+    rows = []
+    for i, gains in enumerate(casts):
+        path = tmp_path / f"c{i}.png"
+        Image.fromarray(_cast(synthetic_cell(128, (64, 64), 25, seed=i), gains)).save(path)
+        rows.append({"image_id": f"img{i}", "path": path.name, "abspath": str(path), "status": "ok"})
+    validated = tmp_path / "validated.tsv"
+    pd.DataFrame(rows).to_csv(validated, sep="\t", index=False)
+    split = pd.DataFrame({"image_id": [f"img{i}" for i in range(4)] * 2,
+                          "part": ["train", "train", "test", "test", "test", "test", "train", "train"],
+                          "fold": ["r0f0"] * 4 + ["r0f1"] * 4})
+    splits = tmp_path / "subtype.tsv"
+    split.to_csv(splits, sep="\t", index=False)
+    steps = [{"step": "white_balance"}]
+    targets = {}
+    for fold, expected in (("r0f0", ["img0", "img1"]), ("r0f1", ["img2", "img3"])):
+        variant = {"name": paths.fold_fitted("wb", fold), "steps": steps, "reference_images": 10}
+        record = run_fit_preprocessing(validated, [splits], variant, [], 0, tmp_path / f"{fold}.json")
+        assert record["image_ids"] == expected and record["fold"] == fold and record["n_images"] == 2
+        assert read_json(tmp_path / f"{fold}.json")["states"] == record["states"]
+        targets[fold] = np.asarray(record["states"][0]["target"])
+    # the second fold's training images are the blue-cast ones: its target is bluer, less red
+    assert targets["r0f1"][2] > targets["r0f0"][2] + 10 and targets["r0f1"][0] < targets["r0f0"][0] - 30
+    with pytest.raises(LeukotypeError, match="in every fold"):  # the variant's own name: no image serves every fold
+        run_fit_preprocessing(validated, [splits], {"name": "wb", "steps": steps}, [], 0, tmp_path / "all.json")
 
 
 def test_a_variant_is_fitted_on_its_reference_images_and_never_on_a_study_image(tmp_path):

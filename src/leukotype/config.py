@@ -431,21 +431,35 @@ def staged_weight_files(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def svm_feature_dirs(
-    results: str, strategy: str, task: str, backbone: str, fold: str, prep: str = paths.NO_PREP
+    results: str, strategy: str, task: str, backbone: str, fold: str, prep: str = paths.NO_PREP,
+    frozen_prep: str | None = None,
 ) -> list[str]:
-    """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
+    """Feature folders an SVM run reads: the backbone's parts (extracted under ``frozen_prep``,
+    :func:`frozen_features_prep`; default ``prep``), or the fine-tuned network's."""
     if strategy == "features_svm":
-        return [paths.features_dir(results, part, prep) for part in catalog.parts(backbone)]
+        return [paths.features_dir(results, part, frozen_prep or prep) for part in catalog.parts(backbone)]
     return [paths.finetuned_features_dir(results, task, backbone, fold, prep)]
 
 
+def frozen_features_prep(cfg: Mapping[str, Any], prep: str, fold: str) -> str:
+    """The variant name under which a run's (``prep``, ``fold``) frozen features and fitted
+    state live: ``<prep>.<fold>`` for a variant fitted per fold, else ``prep``."""
+    from leukotype.preprocessing import fitted_variant_name, per_fold_variants
+
+    return fitted_variant_name(prep, fold, per_fold_variants(cfg))
+
+
 def external_svm_feature_dirs(
-    results: str, strategy: str, task: str, backbone: str, fold: str, ext: str, adapt: str, prep: str = paths.NO_PREP
+    results: str, strategy: str, task: str, backbone: str, fold: str, ext: str, adapt: str, prep: str = paths.NO_PREP,
+    frozen_prep: str | None = None,
 ) -> list[str]:
     """An external set's features an SVM run reads (as :func:`svm_feature_dirs` for the
-    training data): the backbone parts', or those of the run's fine-tuned network."""
+    training data): the backbone parts' (under ``frozen_prep``), or those of the run's
+    fine-tuned network."""
     if strategy == "features_svm":
-        return [paths.external_features_dir(results, ext, adapt, part, prep) for part in catalog.parts(backbone)]
+        return [
+            paths.external_features_dir(results, ext, adapt, part, frozen_prep or prep) for part in catalog.parts(backbone)
+        ]
     return [
         paths.external_run_file(
             results, paths.FINETUNED_FEATURES, task, "finetune", backbone, paths.STRATEGY_LAYER["finetune"],

@@ -25,6 +25,7 @@ from leukotype.config import (
     Run,
     external_svm_feature_dirs,
     finetune_settings,
+    frozen_features_prep,
     study_runs,
     svm_feature_dirs,
     svm_feature_layers,
@@ -98,14 +99,16 @@ def _load_finetuned_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def image_steps_record(results: Path, variant: Any) -> dict[str, Any] | None:
+def image_steps_record(results: Path, variant: Any, fitted_name: str | None = None) -> dict[str, Any] | None:
     """The bundle's record of a run's preprocessing variant: its steps and their fitted states
-    (``preprocessing/<variant>/state.json``); None for ``none``."""
+    (``preprocessing/<fitted_name>/state.json``: the run's fold's for a variant fitted per
+    fold, :func:`leukotype.config.frozen_features_prep`; default the variant's own); None for
+    ``none``."""
     if variant.is_identity:
         return None
     states = [None] * len(variant.steps)
     if variant.fitted:
-        state_file = Path(paths.prep_state(str(results), variant.name))
+        state_file = Path(paths.prep_state(str(results), fitted_name or variant.name))
         if not state_file.is_file():
             raise LeukotypeError(f"variant {variant.name!r} has no fitted state at {state_file}; finish the run first")
         states = read_json(state_file)["states"]
@@ -159,6 +162,8 @@ def export_run(
     task = task_from_dict(task_cfg)
     classes = list(task.classes)
     variant = variant_of(config, run.prep)
+    # the run's fold's state and frozen features, for a variant fitted per fold (k-fold)
+    frozen_prep = frozen_features_prep(config, run.prep, run.fold)
     # a variant that draws colour views trained on its own sample table
     samples = read_tsv(paths.samples_file(str(results), run.task, run.prep if variant.views else paths.NO_PREP))
     train, test = fold_parts(samples, run.fold)
@@ -168,7 +173,7 @@ def export_run(
 
     # --- the classifier's input: which features, from where
     finetuned_model = Path(paths.finetune_file(str(results), paths.FINETUNED_MODEL, run.task, run.backbone, run.fold, run.prep))
-    feature_dirs = [Path(d) for d in svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, run.prep)]
+    feature_dirs = [Path(d) for d in svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, run.prep, frozen_prep)]
     if run.strategy == "features_svm":
         # one layer per feature dir: a combination reads each part's penultimate layer
         feature_layer = svm_feature_layers(run.strategy, run.backbone, run.layer)
@@ -187,7 +192,7 @@ def export_run(
     if few_shot is not None:
         from leukotype.few_shot import NEW_LAB, TRAINING_LAB
 
-        adapted = _few_shot_part(results, run, few_shot, feature_layer)
+        adapted = _few_shot_part(results, run, few_shot, feature_layer, frozen_prep)
         # the refit's own weights (shot_weight) and labs (shot_method augment), so that
         # calibration refits the same model
         weight = adapted["record"]["weight_per_shot"]
@@ -223,7 +228,7 @@ def export_run(
         }
         writers[fmt.NETWORK_FILE] = lambda target: fmt.save_tensors(trained, target)
     else:
-        meta = _feature_meta(Path(paths.features_dir(str(results), parts[0], run.prep)))
+        meta = _feature_meta(Path(paths.features_dir(str(results), parts[0], frozen_prep)))
         layer = run.layer if run.strategy == "features_svm" else catalog.penultimate_layer(run.backbone)
         layers = dict(catalog.part_layers(run.backbone, layer))
         feature_source = {
@@ -297,7 +302,7 @@ def export_run(
         "preprocessing": preprocessing,
         # the variant's steps before the backbone's preprocessing (crop, stain) and their
         # states fitted on the training part; `leukotype predict` / `explain` apply them
-        "image_steps": image_steps_record(results, variant),
+        "image_steps": image_steps_record(results, variant, frozen_prep),
         "classifier": classifier,
         "calibration": calibration,
         "thresholds": {"low_confidence": float(low_confidence)},
@@ -328,7 +333,9 @@ def export_run(
     return out
 
 
-def _few_shot_part(results: Path, run: Run, ext: str, layers: str | Sequence[str]) -> dict[str, Any]:
+def _few_shot_part(
+    results: Path, run: Run, ext: str, layers: str | Sequence[str], frozen_prep: str | None = None
+) -> dict[str, Any]:
     """A few-shot run's refitted model, the external cells it trained on (features, labels,
     groups kept apart from the training data's) and its metrics, from its run folder."""
     from leukotype.external import LABEL, SHOT_STRATEGIES
@@ -347,7 +354,9 @@ def _few_shot_part(results: Path, run: Run, ext: str, layers: str | Sequence[str
             "evaluation.external and run the workflow first"
         )
     shots = read_tsv(file(paths.SHOTS))
-    dirs = external_svm_feature_dirs(str(results), run.strategy, run.task, run.backbone, run.fold, ext, "none", run.prep)
+    dirs = external_svm_feature_dirs(
+        str(results), run.strategy, run.task, run.backbone, run.fold, ext, "none", run.prep, frozen_prep
+    )
     index = shots[["image_id"]].assign(transform="identity")
     record = read_json(record_path)
     return {

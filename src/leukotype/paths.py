@@ -17,6 +17,10 @@ Layout::
                                                                (crop boxes: key crop_m<margin>)
     preprocessing/<variant>/state.json                         a variant's fitted states
                                                                (stain reference)
+    preprocessing/<variant>.<fold>/state.json                  the same, fitted on one fold's
+                                                               training part (k-fold; its
+                                                               frozen features likewise:
+                                                               features/<backbone>@<variant>.<fold>/)
     external/<set>/features/<adapt>/<backbone>/                an external set's features
     external/<set>/preprocessing/<key>/images.tsv              its per-image tables
     <run folder>/external/<set>/<adapt>/<file>                 a run's predictions and metrics on it
@@ -38,6 +42,21 @@ RUN_TEMPLATE = "runs/{task}/{strategy}/{backbone}/{layer}/{fold}"
 PREP_SEPARATOR = "@"
 #: The variant that changes nothing.
 NO_PREP = "none"
+#: Between a variant and a fold in the name of a state fitted on one fold's training part, and
+#: of the frozen features extracted under it (``crop15_wb_grey.r0f2``); never in a variant's
+#: own name (the config schema allows letters, digits and ``_``).
+FOLD_FIT_SEPARATOR = "."
+
+
+def fold_fitted(variant: str, fold: str) -> str:
+    """The name of ``variant`` as fitted on ``fold``'s training part."""
+    return f"{variant}{FOLD_FIT_SEPARATOR}{fold}"
+
+
+def split_fold_fitted(name: str) -> tuple[str, str | None]:
+    """(variant, fold) of a :func:`fold_fitted` name; (name, None) for a variant's own name."""
+    variant, _, fold = name.partition(FOLD_FIT_SEPARATOR)
+    return variant, fold or None
 
 # Files of a run folder.
 PREDICTIONS = "predictions.tsv"

@@ -18,7 +18,8 @@ only asks a step what it needs (see :class:`Step`):
    an image where no cell is found is used whole and listed with the reason.
 2. ``stain`` (fitted): ``reinhard`` (LAB mean and sd matched to a reference, scikit-image
    colour conversions) or ``macenko`` (torchstain's stain-vector estimate). The reference comes
-   from training images that are never test images (:func:`reference_image_ids`).
+   from training images that are never test images (:func:`reference_image_ids`); under
+   k-fold, once per fold from that fold's training images (:func:`fits_per_fold`).
 3. ``colour`` (training views): HED jitter, brightness, contrast, blur and scale jitter with
    parameters drawn from the image's md5 and the view, so a sample's view is the same in every
    job (:func:`colour_jitter`); the views ``colourK`` are training samples like rotations.
@@ -32,7 +33,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image, ImageFilter
 
+from leukotype import paths
 from leukotype.augment import COLOUR_PREFIX, colour_transforms, colour_view
 from leukotype.errors import LeukotypeError
 from leukotype.paths import ANALYSIS_TABLE
@@ -780,10 +782,40 @@ def variant_of(cfg: Mapping[str, Any], name: str) -> Variant:
     return found[name]
 
 
+def fits_per_fold(variant: Variant, split_cfg: Mapping[str, Any] | None) -> bool:
+    """Whether ``variant``'s fitted steps are fitted once per fold, on that fold's training
+    part: k-fold (every image is a test image in one fold, so no image could serve every
+    fold) and no ``reference_source`` (images outside the study, which serve every fold)."""
+    return variant.fitted and not variant.reference_source and (split_cfg or {}).get("method") == "kfold"
+
+
+def per_fold_variants(cfg: Mapping[str, Any]) -> set[str]:
+    """Names of the config's variants fitted per fold (:func:`fits_per_fold`)."""
+    return {name for name, v in variants(cfg).items() if fits_per_fold(v, cfg.get("split"))}
+
+
+def fitted_variant_name(variant: str, fold: str, per_fold: Collection[str]) -> str:
+    """The name under which ``variant``'s fitted state and its frozen features for runs of
+    ``fold`` live: ``<variant>.<fold>`` when it is fitted per fold (``per_fold``: the names
+    :func:`per_fold_variants` gives), else the variant's own (one state serves every fold)."""
+    return paths.fold_fitted(variant, fold) if variant in per_fold else variant
+
+
+def fold_fitted_variants(cfg: Mapping[str, Any], folds: Sequence[str]) -> dict[str, Variant]:
+    """One copy of each per-fold variant per fold, named ``<variant>.<fold>``: the variants
+    whose states are fitted and whose frozen features are extracted (runs keep the variant's
+    own name)."""
+    return {
+        paths.fold_fitted(name, fold): dataclasses.replace(variant, name=paths.fold_fitted(name, fold))
+        for name, variant in variants(cfg).items()
+        if name in per_fold_variants(cfg)
+        for fold in folds
+    }
+
+
 def check_preprocessing_config(cfg: Mapping[str, Any]) -> list[str]:
     """Problems of the ``preprocessing`` list: unknown steps or settings, duplicate names, a
-    ``none`` with steps, a fitted step (stain reference) where no image is never a test image
-    (k-fold: every image is a test image in one fold)."""
+    ``none`` with steps."""
     entries = cfg.get("preprocessing") or []
     names = [str(e.get("name")) for e in entries]
     problems = [f"preprocessing: variant name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
@@ -794,13 +826,6 @@ def check_preprocessing_config(cfg: Mapping[str, Any]) -> list[str]:
             problems.append(f"preprocessing[{i}]: {err}")
             continue
         problems += variant.problems()
-        if variant.fitted and not variant.reference_source and (cfg.get("split") or {}).get("method") == "kfold":
-            problems.append(
-                f"preprocessing variant {variant.name!r} fits a step (stain reference) on training "
-                "images that are never test images; with split.method kfold every image is a test "
-                "image in one fold, so use split.method holdout for this variant, or give it "
-                "reference_source: a folder or manifest of reference images outside the study"
-            )
     return problems
 
 
@@ -908,19 +933,22 @@ def analysis_table(step: Step, validated: Any) -> Any:
     return pd.DataFrame(rows, columns=columns)
 
 
-def reference_image_ids(splits: Sequence[Any], n: int, seed: int) -> list[str]:
+def reference_image_ids(splits: Sequence[Any], n: int, seed: int, fold: str | None = None) -> list[str]:
     """At most ``n`` images (seeded sample) that are training images and never a test image in
-    any fold of any task's split table: what a fitted step may see."""
+    any fold of any task's split table, or, with ``fold``, in that fold of every task's split
+    (a state fitted per fold): what a fitted step may see."""
     train, test = set(), set()
     for table in splits:
+        if fold is not None:
+            table = table[table["fold"].astype(str) == fold]
+            if table.empty:
+                raise LeukotypeError(f"fold {fold!r} is in no split table; a state fitted per fold needs it")
         train |= set(table.loc[table["part"] == "train", "image_id"].astype(str))
         test |= set(table.loc[table["part"] == "test", "image_id"].astype(str))
     candidates = sorted(train - test)
     if not candidates:
-        raise LeukotypeError(
-            "no image is a training image in every fold (k-fold makes every image a test image "
-            "once): a fitted preprocessing step needs a hold-out split"
-        )
+        where = f"of fold {fold!r}" if fold is not None else "in every fold"
+        raise LeukotypeError(f"no image is a training image {where} of every task's split: a fitted preprocessing step has nothing to fit on")
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from leukotype import catalog
+from leukotype import catalog, paths
 from leukotype.allocator import log_job_cpu
 from leukotype.config import penultimate_layer
 from leukotype.tasks import task_from_dict
@@ -214,20 +214,22 @@ def run_fit_preprocessing(
     validation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A variant's fitted states (stain reference) from at most ``reference_images`` training
-    images that are never test images in any fold of any task's ``splits``; or, when the
-    variant names a ``reference_source`` (``reference``: the same path), from its images,
-    validated under ``validation`` like new images, with any image whose bytes are a study
-    image's refused (a study image would bring its test part in again)."""
+    images that are never test images in any fold of any task's ``splits`` (a variant named
+    ``<variant>.<fold>``, :func:`leukotype.paths.fold_fitted`: training images of that fold);
+    or, when the variant names a ``reference_source`` (``reference``: the same path), from its
+    images, validated under ``validation`` like new images, with any image whose bytes are a
+    study image's refused (a study image would bring its test part in again)."""
     from leukotype.images import load_rgb
     from leukotype.preprocessing import Variant, fit_variant, read_analysis_table, reference_image_ids
 
     variant = Variant.from_dict(preprocessing)
     table = read_tsv(validated)
     if reference is None:
-        chosen = reference_image_ids([read_tsv(p) for p in splits], variant.reference_images, seed)
+        fold = paths.split_fold_fitted(variant.name)[1]
+        chosen = reference_image_ids([read_tsv(p) for p in splits], variant.reference_images, seed, fold=fold)
         abspaths = table.set_index("image_id").loc[chosen, "abspath"].astype(str).tolist()
         tables = {Path(p).parent.name: read_analysis_table(p) for p in analyses}
-        used: dict[str, Any] = {"image_ids": chosen}
+        used: dict[str, Any] = {"image_ids": chosen, **({"fold": fold} if fold else {})}
     else:
         if validation is None:
             raise LeukotypeError("a reference source is validated like new images: give the config's validation")
@@ -244,7 +246,12 @@ def run_fit_preprocessing(
         "provenance": provenance(seed=seed),
     }
     write_json(record, out_state)
-    where = f"images of {reference}" if reference is not None else "training images (never test images)"
+    if reference is not None:
+        where = f"images of {reference}"
+    elif used.get("fold"):
+        where = f"training images of fold {used['fold']}"
+    else:
+        where = "training images (never test images)"
     log.info("variant %s fitted on %d %s", variant.name, len(abspaths), where)
     return record
 
@@ -810,8 +817,8 @@ def run_finetune(
     classes = list(task.classes)
     validated_table = read_tsv(validated)
     prepare = job_preparer(preprocessing, preprocessing_files, validated_table)
-    paths = validated_table[["image_id", "abspath"]]
-    train_rows, test_rows = (part.merge(paths, on="image_id", how="left") for part in fold_parts(read_tsv(samples), fold))
+    abspaths = validated_table[["image_id", "abspath"]]
+    train_rows, test_rows = (part.merge(abspaths, on="image_id", how="left") for part in fold_parts(read_tsv(samples), fold))
     cfg = FinetuneConfig.from_mapping({**settings, "threads": threads})
     precision = _native_precision(cfg)
     cfg = dataclasses.replace(cfg, precision=precision.effective)

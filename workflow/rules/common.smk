@@ -26,7 +26,13 @@ from leukotype.config import (  # noqa: E402
 )
 from leukotype.config import validate_config as _validate_config  # noqa: E402
 from leukotype.errors import LeukotypeError  # noqa: E402
-from leukotype.preprocessing import step_from_dict, variants  # noqa: E402
+from leukotype.preprocessing import (  # noqa: E402
+    fitted_variant_name,
+    fold_fitted_variants,
+    per_fold_variants,
+    step_from_dict,
+    variants,
+)
 from leukotype.split import fold_ids  # noqa: E402
 from leukotype.stages import dataset_label  # noqa: E402
 
@@ -74,6 +80,18 @@ def _alternatives(values):
 # Preprocessing variants (leukotype.preprocessing), compared side by side like backbones: a
 # variant other than `none` is the suffix `@<name>` of the backbone's folders ({prep}).
 PREP = variants(config)
+# Under k-fold a variant with a fitted step and no reference_source is fitted once per fold, on
+# the fold's training part: its states and frozen features are `<name>.<fold>` (runs keep
+# `@<name>`). FITTED: every name a state is fitted and frozen features are extracted under.
+PER_FOLD = per_fold_variants(config)
+FITTED = {**PREP, **fold_fitted_variants(config, FOLDS)}
+
+
+def fitted_name(prep, fold):
+    """Where a run's (variant, fold) frozen features and fitted state live."""
+    return fitted_variant_name(prep, fold, PER_FOLD)
+
+
 # Per-image step tables (crop boxes), one per key, shared by the variants with that step.
 ANALYSES = {
     step.analysis_key(): step.to_dict()
@@ -83,14 +101,23 @@ ANALYSES = {
 
 
 def _optional_prep():
-    names = [n for n in PREP if n != paths.NO_PREP]
+    names = [n for n in FITTED if n != paths.NO_PREP]
     if not names:
         return "(?:)"
     return f"(?:{re.escape(paths.PREP_SEPARATOR)}(?:{_alternatives(names)}))?"
 
 
 def variant_of(wildcards):
-    return PREP.get(paths.prep_name(wildcards.prep)) or variants({})[paths.NO_PREP]
+    return FITTED.get(paths.prep_name(wildcards.prep)) or variants({})[paths.NO_PREP]
+
+
+def _fitted_state_name(wildcards):
+    """The state a job's images are prepared with: its fold's for a run of a variant fitted
+    per fold (fine-tuning, external predictions), else its {prep}'s own (extraction jobs of a
+    fold-fitted name carry the fold in {prep})."""
+    name = paths.prep_name(wildcards.prep)
+    fold = getattr(wildcards, "fold", None)
+    return fitted_name(name, fold) if fold else name
 
 
 def preprocessing_record(wildcards):
@@ -103,15 +130,16 @@ def preprocessing_inputs(wildcards):
     variant = variant_of(wildcards)
     files = [paths.analysis_table(R, key) for key in variant.analysis_keys()]
     if variant.fitted:
-        files.append(paths.prep_state(R, variant.name))
+        files.append(paths.prep_state(R, _fitted_state_name(wildcards)))
     return files
 
 
 def fit_preprocessing_inputs(wildcards):
     """What a variant's fitted steps see: at most `reference_images` training images that are
     test images in no task's split (so every split is an input), or the variant's
-    `reference_source`, which no split changes."""
-    variant = PREP[wildcards.variant]
+    `reference_source`, which no split changes. A variant fitted per fold (`<name>.<fold>`)
+    sees that fold's training images."""
+    variant = FITTED[wildcards.variant]
     if variant.reference_source:
         return {"reference": variant.reference_source}
     return {
@@ -128,7 +156,7 @@ def external_preprocessing_inputs(wildcards):
         for key in variant.analysis_keys()
     ]
     if variant.fitted:
-        files.append(paths.prep_state(R, variant.name))
+        files.append(paths.prep_state(R, _fitted_state_name(wildcards)))
     return files
 
 
@@ -149,7 +177,7 @@ wildcard_constraints:
     layer=r"[A-Za-z0-9_]+",
     # "" (no preprocessing: the paths of a study without variants) or "@<variant>"
     prep=_optional_prep(),
-    variant=_alternatives(PREP),
+    variant=_alternatives(FITTED),
     key=_alternatives(ANALYSES or ["-"]),
     ext=_alternatives([e["name"] for e in config["evaluation"]["external"]] or ["-"]),
     adapt="none|bn|shots",
@@ -186,8 +214,7 @@ def staged_weight_files():
 
 def feature_dirs(wildcards):
     """Feature folders an SVM run reads: the backbone's parts, or the fine-tuned network's."""
-    return svm_feature_dirs(
-        R,
+    return _svm_feature_dirs(
         wildcards.svm_strategy,
         wildcards.task,
         wildcards.backbone,
@@ -196,10 +223,15 @@ def feature_dirs(wildcards):
     )
 
 
+def _svm_feature_dirs(strategy, task, backbone, fold, prep):
+    return svm_feature_dirs(
+        R, strategy, task, backbone, fold, prep, frozen_prep=fitted_name(prep, fold)
+    )
+
+
 def run_feature_dirs(wildcards):
     """Feature folders behind any run (their meta.json records its precision)."""
-    return svm_feature_dirs(
-        R,
+    return _svm_feature_dirs(
         wildcards.strategy,
         wildcards.task,
         wildcards.backbone,
@@ -229,7 +261,9 @@ def svm_cv_results(wildcards):
 def finetune_feature_dirs(wildcards):
     """Cached backbone features the head trains on (paper policy), else nothing."""
     return _finetune_feature_dirs(
-        config, wildcards.backbone, paths.prep_name(wildcards.prep)
+        config,
+        wildcards.backbone,
+        fitted_name(paths.prep_name(wildcards.prep), wildcards.fold),
     )
 
 
@@ -277,9 +311,10 @@ def comparison_settings():
 
 
 def feature_map_targets():
-    """One t-SNE map per extracted backbone (and variant) and layer."""
+    """One t-SNE map per extracted backbone (and variant) and layer; a variant fitted per
+    fold is mapped as fitted on the first fold."""
     return [
-        f"{R}/figures/features/{backbone}{paths.prep_suffix(prep)}-{layer}.png"
+        f"{R}/figures/features/{backbone}{paths.prep_suffix(fitted_name(prep, FOLDS[0]))}-{layer}.png"
         for backbone, layers in EXTRACT.items()
         for layer in layers
         for prep in PREP
@@ -347,8 +382,8 @@ def export_feature_dirs(wildcards):
         {
             folder
             for run in _task_runs(wildcards)
-            for folder in svm_feature_dirs(
-                R, run.strategy, run.task, run.backbone, run.fold, run.prep
+            for folder in _svm_feature_dirs(
+                run.strategy, run.task, run.backbone, run.fold, run.prep
             )
         }
     )
@@ -409,7 +444,7 @@ def export_preprocessing_files(wildcards):
     """The fitted states of the task's variants (the bundle records its run's)."""
     return sorted(
         {
-            paths.prep_state(R, run.prep)
+            paths.prep_state(R, fitted_name(run.prep, run.fold))
             for run in _task_runs(wildcards)
             if PREP[run.prep].fitted
         }
@@ -432,6 +467,7 @@ def external_source(wildcards):
 def external_feature_dirs(wildcards, adapt=None):
     """External features an SVM run reads: the backbone parts', or its fine-tuned network's
     (``adapt``: which features, default the job's own adaptation)."""
+    prep = paths.prep_name(wildcards.prep)
     return external_svm_feature_dirs(
         R,
         wildcards.svm_strategy,
@@ -440,7 +476,8 @@ def external_feature_dirs(wildcards, adapt=None):
         wildcards.fold,
         wildcards.ext,
         adapt or wildcards.adapt,
-        paths.prep_name(wildcards.prep),
+        prep,
+        frozen_prep=fitted_name(prep, wildcards.fold),
     )
 
 
@@ -452,7 +489,7 @@ def unadapted_external_feature_dirs(wildcards):
 def external_finetune_feature_dirs(wildcards):
     """Frozen external features the fine-tuned head reads (paper policy), else nothing."""
     if _finetune_feature_dirs(config, wildcards.backbone):
-        prep = paths.prep_name(wildcards.prep)
+        prep = fitted_name(paths.prep_name(wildcards.prep), wildcards.fold)
         return [
             paths.external_features_dir(R, wildcards.ext, wildcards.adapt, part, prep)
             for part in catalog.parts(wildcards.backbone)

@@ -1,6 +1,7 @@
 # Preprocessing variants' data (leukotype.preprocessing), computed once and shared: each
 # per-image step's table (crop boxes: one per margin, whichever variants use it) and each
-# variant's fitted states (stain reference: training images that are never test images, or the
+# variant's fitted states (stain reference: training images that are never test images; under
+# k-fold one state per fold, `<variant>.<fold>`, from the fold's training images; or the
 # variant's reference images from outside the study).
 # The external sets' own tables are made in external.smk.
 
@@ -45,7 +46,7 @@ rule fit_preprocessing:
         mem_mb=2000,
         runtime=30,
     params:
-        preprocessing=lambda wildcards: PREP[wildcards.variant].to_dict(),
+        preprocessing=lambda wildcards: FITTED[wildcards.variant].to_dict(),
         seed=config["split"]["seed"],
     script:
         "../scripts/fit_preprocessing.py"
