@@ -63,40 +63,27 @@ _FINETUNED = """\
 models:
   - {{backbone: efficientnet_lite0, weights: imagenet, strategies: [{strategy}], finetune: {{policy: last_block}}}}
 """
+#: bench/external_adaptation.py's STAIN_VIEWS and STRONG_STAIN_VIEWS as a colour step
+_STAIN_VIEWS = "{step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}"
+_STRONG_STAIN_VIEWS = "{step: colour, views: 2, hed: 0.1, brightness: 0.3, contrast: 0.4, blur: 2.0, scale: 0.2, seed: 42}"
+
+
+def _fine_tuning_variant(name: str, colour: str, stretch: bool = False, reference: bool = False) -> str:
+    """A fine-tuning recipe's ``preprocessing`` entry: crop, white balance, grey (then a contrast
+    stretch), then ``colour``; its white balance from the reference pool when ``reference``."""
+    steps = ["{step: crop, margin: 0.15}", "{step: white_balance}", "{step: grey}", *(["{step: stretch}"] if stretch else []), colour]
+    return (f"  - name: {name}\n    steps:\n" + "".join(f"      - {step}\n" for step in steps) + "    reference_images: 100000\n"
+            + ("    reference_source: REFERENCE_MANIFEST\n" if reference else ""))
+
+
 #: The fine-tuned recipe (bench/external_adaptation.py's STAIN_VIEWS on crop15_wb_grey)
-_STAIN2 = """\
-preprocessing:
-  - name: crop15_wb_grey_stain2
-    steps:
-      - {step: crop, margin: 0.15}
-      - {step: white_balance}
-      - {step: grey}
-      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
-    reference_images: 100000
-"""
+_STAIN2 = "preprocessing:\n" + _fine_tuning_variant("crop15_wb_grey_stain2", _STAIN_VIEWS)
 #: Two fine-tuning recipes chosen on JTSC's select half in bench/external_adaptation.py: the
-#: stain views on the contrast-stretch recipe (STAIN_VIEWS), and stronger stain views
-#: (STRONG_STAIN_VIEWS) on crop15_wb_grey; their white balance from the reference pool
-_STAIN_RECIPES = """\
-preprocessing:
-  - name: crop15_wb_grey_stretch_stain2
-    steps:
-      - {step: crop, margin: 0.15}
-      - {step: white_balance}
-      - {step: grey}
-      - {step: stretch}
-      - {step: colour, views: 2, hed: 0.05, brightness: 0.15, contrast: 0.2, blur: 1.0, scale: 0.1, seed: 42}
-    reference_images: 100000
-    reference_source: REFERENCE_MANIFEST
-  - name: crop15_wb_grey_stainstrong2
-    steps:
-      - {step: crop, margin: 0.15}
-      - {step: white_balance}
-      - {step: grey}
-      - {step: colour, views: 2, hed: 0.1, brightness: 0.3, contrast: 0.4, blur: 2.0, scale: 0.2, seed: 42}
-    reference_images: 100000
-    reference_source: REFERENCE_MANIFEST
-"""
+#: stain views on the contrast-stretch recipe, and stronger stain views on crop15_wb_grey
+_STAIN_RECIPES = "preprocessing:\n" + "".join([
+    _fine_tuning_variant("crop15_wb_grey_stretch_stain2", _STAIN_VIEWS, stretch=True, reference=True),
+    _fine_tuning_variant("crop15_wb_grey_stainstrong2", _STRONG_STAIN_VIEWS, reference=True),
+])
 #: Overlays on configs/pbc.yaml: the bench scripts' protocol (what differs from the shipped
 #: config). ``svm``: Lite0 features -> SVM with the config's variants, BatchNorm adaptation on;
 #: ``finetune``: Lite0 fine-tuned (``last_block``, as configs/pbc.yaml) on crop15_wb_grey with
