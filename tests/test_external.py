@@ -630,7 +630,7 @@ def test_shot_weight_and_feature_augmentation_on_a_shift_that_conflicts_with_the
 
 
 def test_external_features_of_a_fitted_variant_with_colour_views(tmp_path):
-    """A variant with a fitted step and colour views (configs/pbc.yaml's crop15_wb_grey_stain2)
+    """A variant with a fitted step and colour views (configs/pbc.yaml's crop15_wb_grey_stretch_stain2)
     on an external set: every step with its fitted state, no colour view drawn (external
     images are test images), so the features are those of the variant without its colour step."""
     from leukotype.demo import make_demo_external
