@@ -20,6 +20,7 @@ and the bench scripts' numbers for the same setting with the difference in point
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold --append     # k-fold, reference slide
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_finetune_svm --append  # the same, finetune_svm
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_finetune_recipes --append  # two more recipes
+    .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_per_fold --append  # white balance per fold
     .venv/bin/python bench/pbc_dag_external.py --run --overlay kfold_augment --append \
         --run-dir /tmp/leukotype-pbc-dag-external-kfold  # its few-shot refits again, feature-augmented
     (kfold_balanced likewise: the lab's cells weighted, shot_weight: balanced; svm_augment and
@@ -109,6 +110,16 @@ preprocessing:
     reference_images: 100000
     reference_source: REFERENCE_MANIFEST
 """,
+    # the same five folds and study, crop15_wb_grey only, its white balance fitted per fold on
+    # the fold's training images (no reference_source: states <variant>.<fold>)
+    "kfold_per_fold": _KFOLD_PROTOCOL + """\
+models:
+  - {backbone: efficientnet_lite0, weights: imagenet, strategies: [features_svm]}
+preprocessing:
+  - name: crop15_wb_grey
+    steps: [{step: crop, margin: 0.15}, {step: white_balance}, {step: grey}]
+    reference_images: 100000
+""",
     # the same five folds with finetune_svm's recipe (its white balance from the reference pool)
     "kfold_finetune_svm": _KFOLD_PROTOCOL + _FINETUNED.format(strategy="finetune_svm") + _STAIN2
     + "    reference_source: REFERENCE_MANIFEST\n",
@@ -122,7 +133,7 @@ RUN_DIR = "<run-dir>"
 #: configs/pbc.yaml's external set (``evaluation.external[]``) pinned, so that a change of the
 #: shipped config does not change what a row measured.
 EVALUATION = {"svm": {"adapt_batchnorm": True}, "kfold": {}, "finetune_svm": {}, "kfold_finetune_svm": {},
-              "kfold_finetune_recipes": {}}
+              "kfold_finetune_recipes": {}, "kfold_per_fold": {}}
 POOLED = {"shot_method": "pooled"}
 #: Overlays that rerun an SVM overlay's few-shot refits (in its --run-dir) with other settings:
 #: the lab's cells weighted (``shot_weight``) or feature-augmented (``shot_method``). Their
@@ -135,9 +146,10 @@ FEW_SHOT_OVERLAYS = {
     "kfold_finetune_svm_augment": ("kfold_finetune_svm", {"shot_method": "augment"}),
     "kfold_finetune_svm_balanced": ("kfold_finetune_svm", {"shot_method": "pooled", "shot_weight": "balanced"}),
     "kfold_finetune_recipes_augment": ("kfold_finetune_recipes", {"shot_method": "augment"}),
+    "kfold_per_fold_augment": ("kfold_per_fold", {"shot_method": "augment"}),
 }
 #: Overlays the bench scripts have no rows for (their ``bench_*`` columns are left out)
-NO_BENCH_ROWS = {"kfold", "finetune_svm", "kfold_finetune_svm", "kfold_finetune_recipes", *FEW_SHOT_OVERLAYS}
+NO_BENCH_ROWS = {"kfold", "finetune_svm", "kfold_finetune_svm", "kfold_finetune_recipes", "kfold_per_fold", *FEW_SHOT_OVERLAYS}
 
 
 def jtsc_entry(**extra: Any) -> dict[str, Any]:
@@ -263,15 +275,20 @@ def crop_box_differences(results: Path, external: str = "jtsc", margin: float = 
             "external_crop_boxes_differing_from_bench": ext[1]}
 
 
-def fit_records(results: Path, preps: pd.Series) -> dict[str, list[Any]]:
-    """Per row: what its variant's fitted steps saw (``training part`` or the reference
-    source), on how many images, and the white-balance target background they gave."""
+def fit_records(results: Path, preps: pd.Series, folds: pd.Series) -> dict[str, list[Any]]:
+    """Per row: what its variant's fitted steps saw (``training part``, the fold's training
+    part for a state fitted per fold, or the reference source), on how many images, and the
+    white-balance target background they gave."""
+    from leukotype.paths import fold_fitted
+
     columns: dict[str, list[Any]] = {"fitted_on": [], "fit_images": [], "white_balance_target": []}
-    for prep in preps:
-        path = results / "preprocessing" / prep / "state.json"
+    for prep, fold in zip(preps, folds):
+        per_fold = results / "preprocessing" / fold_fitted(prep, fold) / "state.json"
+        path = per_fold if per_fold.exists() else results / "preprocessing" / prep / "state.json"
         state = json.loads(path.read_text()) if prep != "none" and path.exists() else {}
         targets = [s["target"] for s in state.get("states", []) if s and "target" in s]
-        columns["fitted_on"].append(state.get("reference_source", "training part") if state else "")
+        trained_on = f"training part of fold {state['fold']}" if state.get("fold") else "training part"
+        columns["fitted_on"].append(state.get("reference_source", trained_on) if state else "")
         columns["fit_images"].append(state.get("n_images", pd.NA))
         columns["white_balance_target"].append(json.dumps([round(v, 1) for v in targets[0]]) if targets else "")
     return columns
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         table = table.drop(columns=[c for c in table.columns if "bench" in c])
     if args.overlay in FEW_SHOT_OVERLAYS:
         table = table[table["adapt"] == "shots"].reset_index(drop=True)
-    table = table.assign(**fit_records(args.run_dir / "results", table["preprocessing"]))
+    table = table.assign(**fit_records(args.run_dir / "results", table["preprocessing"], table["fold"]))
     table["overlay"] = overlay_text(args.run_dir, args.overlay).replace("\n", " ").strip()
     for key, value in {**info, **machine_info()}.items():
         table[key] = value
