@@ -805,10 +805,11 @@ def fold_fitted_variants(cfg: Mapping[str, Any], folds: Sequence[str]) -> dict[s
     """One copy of each per-fold variant per fold, named ``<variant>.<fold>``: the variants
     whose states are fitted and whose frozen features are extracted (runs keep the variant's
     own name)."""
+    per_fold = per_fold_variants(cfg)
     return {
         paths.fold_fitted(name, fold): dataclasses.replace(variant, name=paths.fold_fitted(name, fold))
         for name, variant in variants(cfg).items()
-        if name in per_fold_variants(cfg)
+        if name in per_fold
         for fold in folds
     }
 
