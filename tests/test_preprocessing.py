@@ -283,6 +283,27 @@ def test_a_variant_fitted_per_fold_sees_that_folds_training_images_only(tmp_path
         run_fit_preprocessing(validated, [splits], {"name": "wb", "steps": steps}, [], 0, tmp_path / "all.json")
 
 
+def test_a_bundle_of_a_kfold_run_records_its_own_folds_state(tmp_path):
+    """export reads ``<variant>.<fold>``'s state for a run of a variant fitted per fold (and the
+    variant's own state otherwise): a bundle of fold r0f1 must prepare images as r0f1 did."""
+    from leukotype.config import frozen_features_prep
+    from leukotype.export import image_steps_record
+    from leukotype.io import write_json
+
+    steps = [{"step": "white_balance"}]
+    cfg = {"preprocessing": [{"name": "wb", "steps": steps}], "split": {"method": "kfold"}}
+    for name, target in (("wb.r0f0", [240.0, 230.0, 220.0]), ("wb.r0f1", [200.0, 210.0, 250.0])):
+        write_json({"states": [{"target": target, "n_images": 3}]}, tmp_path / paths.prep_state("", name))
+    variant = Variant.from_dict(cfg["preprocessing"][0])
+    assert frozen_features_prep(cfg, "wb", "r0f1") == "wb.r0f1"
+    record = image_steps_record(tmp_path, variant, frozen_features_prep(cfg, "wb", "r0f1"))
+    assert record["states"] == [{"target": [200.0, 210.0, 250.0], "n_images": 3}]
+    holdout = {**cfg, "split": {"method": "holdout"}}
+    assert frozen_features_prep(holdout, "wb", "holdout") == "wb"
+    with pytest.raises(LeukotypeError, match="no fitted state"):  # never silently the variant's own
+        image_steps_record(tmp_path, variant, frozen_features_prep(holdout, "wb", "holdout"))
+
+
 def test_a_variant_is_fitted_on_its_reference_images_and_never_on_a_study_image(tmp_path):
     import pandas as pd
 
