@@ -43,6 +43,8 @@ def test_defaults_are_the_papers_settings():
     ft = cfg["finetune"]
     assert (ft["batch_size"], ft["epochs"], ft["momentum"], ft["lr"], ft["policy"]) == (30, 20, 0.9, 0.001, "head")
     assert cfg["models"][0]["weights"] == "imagenet"
+    # a setting added later without a default stays out of the params: a study does not rerun
+    assert "head_init" not in ft
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,8 @@ def test_defaults_are_the_papers_settings():
         ({"tasks": [{"name": "lin", "column": "subtype", "classes": ["ALL", "AML"], "derive": {"ALL": ["L1"]}}]}, "derive' must map every class in 'classes' exactly once; missing ['AML']"),
         ({"models": [{"backbone": "paper_cnn", "strategies": ["features_svm"]}]}, "paper_cnn is trained from scratch"),
         ({"augmentation": {"rotations": [45]}}, "augmentation.rotations[0]: 45 is not valid; choose one of [90, 180, 270]"),
+        ({"finetune": {"head_init": "linear"}}, "finetune.head_init: 'linear' is not valid; choose one of ['random', 'probe']"),
+        ({"models": [{"backbone": "vgg16", "finetune": {"head_init": "lp"}}]}, "models[0].finetune.head_init: 'lp' is not valid; choose one of ['random', 'probe']"),
     ],
 )
 def test_errors_name_the_bad_key_and_the_valid_choices(change, expected):

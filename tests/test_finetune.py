@@ -175,6 +175,38 @@ def test_config_validation_and_unknown_keys() -> None:
     a, b = FinetuneConfig(), FinetuneConfig(device="cuda", fast_path=False, threads=8)
     assert a.result_fields() == b.result_fields()
     assert a.result_fields() != FinetuneConfig(lr=0.01).result_fields()
+    # head_init: a choice; at its default it is not in the fingerprint (earlier checkpoints stay valid)
+    with pytest.raises(LeukotypeError, match=r"head_init 'linear' is not valid; choose one of \['random', 'probe'\]"):
+        FinetuneConfig(head_init="linear")
+    assert "head_init" not in a.result_fields()
+    assert FinetuneConfig(head_init="probe").result_fields()["head_init"] == "probe"
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_probe_head_is_the_logistic_regression_on_raw_features(n_classes: int) -> None:
+    """The head's softmax equals the probe's predict_proba on the raw (unscaled) features, for
+    a binary probe (one coefficient row) too; a class absent from the labels keeps its row."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from leukotype.finetune.probe import PROBE_C, probe_head
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % n_classes
+    x = rng.normal(size=(120, 6)) * [1, 5, 0.2, 3, 1, 10] + 40 + np.eye(6)[y % 6] * 2
+    model = FinetuneModel(nn.Identity(), nn.Sequential(), seeded_head(6, n_classes + 1, seed=1))
+    untouched = model.head.weight[n_classes].detach().clone(), float(model.head.bias[n_classes].detach())
+    record = probe_head(model, x, y, seed=0)
+    scaler = StandardScaler().fit(x)
+    reference = LogisticRegression(C=PROBE_C, max_iter=2000).fit(scaler.transform(x), y)
+    with torch.no_grad():
+        logits = model.head(torch.as_tensor(x, dtype=torch.float32)).double()
+    probabilities = torch.softmax(logits[:, :n_classes], dim=1).numpy()
+    np.testing.assert_allclose(probabilities, reference.predict_proba(scaler.transform(x)), atol=1e-4)
+    assert torch.equal(model.head.weight[n_classes], untouched[0])
+    assert float(model.head.bias[n_classes]) == untouched[1]
+    assert record["head_init"] == "probe"
+    assert record["probe_train_accuracy"] == pytest.approx(reference.score(scaler.transform(x), y))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -842,6 +874,39 @@ def test_fold_job_runs_the_frozen_layers_once_with_the_two_pass_results(
     assert one.train.cache_seconds > 0
     # the job's activation cache is removed when the job is done; the checkpoint stays
     assert sorted(p.name for p in (tmp_path / "one_pass").iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_head_init_probe_starts_both_job_paths_from_the_same_probe(tmp_path: Path) -> None:
+    """``head_init: probe``: the one-pass and two-pass jobs train bit-identical models, both from
+    the probe fitted on the pretrained features of the training samples (with a learning rate
+    too small to move it, the trained head is that probe); a random head trains another model."""
+    from leukotype.finetune import finetune_fold
+    from leukotype.finetune.job import finetune_fold_from_images
+    from leukotype.finetune.outputs import finetuned_features
+    from leukotype.finetune.probe import probe_head
+
+    classes = ["a", "b", "c"]
+    fold = fold_of_cells(tmp_path, classes, n_train=10, n_val=0)
+    config = cfg(policy="last_block", epochs=1, batch_size=4, lr=1e-9, head_init="probe")
+    jobs = {
+        name: job(toy_model("last_block"), small_input(8), fold, classes, config)
+        for name, job in (("one_pass", finetune_fold), ("two_pass", finetune_fold_from_images))
+    }
+    one, two = jobs["one_pass"], jobs["two_pass"]
+    assert states_equal(one.train.model, two.train.model)
+    pd.testing.assert_frame_equal(one.predictions, two.predictions, check_exact=True)
+    assert one.train.head_init == two.train.head_init
+    assert one.train.head_init["head_init"] == "probe" and one.train.head_init["probe_train_accuracy"] > 0.5
+
+    expected = toy_model("last_block")
+    features = finetuned_features(expected, fold.train, small_input(8), batch_size=4, device="cpu")
+    probe_head(expected, features.astype(np.float64), fold.train.labels, seed=config.seed)
+    assert torch.allclose(one.train.model.head.weight, expected.head.weight, atol=1e-6)
+    assert torch.allclose(one.train.model.head.bias, expected.head.bias, atol=1e-6)
+    random_head = finetune_fold(toy_model("last_block"), small_input(8), fold, classes, cfg(
+        policy="last_block", epochs=1, batch_size=4, lr=1e-9))
+    assert random_head.train.head_init == {"head_init": "random"}
+    assert not torch.allclose(random_head.train.model.head.weight, expected.head.weight, atol=1e-3)
 
 
 def test_fold_activations_spill_to_memmaps_above_the_budget_and_are_reused(tmp_path: Path) -> None:

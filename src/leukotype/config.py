@@ -98,7 +98,8 @@ def _finetune_defaults(cfg: dict[str, Any]) -> None:
     schema = load_schema("config")["$defs"]["finetune"]["properties"]
     base = cfg.setdefault("finetune", {})
     for key, sub in schema.items():
-        base.setdefault(key, sub["default"])
+        if "default" in sub:  # head_init has none: left out, a study's params stay as they were
+            base.setdefault(key, sub["default"])
 
 
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from .outputs import (
     prediction_frame,
     softmax,
 )
+from .probe import probe_head
 from .samples import FoldSamples, Samples, digest
 from .settings import FinetuneConfig
 from .training import TrainResult, fit, samples_data_key, train
@@ -102,6 +103,19 @@ def finetune_fold(
     cache_seconds = time.perf_counter() - t0
     log.info("frozen activations of %d samples in %.1f s", len(samples.all()), cache_seconds)
     val = samples.val if "val" in activations else None
+    probe = _probe_head_from(
+        cfg,
+        model,
+        samples.train,
+        lambda: collect_from_activations(
+            model.features_from_trunk,
+            model,
+            activations["train"],
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            precision=cfg.precision,
+        ),
+    )
     result = fit(
         model,
         activations["train"],
@@ -113,6 +127,7 @@ def finetune_fold(
         data_key=samples_data_key(samples.train, val),
     )
     result.cache_seconds = cache_seconds
+    result.head_init = probe
     job = _outputs_from_activations(result, activations, samples, classes, cfg, cfg.precision)
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)  # GBs; a finished job no longer needs them
@@ -132,6 +147,18 @@ def finetune_fold_from_images(
     samples' activations), then predictions and features by full forwards from the images."""
     check_classes(model, classes)
     keep_freed_memory()
+    inference = {
+        "batch_size": cfg.batch_size,
+        "device": cfg.device,
+        "precision": cfg.precision,
+        "num_workers": cfg.num_workers,
+    }
+    probe = _probe_head_from(
+        cfg,
+        model,
+        samples.train,
+        lambda: finetuned_features(model, samples.train, preprocess, **inference),
+    )
     result = train(
         model,
         samples.train,
@@ -140,16 +167,34 @@ def finetune_fold_from_images(
         val_samples=samples.val,
         checkpoint_dir=checkpoint_dir,
     )
-    inference = {
-        "batch_size": cfg.batch_size,
-        "device": cfg.device,
-        "precision": cfg.precision,
-        "num_workers": cfg.num_workers,
-    }
+    result.head_init = probe
     predictions = predict(result.model, samples.test, preprocess, classes, **inference)
     every = samples.all()
     features = finetuned_features(result.model, every, preprocess, **inference)
     return JobResult(result, predictions, features, every.index_frame())
+
+
+def _probe_head_from(
+    cfg: FinetuneConfig,
+    model: FinetuneModel,
+    train: Samples,
+    pretrained_features: Callable[[], np.ndarray],
+) -> dict[str, Any]:
+    """With ``head_init: probe``, set the head to a linear probe on the training samples'
+    pretrained features (computed only then) before the first gradient step. The probe is
+    deterministic, so a resumed run rebuilds the same initial state and its fingerprint."""
+    if cfg.head_init != "probe":
+        return {"head_init": cfg.head_init}
+    with torch_threads(cfg.threads):
+        record = probe_head(
+            model,
+            np.asarray(pretrained_features(), dtype=np.float64),
+            train.labels,
+            class_weighted=cfg.class_weighted,
+            seed=cfg.seed,
+        )
+    log.info("head set to a linear probe: %s", record)
+    return record
 
 
 def _caches_activations(
@@ -311,6 +356,7 @@ def train_head_on_features(
 
     head_only = FinetuneModel(nn.Identity(), nn.Sequential(), model.head)
     val = samples.val if samples.val is not None and len(samples.val) else None
+    probe = _probe_head_from(cfg, head_only, samples.train, lambda: stored(samples.train).array)
     result = fit(
         head_only,
         stored(samples.train),
@@ -329,6 +375,7 @@ def train_head_on_features(
         device=cfg.device,
         precision="fp32",
     )
+    result.head_init = probe
     every = samples.all()
     features = load_features(dirs, layer, every.index_frame())
     predictions = prediction_frame(samples.test, softmax(logits), classes)

@@ -13,12 +13,15 @@ from leukotype.errors import LeukotypeError
 from leukotype.runtime import PRECISIONS
 
 SCHEDULES = ("constant", "cosine")
+#: How the new head starts: ``random`` (a seeded ``nn.Linear``) or ``probe`` (LP-FT, Kumar et al.
+#: 2022: a logistic regression on the pretrained penultimate features; ``leukotype.finetune.probe``).
+HEAD_INITS = ("random", "probe")
 #: Config fields that change how a run executes but not (beyond float noise) what it learns;
 #: they are left out of the checkpoint fingerprint so e.g. moving a run to a GPU resumes it
 #: (the same fields the rule keeps out of its params: one list, in leukotype.config).
 EXECUTION_ONLY_FIELDS = FINETUNE_EXECUTION_FIELDS
 
-__all__ = ["EXECUTION_ONLY_FIELDS", "POLICIES", "PRECISIONS", "SCHEDULES", "FinetuneConfig"]
+__all__ = ["EXECUTION_ONLY_FIELDS", "HEAD_INITS", "POLICIES", "PRECISIONS", "SCHEDULES", "FinetuneConfig"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class FinetuneConfig:
     ``threads``: torch intra-op threads during training (0 leaves the current setting).
     ``fast_path_memory_mb``: cached frozen activations up to this size stay in RAM; larger
     caches are float32 memmaps on disk.
+    ``head_init``: ``probe`` sets the head, before the first gradient step, to a logistic
+    regression fitted on the pretrained network's penultimate features of the training samples
+    (LP-FT), so the trainable layers are not pulled about by a random head's gradients.
     """
 
     policy: str = "head"
@@ -43,6 +49,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     class_weighted: bool = False
+    head_init: str = "random"
     early_stopping_patience: int | None = None
     val_fraction: float = 0.0
     calibration_fraction: float = 0.1
@@ -58,6 +65,7 @@ class FinetuneConfig:
         check_choice("policy", self.policy, POLICIES)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("head_init", self.head_init, HEAD_INITS)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
         for name, value in positive.items():
             if not value > 0:
@@ -90,8 +98,15 @@ class FinetuneConfig:
         return cls(**dict(mapping))
 
     def result_fields(self) -> dict[str, Any]:
-        """The fields that determine the trained model (what the fingerprint covers)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY_FIELDS}
+        """The fields that determine the trained model (what the fingerprint covers).
+
+        ``head_init`` is left out at its default (``random``): it came after checkpoints were
+        written without it, and a run that does not use the probe trains as before.
+        """
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY_FIELDS}
+        if fields["head_init"] == "random":
+            del fields["head_init"]
+        return fields
 
     @property
     def memory_limit_bytes(self) -> int:

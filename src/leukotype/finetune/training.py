@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +374,8 @@ class TrainResult:
     fingerprint: str
     cache_seconds: float = 0.0
     fast_path: bool = False
+    #: how the head started (``head_init``; with ``probe`` the probe's record), set by the job
+    head_init: dict[str, Any] = field(default_factory=lambda: {"head_init": "random"})
 
 
 def _label_tensors(
