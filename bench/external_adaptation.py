@@ -25,7 +25,10 @@ experiment in ``bench/results/external_adaptation.csv``:
   lab's own cells.
 - ``finetune`` experiments: the package's fine-tuning (``leukotype.finetune``, Lite0,
   ``last_block``, the workflow's defaults) on the recipe's images, optionally with colour /
-  stain augmentation views of the training part (``leukotype.preprocessing.ColourJitter``).
+  stain augmentation views of the training part (``leukotype.preprocessing.ColourJitter``),
+  other fine-tuning settings (``FINETUNE_OPTIONS``: ``head_init: probe``, LP-FT; ``policy:
+  all``) and the workflow's rotations as training samples (``ROTATED``: then a second row,
+  adaptation ``tta``, scores the mean softmax over each test image's four rotations).
 
 Honest selection: JTSC is split once into two stratified random halves (seed 0, before any
 result is seen). Every row reports both halves; the recipe is CHOSEN on the ``select`` half
@@ -57,6 +60,7 @@ import external_recipes as er  # noqa: E402
 from common import machine_info  # noqa: E402
 
 from leukotype.adaptation import adapt_batchnorm  # noqa: E402
+from leukotype.augment import apply_transform  # noqa: E402
 from leukotype.backbones import FeatureExtractor, build_model, get_spec, preprocess  # noqa: E402
 from leukotype.calibration import fit_svm_calibration, softmax  # noqa: E402
 from leukotype.features import optimize_for_inference  # noqa: E402
@@ -97,6 +101,26 @@ EXPERIMENTS: dict[str, tuple[str, str, str, dict[str, Any] | None]] = {
     "finetune:crop15_wb+colour2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STRONG_COLOUR_VIEWS),
     # colour kept (eosinophils' granules are a colour cue the grey recipes lose), the stain jittered
     "finetune:crop15_wb+stain2:efficientnet_lite0": ("finetune", "crop15_wb", "efficientnet_lite0", STAIN_VIEWS),
+    # LP-FT (Kumar et al. 2022): the head starts as a linear probe on the pretrained features
+    "finetune:crop15_wb_grey+stain2+probe:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STAIN_VIEWS),
+    "finetune:crop15_wb_grey_stretch+stain2+probe:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
+    # every layer trains (policy all), not only the last block: more of the network adapts
+    # (28 min on 2 cores, so only with the chosen recipe)
+    "finetune:crop15_wb_grey_stretch+stain2+all:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
+    # the paper's rotations as training samples too (configs/pbc.yaml's augmentation), and a
+    # second row (adaptation "tta") scoring the softmax mean over the four rotations of each test image
+    "finetune:crop15_wb_grey_stretch+stain2+rot:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
+    "finetune:crop15_wb_grey+stain2+rot:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STAIN_VIEWS),
+}
+#: experiments whose training part also holds each image rotated (the workflow's
+#: ``augmentation.rotations``), with a test-time-augmentation row over the same rotations
+ROTATIONS = ("rot90", "rot180", "rot270")
+ROTATED = {"finetune:crop15_wb_grey_stretch+stain2+rot:efficientnet_lite0", "finetune:crop15_wb_grey+stain2+rot:efficientnet_lite0"}
+#: fine-tuning settings of an experiment beyond FINETUNE_SETTINGS (recorded as ``finetune_options``)
+FINETUNE_OPTIONS: dict[str, dict[str, Any]] = {
+    "finetune:crop15_wb_grey_stretch+stain2+all:efficientnet_lite0": {"policy": "all"},
+    "finetune:crop15_wb_grey+stain2+probe:efficientnet_lite0": {"head_init": "probe"},
+    "finetune:crop15_wb_grey_stretch+stain2+probe:efficientnet_lite0": {"head_init": "probe"},
 }
 
 
@@ -362,12 +386,23 @@ def run_finetune(name, data, threads, n_boot) -> list[dict[str, Any]]:
                 images[(paths[k], f"colour{view}")] = np.asarray(pp.colour_jitter(Image.fromarray(processed[k]), params))
                 train_rows.append({"image_id": pbc["image_id"][k], "abspath": paths[k],
                                    "transform": f"colour{view}", "label": pbc["label"][k]})
-    test_rows = [{"image_id": pbc["image_id"][k], "abspath": paths[k], "transform": "identity", "label": pbc["label"][k]}
-                 for k in np.flatnonzero(data["is_test"])]
-    test_rows += [{"image_id": f"ext:{ext['image_id'][k]}", "abspath": paths[n_pbc + k], "transform": "identity",
-                   "label": ext["label"][k]} for k in range(len(ext))]
+    rotations = ROTATIONS if name in ROTATED else ()
+    for k in np.flatnonzero(tr):
+        for rotation in rotations:
+            train_rows.append({"image_id": pbc["image_id"][k], "abspath": paths[k], "transform": rotation,
+                               "label": pbc["label"][k]})
+    for k, path in enumerate(paths):
+        for rotation in rotations:
+            images[(path, rotation)] = np.asarray(apply_transform(Image.fromarray(processed[k]), rotation))
+    test_rows = []
+    for transform in ("identity", *rotations):
+        test_rows += [{"image_id": pbc["image_id"][k], "abspath": paths[k], "transform": transform, "label": pbc["label"][k]}
+                      for k in np.flatnonzero(data["is_test"])]
+        test_rows += [{"image_id": f"ext:{ext['image_id'][k]}", "abspath": paths[n_pbc + k], "transform": transform,
+                       "label": ext["label"][k]} for k in range(len(ext))]
     prepare = InMemoryImages(images)
-    cfg = FinetuneConfig.from_mapping({**FINETUNE_SETTINGS, "threads": threads})
+    options = FINETUNE_OPTIONS.get(name, {})
+    cfg = FinetuneConfig.from_mapping({**FINETUNE_SETTINGS, **options, "threads": threads})
     model, preprocess_fn = build_finetune_model(backbone, len(CLASSES), cfg.policy, resolve_weights(backbone, "imagenet"), SEED)
     samples = FoldSamples(
         train=Samples.from_frame(pd.DataFrame(train_rows), CLASSES, prepare=prepare),
@@ -375,18 +410,29 @@ def run_finetune(name, data, threads, n_boot) -> list[dict[str, Any]]:
         test=Samples.from_frame(pd.DataFrame(test_rows), CLASSES, prepare=prepare),
     )
     job = finetune_fold(model, preprocess_fn, samples, CLASSES, cfg)
-    pred = job.predictions.set_index("image_id")["pred"]
+    seconds = round(time.perf_counter() - start, 1)
+    prob_columns = [f"prob_{c}" for c in CLASSES]
     y_pbc = pbc["label"].to_numpy()
-    p_int = pred.loc[list(pbc["image_id"][data["is_test"]])].to_numpy()
-    p_ext = pred.loc[[f"ext:{i}" for i in ext["image_id"]]].to_numpy()
-    return [{
-        "experiment": name, "kind": "finetune", "recipe": recipe, "backbone": backbone, "adaptation": "none",
-        "views": json.dumps(views, sort_keys=True) if views else "",
-        "classifier": f"finetune {cfg.policy} {cfg.epochs} epochs lr {cfg.lr}",
-        "n_train_rows": len(train_rows), "n_internal_test": int(data["is_test"].sum()), "n_external": len(ext),
-        **score_row(y_pbc[data["is_test"]], p_int, ext["label"].to_numpy(), p_ext, data["select"], n_boot),
-        "adaptation_detail": "{}", "seconds": round(time.perf_counter() - start, 1),
-    }]
+    int_ids, ext_ids = list(pbc["image_id"][data["is_test"]]), [f"ext:{i}" for i in ext["image_id"]]
+    rows = []
+    for adaptation, transforms in (("none", ["identity"]), ("tta", ["identity", *rotations])):
+        if adaptation == "tta" and not rotations:
+            continue
+        probabilities = job.predictions[job.predictions["transform"].isin(transforms)].groupby("image_id")[prob_columns].mean()
+        pred = pd.Series(np.asarray(CLASSES)[probabilities.to_numpy().argmax(axis=1)], index=probabilities.index)
+        rows.append({
+            "experiment": name, "kind": "finetune", "recipe": recipe, "backbone": backbone, "adaptation": adaptation,
+            "views": json.dumps(views, sort_keys=True) if views else "",
+            "classifier": f"finetune {cfg.policy} {cfg.epochs} epochs lr {cfg.lr}",
+            "n_train_rows": len(train_rows), "n_internal_test": int(data["is_test"].sum()), "n_external": len(ext),
+            **score_row(y_pbc[data["is_test"]], pred.loc[int_ids].to_numpy(), ext["label"].to_numpy(),
+                        pred.loc[ext_ids].to_numpy(), data["select"], n_boot),
+            "adaptation_detail": json.dumps({**job.train.head_init, "training_rotations": list(rotations),
+                                             "tta_transforms": transforms if adaptation == "tta" else []}, sort_keys=True),
+            "finetune_options": json.dumps(options, sort_keys=True) if options else "",
+            "seconds": seconds,
+        })
+    return rows
 
 
 # ------------------------------------------------------------------------------ table
