@@ -156,10 +156,14 @@ def test_execution_settings_reschedule_nothing_and_result_settings_rerun(study):
         finetune={"epochs": 2, "batch_size": 16, "device": "cpu"},
     )
     assert planned_jobs(snakemake(study, "-n", configfile=execution)) == {}
-    jobs = planned_jobs(snakemake(study, "-n", configfile=_changed_config(study, finetune={"lr": 0.01})))
-    assert jobs["finetune"] == 6
-    for rule in ("extract_features", "validate_images", "split", "augment"):
-        assert rule not in jobs
+    for change in ({"lr": 0.01}, {"head_init": "probe"}):
+        jobs = planned_jobs(snakemake(study, "-n", configfile=_changed_config(study, finetune=change)))
+        assert jobs["finetune"] == 6, change
+        for rule in ("extract_features", "validate_images", "split", "augment"):
+            assert rule not in jobs
+    # head_init at its default (added after the study ran) is no change at all
+    default = _changed_config(study, finetune={"head_init": "random"})
+    assert planned_jobs(snakemake(study, "-n", configfile=default)) == {}
 
 
 def _scored(path: Path) -> pd.DataFrame:

@@ -98,7 +98,7 @@ def _finetune_defaults(cfg: dict[str, Any]) -> None:
     schema = load_schema("config")["$defs"]["finetune"]["properties"]
     base = cfg.setdefault("finetune", {})
     for key, sub in schema.items():
-        if "default" in sub:  # head_init has none: left out, a study's params stay as they were
+        if "default" in sub:  # FINETUNE_LATER_DEFAULTS have none: a study's params stay as they were
             base.setdefault(key, sub["default"])
 
 
@@ -271,12 +271,27 @@ def finetune_settings(cfg: Mapping[str, Any], backbone: str) -> dict[str, Any]:
 #: changes results and is a param.
 FEATURES_EXECUTION_FIELDS = ("batch_size", "device", "num_workers", "optimize")
 FINETUNE_EXECUTION_FIELDS = ("device", "num_workers", "threads", "fast_path", "fast_path_memory_mb")
+#: Result settings added after studies were run, left out of the rule's params and the
+#: checkpoint fingerprint at these values (their behaviour before they existed), so that such a
+#: study neither reruns nor loses its checkpoints; another value is a change like any other.
+FINETUNE_LATER_DEFAULTS = {"head_init": "random"}
 
 
 def finetune_result_settings(cfg: Mapping[str, Any], backbone: str) -> dict[str, Any]:
     """The fine-tuning settings that change the trained model (the rule's params)."""
     settings = finetune_settings(cfg, backbone)
-    return {k: v for k, v in settings.items() if k not in FINETUNE_EXECUTION_FIELDS}
+    return without_later_defaults(
+        {k: v for k, v in settings.items() if k not in FINETUNE_EXECUTION_FIELDS}
+    )
+
+
+def without_later_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without the ``FINETUNE_LATER_DEFAULTS`` that are at their default."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if not (k in FINETUNE_LATER_DEFAULTS and v == FINETUNE_LATER_DEFAULTS[k])
+    }
 
 
 def finetune_execution_settings(cfg: Mapping[str, Any], backbone: str) -> dict[str, Any]:

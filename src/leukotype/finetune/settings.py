@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from leukotype.catalog import POLICIES
-from leukotype.config import FINETUNE_EXECUTION_FIELDS
+from leukotype.config import FINETUNE_EXECUTION_FIELDS, FINETUNE_LATER_DEFAULTS, without_later_defaults
 from leukotype.errors import LeukotypeError
 from leukotype.runtime import PRECISIONS
 
@@ -49,7 +49,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     class_weighted: bool = False
-    head_init: str = "random"
+    head_init: str = FINETUNE_LATER_DEFAULTS["head_init"]
     early_stopping_patience: int | None = None
     val_fraction: float = 0.0
     calibration_fraction: float = 0.1
@@ -98,15 +98,12 @@ class FinetuneConfig:
         return cls(**dict(mapping))
 
     def result_fields(self) -> dict[str, Any]:
-        """The fields that determine the trained model (what the fingerprint covers).
-
-        ``head_init`` is left out at its default (``random``): it came after checkpoints were
-        written without it, and a run that does not use the probe trains as before.
-        """
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY_FIELDS}
-        if fields["head_init"] == "random":
-            del fields["head_init"]
-        return fields
+        """The fields that determine the trained model (what the fingerprint covers); settings
+        added later are left out at their default (``FINETUNE_LATER_DEFAULTS``), so checkpoints
+        written before them stay valid."""
+        return without_later_defaults(
+            {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY_FIELDS}
+        )
 
     @property
     def memory_limit_bytes(self) -> int:
