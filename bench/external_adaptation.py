@@ -28,7 +28,10 @@ experiment in ``bench/results/external_adaptation.csv``:
   stain augmentation views of the training part (``leukotype.preprocessing.ColourJitter``),
   other fine-tuning settings (``FINETUNE_OPTIONS``: ``head_init: probe``, LP-FT; ``policy:
   all``) and the workflow's rotations as training samples (``ROTATED``: then a second row,
-  adaptation ``tta``, scores the mean softmax over each test image's four rotations).
+  adaptation ``tta``, scores the mean softmax over each test image's four rotations); the
+  chosen recipe with other seeds (``+seedK``: how far a row moves by chance) and, kind
+  ``ensemble``, the mean softmax of those networks (``ENSEMBLES``; each member's test
+  predictions are kept under ``--cache``).
 
 Honest selection: JTSC is split once into two stratified random halves (seed 0, before any
 result is seen). Every row reports both halves; the recipe is CHOSEN on the ``select`` half
@@ -111,6 +114,19 @@ EXPERIMENTS: dict[str, tuple[str, str, str, dict[str, Any] | None]] = {
     # second row (adaptation "tta") scoring the softmax mean over the four rotations of each test image
     "finetune:crop15_wb_grey_stretch+stain2+rot:efficientnet_lite0": ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
     "finetune:crop15_wb_grey+stain2+rot:efficientnet_lite0": ("finetune", "crop15_wb_grey", "efficientnet_lite0", STAIN_VIEWS),
+    # the chosen recipe again with other seeds (head init, batch order, calibration slice):
+    # how far one fine-tuning row moves by chance, and (kind ensemble) their mean softmax
+    **{f"finetune:crop15_wb_grey_stretch+stain2+seed{k}:efficientnet_lite0":
+       ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS) for k in (1, 2, 3)},
+    "ensemble:crop15_wb_grey_stretch+stain2x4:efficientnet_lite0": ("ensemble", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
+}
+#: ensemble experiments: the fine-tuning experiments whose test softmax they average (each must
+#: have run, in this run or an earlier one with the same --cache)
+ENSEMBLES = {
+    "ensemble:crop15_wb_grey_stretch+stain2x4:efficientnet_lite0": [
+        "finetune:crop15_wb_grey_stretch+stain2:efficientnet_lite0",
+        *(f"finetune:crop15_wb_grey_stretch+stain2+seed{k}:efficientnet_lite0" for k in (1, 2, 3)),
+    ],
 }
 #: experiments whose training part also holds each image rotated (the workflow's
 #: ``augmentation.rotations``), with a test-time-augmentation row over the same rotations
@@ -118,6 +134,7 @@ ROTATIONS = ("rot90", "rot180", "rot270")
 ROTATED = {"finetune:crop15_wb_grey_stretch+stain2+rot:efficientnet_lite0", "finetune:crop15_wb_grey+stain2+rot:efficientnet_lite0"}
 #: fine-tuning settings of an experiment beyond FINETUNE_SETTINGS (recorded as ``finetune_options``)
 FINETUNE_OPTIONS: dict[str, dict[str, Any]] = {
+    **{f"finetune:crop15_wb_grey_stretch+stain2+seed{k}:efficientnet_lite0": {"seed": SEED + k} for k in (1, 2, 3)},
     "finetune:crop15_wb_grey_stretch+stain2+all:efficientnet_lite0": {"policy": "all"},
     "finetune:crop15_wb_grey+stain2+probe:efficientnet_lite0": {"head_init": "probe"},
     "finetune:crop15_wb_grey_stretch+stain2+probe:efficientnet_lite0": {"head_init": "probe"},
@@ -364,7 +381,53 @@ class InMemoryImages:
         return Image.fromarray(self.images[(abspath, transform)])
 
 
-def run_finetune(name, data, threads, n_boot) -> list[dict[str, Any]]:
+def predictions_file(cache: Path, name: str) -> Path:
+    """Where a fine-tuning experiment's test predictions (every transform, softmax) are kept."""
+    return cache / "finetune_predictions" / f"{hashlib.md5(name.encode()).hexdigest()}.tsv"
+
+
+def finetune_rows(name, recipe, backbone, views, data, predictions, rotations, detail, extra, n_boot):
+    """The rows of one fine-tuned model (or ensemble): ``none`` scores the identity view, and
+    with ``rotations`` a ``tta`` row scores the mean softmax over the image's rotations."""
+    prob_columns = [f"prob_{c}" for c in CLASSES]
+    pbc, ext = data["pbc"], data["ext"]
+    y_pbc = pbc["label"].to_numpy()
+    int_ids, ext_ids = list(pbc["image_id"][data["is_test"]]), [f"ext:{i}" for i in ext["image_id"]]
+    rows = []
+    for adaptation, transforms in (("none", ["identity"]), ("tta", ["identity", *rotations])):
+        if adaptation == "tta" and not rotations:
+            continue
+        probabilities = predictions[predictions["transform"].isin(transforms)].groupby("image_id")[prob_columns].mean()
+        pred = pd.Series(np.asarray(CLASSES)[probabilities.to_numpy().argmax(axis=1)], index=probabilities.index)
+        rows.append({
+            "experiment": name, "kind": name.split(":")[0], "recipe": recipe, "backbone": backbone,
+            "adaptation": adaptation, "views": json.dumps(views, sort_keys=True) if views else "",
+            "n_internal_test": int(data["is_test"].sum()), "n_external": len(ext),
+            **score_row(y_pbc[data["is_test"]], pred.loc[int_ids].to_numpy(), ext["label"].to_numpy(),
+                        pred.loc[ext_ids].to_numpy(), data["select"], n_boot),
+            "adaptation_detail": json.dumps({**detail, "training_rotations": list(rotations),
+                                             "tta_transforms": transforms if adaptation == "tta" else []}, sort_keys=True),
+            **extra,
+        })
+    return rows
+
+
+def run_ensemble(name, data, cache, n_boot) -> list[dict[str, Any]]:
+    _, recipe, backbone, views = EXPERIMENTS[name]
+    members = ENSEMBLES[name]
+    missing = [m for m in members if not predictions_file(cache, m).exists()]
+    if missing:
+        raise SystemExit(f"{name}: run its members first (same --cache): {missing}")
+    prob_columns = [f"prob_{c}" for c in CLASSES]
+    tables = [pd.read_csv(predictions_file(cache, m), sep="\t", dtype={"image_id": str}).set_index(["image_id", "transform"])
+              for m in members]
+    mean = sum(t[prob_columns] for t in tables) / len(tables)  # aligned on (image, transform)
+    mean = mean.reset_index()
+    return finetune_rows(name, recipe, backbone, views, data, mean, (), {"members": members},
+                         {"classifier": f"mean softmax of {len(members)} fine-tuned networks", "seconds": 0.0}, n_boot)
+
+
+def run_finetune(name, data, threads, n_boot, cache: Path) -> list[dict[str, Any]]:
     from leukotype import preprocessing as pp
     from leukotype.finetune import FinetuneConfig, FoldSamples, Samples, build_finetune_model, finetune_fold
 
@@ -403,36 +466,20 @@ def run_finetune(name, data, threads, n_boot) -> list[dict[str, Any]]:
     prepare = InMemoryImages(images)
     options = FINETUNE_OPTIONS.get(name, {})
     cfg = FinetuneConfig.from_mapping({**FINETUNE_SETTINGS, **options, "threads": threads})
-    model, preprocess_fn = build_finetune_model(backbone, len(CLASSES), cfg.policy, resolve_weights(backbone, "imagenet"), SEED)
+    model, preprocess_fn = build_finetune_model(backbone, len(CLASSES), cfg.policy, resolve_weights(backbone, "imagenet"), cfg.seed)
     samples = FoldSamples(
         train=Samples.from_frame(pd.DataFrame(train_rows), CLASSES, prepare=prepare),
         val=None,
         test=Samples.from_frame(pd.DataFrame(test_rows), CLASSES, prepare=prepare),
     )
     job = finetune_fold(model, preprocess_fn, samples, CLASSES, cfg)
-    seconds = round(time.perf_counter() - start, 1)
-    prob_columns = [f"prob_{c}" for c in CLASSES]
-    y_pbc = pbc["label"].to_numpy()
-    int_ids, ext_ids = list(pbc["image_id"][data["is_test"]]), [f"ext:{i}" for i in ext["image_id"]]
-    rows = []
-    for adaptation, transforms in (("none", ["identity"]), ("tta", ["identity", *rotations])):
-        if adaptation == "tta" and not rotations:
-            continue
-        probabilities = job.predictions[job.predictions["transform"].isin(transforms)].groupby("image_id")[prob_columns].mean()
-        pred = pd.Series(np.asarray(CLASSES)[probabilities.to_numpy().argmax(axis=1)], index=probabilities.index)
-        rows.append({
-            "experiment": name, "kind": "finetune", "recipe": recipe, "backbone": backbone, "adaptation": adaptation,
-            "views": json.dumps(views, sort_keys=True) if views else "",
-            "classifier": f"finetune {cfg.policy} {cfg.epochs} epochs lr {cfg.lr}",
-            "n_train_rows": len(train_rows), "n_internal_test": int(data["is_test"].sum()), "n_external": len(ext),
-            **score_row(y_pbc[data["is_test"]], pred.loc[int_ids].to_numpy(), ext["label"].to_numpy(),
-                        pred.loc[ext_ids].to_numpy(), data["select"], n_boot),
-            "adaptation_detail": json.dumps({**job.train.head_init, "training_rotations": list(rotations),
-                                             "tta_transforms": transforms if adaptation == "tta" else []}, sort_keys=True),
-            "finetune_options": json.dumps(options, sort_keys=True) if options else "",
-            "seconds": seconds,
-        })
-    return rows
+    out = predictions_file(cache, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    job.predictions.to_csv(out, sep="\t", index=False)
+    extra = {"classifier": f"finetune {cfg.policy} {cfg.epochs} epochs lr {cfg.lr}", "n_train_rows": len(train_rows),
+             "finetune_options": json.dumps(options, sort_keys=True) if options else "",
+             "seconds": round(time.perf_counter() - start, 1)}
+    return finetune_rows(name, recipe, backbone, views, data, job.predictions, rotations, job.train.head_init, extra, n_boot)
 
 
 # ------------------------------------------------------------------------------ table
@@ -470,7 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name in names:
         kind = EXPERIMENTS[name][0]
-        new = run_svm(name, data, extractors, args.n_boot, not args.skip_bn) if kind == "svm" else run_finetune(name, data, args.threads, args.n_boot)
+        if kind == "svm":
+            new = run_svm(name, data, extractors, args.n_boot, not args.skip_bn)
+        elif kind == "ensemble":
+            new = run_ensemble(name, data, args.cache, args.n_boot)
+        else:
+            new = run_finetune(name, data, args.threads, args.n_boot, args.cache)
         for row in new:
             row["threads"] = args.threads
             row.update(machine_info())
