@@ -909,6 +909,30 @@ def test_head_init_probe_starts_both_job_paths_from_the_same_probe(tmp_path: Pat
     assert not torch.allclose(random_head.train.model.head.weight, expected.head.weight, atol=1e-3)
 
 
+def test_head_init_probe_on_stored_features_for_the_head_policy(tmp_path: Path) -> None:
+    """The ``head`` policy trains on the extraction job's stored features: with ``probe`` the
+    head starts as the probe on those features (a learning rate too small to move it keeps it)."""
+    from leukotype.feature_store import write_feature_matrix
+    from leukotype.finetune.job import train_head_on_features
+    from leukotype.finetune.probe import probe_head
+
+    classes = ["a", "b", "c"]
+    fold = fold_of_cells(tmp_path, classes, n_train=10, n_val=0)
+    every = fold.all()
+    rng = np.random.default_rng(0)
+    stored = rng.normal(size=(len(every), 8)) + 3 * np.eye(8)[np.asarray(every.labels) % 8]
+    write_feature_matrix(tmp_path / "features", "penultimate", every.index_frame(), stored)
+    config = cfg(policy="head", epochs=1, batch_size=4, lr=1e-9, head_init="probe")
+    job = train_head_on_features(toy_model("head"), fold, classes, config,
+                                 feature_dirs=[tmp_path / "features"], layer="penultimate")
+    expected = toy_model("head")
+    train_rows = np.asarray(stored[: len(fold.train)], dtype=np.float32).astype(np.float64)
+    record = probe_head(expected, train_rows, fold.train.labels, seed=config.seed)
+    assert job.train.head_init == record
+    assert torch.allclose(job.train.model.head.weight, expected.head.weight, atol=1e-6)
+    assert torch.allclose(job.train.model.head.bias, expected.head.bias, atol=1e-6)
+
+
 def test_fold_activations_spill_to_memmaps_above_the_budget_and_are_reused(tmp_path: Path) -> None:
     from leukotype.finetune import compute_activation_cache
     from leukotype.finetune.job import fold_activations
