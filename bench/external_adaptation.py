@@ -26,8 +26,8 @@ experiment in ``bench/results/external_adaptation.csv``:
 - ``finetune`` experiments: the package's fine-tuning (``leukotype.finetune``, Lite0,
   ``last_block``, the workflow's defaults) on the recipe's images, optionally with colour /
   stain augmentation views of the training part (``leukotype.preprocessing.ColourJitter``),
-  other fine-tuning settings (``FINETUNE_OPTIONS``: ``head_init: probe``, LP-FT; ``policy:
-  all``) and the workflow's rotations as training samples (``ROTATED``: then a second row,
+  other fine-tuning settings named in the experiment (``finetune_variant``: ``+probe``,
+  LP-FT; ``+all``, every layer) and the workflow's rotations as training samples (``+rot``: then a second row,
   adaptation ``tta``, scores the mean softmax over each test image's four rotations); the
   chosen recipe with other seeds (``+seedK``: how far a row moves by chance) and, kind
   ``ensemble``, the mean softmax of those networks (``ENSEMBLES``; each member's test
@@ -67,6 +67,7 @@ from leukotype.augment import apply_transform  # noqa: E402
 from leukotype.backbones import FeatureExtractor, build_model, get_spec, preprocess  # noqa: E402
 from leukotype.calibration import fit_svm_calibration, softmax  # noqa: E402
 from leukotype.features import optimize_for_inference  # noqa: E402
+from leukotype.io import atomic_path  # noqa: E402
 from leukotype.weights import resolve_weights  # noqa: E402
 
 CLASSES, EXTERNAL_CLASSES, SEED = er.CLASSES, er.EXTERNAL_CLASSES, er.SEED
@@ -128,17 +129,28 @@ ENSEMBLES = {
         *(f"finetune:crop15_wb_grey_stretch+stain2+seed{k}:efficientnet_lite0" for k in (1, 2, 3)),
     ],
 }
-#: experiments whose training part also holds each image rotated (the workflow's
-#: ``augmentation.rotations``), with a test-time-augmentation row over the same rotations
+#: the rotations a ``+rot`` experiment adds to its training part (the workflow's
+#: ``augmentation.rotations``), and over which its ``tta`` row averages
 ROTATIONS = ("rot90", "rot180", "rot270")
-ROTATED = {"finetune:crop15_wb_grey_stretch+stain2+rot:efficientnet_lite0", "finetune:crop15_wb_grey+stain2+rot:efficientnet_lite0"}
-#: fine-tuning settings of an experiment beyond FINETUNE_SETTINGS (recorded as ``finetune_options``)
-FINETUNE_OPTIONS: dict[str, dict[str, Any]] = {
-    **{f"finetune:crop15_wb_grey_stretch+stain2+seed{k}:efficientnet_lite0": {"seed": SEED + k} for k in (1, 2, 3)},
-    "finetune:crop15_wb_grey_stretch+stain2+all:efficientnet_lite0": {"policy": "all"},
-    "finetune:crop15_wb_grey+stain2+probe:efficientnet_lite0": {"head_init": "probe"},
-    "finetune:crop15_wb_grey_stretch+stain2+probe:efficientnet_lite0": {"head_init": "probe"},
-}
+
+
+def finetune_variant(name: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """What a fine-tuning experiment's name says beyond its recipe and views (the one parser of
+    the ``+`` suffixes): the settings on top of FINETUNE_SETTINGS (``+probe``: ``head_init:
+    probe``; ``+all``: ``policy: all``; ``+seedK``: seed SEED + K) and the training rotations
+    (``+rot``)."""
+    options: dict[str, Any] = {}
+    rotations: tuple[str, ...] = ()
+    for suffix in name.split(":")[1].split("+")[1:]:
+        if suffix == "probe":
+            options["head_init"] = "probe"
+        elif suffix == "all":
+            options["policy"] = "all"
+        elif suffix.startswith("seed"):
+            options["seed"] = SEED + int(suffix[len("seed"):])
+        elif suffix == "rot":
+            rotations = ROTATIONS
+    return options, rotations
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -449,7 +461,7 @@ def run_finetune(name, data, threads, n_boot, cache: Path) -> list[dict[str, Any
                 images[(paths[k], f"colour{view}")] = np.asarray(pp.colour_jitter(Image.fromarray(processed[k]), params))
                 train_rows.append({"image_id": pbc["image_id"][k], "abspath": paths[k],
                                    "transform": f"colour{view}", "label": pbc["label"][k]})
-    rotations = ROTATIONS if name in ROTATED else ()
+    options, rotations = finetune_variant(name)
     for k in np.flatnonzero(tr):
         for rotation in rotations:
             train_rows.append({"image_id": pbc["image_id"][k], "abspath": paths[k], "transform": rotation,
@@ -464,7 +476,6 @@ def run_finetune(name, data, threads, n_boot, cache: Path) -> list[dict[str, Any
         test_rows += [{"image_id": f"ext:{ext['image_id'][k]}", "abspath": paths[n_pbc + k], "transform": transform,
                        "label": ext["label"][k]} for k in range(len(ext))]
     prepare = InMemoryImages(images)
-    options = FINETUNE_OPTIONS.get(name, {})
     cfg = FinetuneConfig.from_mapping({**FINETUNE_SETTINGS, **options, "threads": threads})
     model, preprocess_fn = build_finetune_model(backbone, len(CLASSES), cfg.policy, resolve_weights(backbone, "imagenet"), cfg.seed)
     samples = FoldSamples(
@@ -473,9 +484,8 @@ def run_finetune(name, data, threads, n_boot, cache: Path) -> list[dict[str, Any
         test=Samples.from_frame(pd.DataFrame(test_rows), CLASSES, prepare=prepare),
     )
     job = finetune_fold(model, preprocess_fn, samples, CLASSES, cfg)
-    out = predictions_file(cache, name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    job.predictions.to_csv(out, sep="\t", index=False)
+    with atomic_path(predictions_file(cache, name)) as tmp:  # an ensemble never reads half a file
+        job.predictions.to_csv(tmp, sep="\t", index=False)
     extra = {"classifier": f"finetune {cfg.policy} {cfg.epochs} epochs lr {cfg.lr}", "n_train_rows": len(train_rows),
              "finetune_options": json.dumps(options, sort_keys=True) if options else "",
              "seconds": round(time.perf_counter() - start, 1)}
