@@ -119,6 +119,13 @@ EXPERIMENTS: dict[str, tuple[str, str, str, dict[str, Any] | None]] = {
     # how far one fine-tuning row moves by chance, and (kind ensemble) their mean softmax
     **{f"finetune:crop15_wb_grey_stretch+stain2+seed{k}:efficientnet_lite0":
        ("finetune", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS) for k in (1, 2, 3)},
+    # every lab's cell at one coarse resolution (resample: averaged down to a side-px square, so
+    # PBC's sharp chromatin and granule texture, which JTSC's blurrier optics never show, cannot
+    # decide the class); side 24 is where PBC's sharpness meets JTSC's, measured without labels
+    **{f"{kind}:crop15_wb_grey_res{side}_stretch{suffix}:efficientnet_lite0":
+       (kind, f"crop15_wb_grey_res{side}_stretch", "efficientnet_lite0", views)
+       for side in (24, 32, 48)
+       for kind, suffix, views in (("svm", "", None), ("finetune", "+stain2", STAIN_VIEWS))},
     "ensemble:crop15_wb_grey_stretch+stain2x4:efficientnet_lite0": ("ensemble", "crop15_wb_grey_stretch", "efficientnet_lite0", STAIN_VIEWS),
 }
 #: ensemble experiments: the fine-tuning experiments whose test softmax they average (each must

@@ -100,6 +100,14 @@ RECIPES: dict[str, tuple[list[tuple[str, dict[str, Any]]], dict[str, Any] | None
     "crop15_wb_macenko": ([("crop", {"margin": 0.15}), ("white_balance", {}), ("macenko", {})], None),
     "crop30_wb": ([("crop", {"margin": 0.30}), ("white_balance", {})], None),
     "crop05_wb": ([("crop", {"margin": 0.05}), ("white_balance", {})], None),
+    **{
+        f"crop15_wb_grey_res{side}_stretch": (
+            [("crop", {"margin": 0.15}), ("white_balance", {}), ("grey", {}), ("resample", {"side": side}),
+             ("stretch", {})],
+            None,
+        )
+        for side in (24, 32, 48, 64)
+    },
 }
 
 
@@ -162,6 +170,8 @@ def apply_recipe(
             images = [pp.luminance(img) for img in images]
         elif name == "stretch":
             images = [pp.stretch_contrast(img, params.get("low", 1.0), params.get("high", 99.0)) for img in images]
+        elif name == "resample":
+            images = [pp.limit_detail(img, int(params["side"])) for img in images]
         elif name == "white_balance":
             # each image's background measured on the whole original image outside its cell
             backgrounds = [pp.background_median(img, mask) for img, mask in zip(originals, original_masks)]

@@ -270,6 +270,18 @@ def stretch_contrast(rgb: np.ndarray, low: float = 1.0, high: float = 99.0) -> n
     return out.round().clip(0, 255).astype(np.uint8)
 
 
+def limit_detail(rgb: np.ndarray, side: int) -> np.ndarray:
+    """The image averaged down to ``side`` x ``side`` pixels and brought back to its own size:
+    it keeps at most the detail a ``side``-pixel crop holds. Applied to every lab's cells, a
+    sharp camera's chromatin and granule texture, which a blurrier lab's optics never show,
+    can no longer decide the class."""
+    height, width = rgb.shape[:2]
+    if side >= min(height, width):
+        return rgb
+    small = Image.fromarray(rgb).resize((side, side), Image.BOX)
+    return np.asarray(small.resize((width, height), Image.BICUBIC))
+
+
 def hsv_jitter(rgb: np.ndarray, hue: float, saturation: float) -> np.ndarray:
     """Hue rotated by ``hue`` (a fraction of the colour circle) and saturation scaled by
     ``1 + saturation``: a training view in which the stain's hue is not a reliable cue."""
@@ -689,6 +701,23 @@ class StretchStep(Step):
 
     def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
         return Image.fromarray(stretch_contrast(np.asarray(image.convert("RGB")), self.low, self.high))
+
+
+@register_step
+@dataclass(frozen=True)
+class ResampleStep(Step):
+    """Every image's detail limited to a ``side``-pixel square (:func:`limit_detail`), after
+    the crop: each lab's cell at the resolution of the coarsest optics."""
+
+    kind: ClassVar[str] = "resample"
+    side: int = 32
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.side, int) and self.side >= 8):
+            raise LeukotypeError(f"resample: side must be an integer >= 8, got {self.side!r}")
+
+    def apply(self, image: Image.Image, context: StepContext) -> Image.Image:
+        return Image.fromarray(limit_detail(np.asarray(image.convert("RGB")), self.side))
 
 
 @dataclass(frozen=True)
