@@ -501,29 +501,22 @@ def test_white_balance_step_maps_each_images_background_to_the_training_median_t
     assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
 
 
-def _detail(rgb: np.ndarray) -> float:
-    """Mean absolute Laplacian of the standardised grey image at 128 px: how much fine detail
-    (chromatin, granules) an image carries, whatever its size."""
-    from scipy import ndimage
-
-    grey = np.asarray(Image.fromarray(rgb).resize((128, 128), Image.BILINEAR).convert("L"), dtype=float)
-    return float(np.abs(ndimage.laplace((grey - grey.mean()) / grey.std())).mean())
-
 
 def test_limit_detail_brings_a_sharp_and_a_blurry_lab_to_one_resolution():
-    from leukotype.preprocessing import limit_detail, step_from_dict
+    from leukotype.preprocessing import detail_level, limit_detail, step_from_dict
 
     rng = np.random.default_rng(0)
     sharp = synthetic_cell(180, (90, 90), 60, seed=5).astype(np.int16)
     sharp = (sharp + rng.integers(-40, 41, size=sharp.shape[:2])[..., None]).clip(0, 255).astype(np.uint8)
     # the same cell through coarser optics and framed tighter: another lab's 120-px image
     blurry = np.asarray(Image.fromarray(sharp).resize((30, 30), Image.BOX).resize((120, 120), Image.BICUBIC))
-    assert _detail(sharp) > 3 * _detail(blurry)
+    assert detail_level(sharp) > 3 * detail_level(blurry)
     out_sharp, out_blurry = limit_detail(sharp, 24), limit_detail(blurry, 24)
     assert out_sharp.shape == sharp.shape and out_sharp.dtype == np.uint8  # the image keeps its size
-    assert abs(_detail(out_sharp) - _detail(out_blurry)) < 0.25 * _detail(out_blurry)
+    assert abs(detail_level(out_sharp) - detail_level(out_blurry)) < 0.25 * detail_level(out_blurry)
     assert np.abs(out_sharp.astype(float).mean((0, 1)) - sharp.mean((0, 1))).max() < 2  # colour kept
     assert np.array_equal(limit_detail(blurry, 120), blurry)  # no coarser than the image: unchanged
+    assert detail_level(np.full((50, 50, 3), 128, np.uint8)) == 0.0  # a flat image has no detail
     step = step_from_dict({"step": "resample", "side": 24})
     assert np.array_equal(np.asarray(step.apply(Image.fromarray(sharp), None)), out_sharp)
     assert step.to_dict() == {"step": "resample", "side": 24}

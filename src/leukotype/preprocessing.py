@@ -282,6 +282,19 @@ def limit_detail(rgb: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(small.resize((width, height), Image.BICUBIC))
 
 
+def detail_level(rgb: np.ndarray, size: int = 128) -> float:
+    """Mean absolute Laplacian of the standardised grey image at ``size`` x ``size``: how much
+    fine detail (chromatin, granules) an image carries, whatever its size. It compares labs'
+    optics without labels (``bench/external_detail.py``)."""
+    from scipy import ndimage
+
+    grey = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR).convert("L"), dtype=np.float64)
+    spread = grey.std()
+    if spread == 0:
+        return 0.0
+    return float(np.abs(ndimage.laplace((grey - grey.mean()) / spread)).mean())
+
+
 def hsv_jitter(rgb: np.ndarray, hue: float, saturation: float) -> np.ndarray:
     """Hue rotated by ``hue`` (a fraction of the colour circle) and saturation scaled by
     ``1 + saturation``: a training view in which the stain's hue is not a reliable cue."""
@@ -710,7 +723,8 @@ class ResampleStep(Step):
     the crop: each lab's cell at the resolution of the coarsest optics."""
 
     kind: ClassVar[str] = "resample"
-    side: int = 32
+    #: where PBC's detail meets JTSC's (bench/results/external_detail.csv)
+    side: int = 24
 
     def __post_init__(self) -> None:
         if not (isinstance(self.side, int) and self.side >= 8):
