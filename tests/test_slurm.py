@@ -279,7 +279,8 @@ def slurm_job_ids_from_output(text: str) -> set[str]:
 
 
 def scontrol_job(job_id: str, env: dict[str, str]) -> dict[str, str]:
-    """`scontrol show job -o` as a dict (the job stays visible for MinJobAge seconds)."""
+    """`scontrol show job -o` as a dict (the job stays visible for MinJobAge seconds, 3600 in
+    tests/slurm/cluster.sh)."""
     out = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
         check=True, timeout=30,

@@ -15,8 +15,10 @@
 # Design choices, and why:
 # - accounting_storage/none (no slurmdbd/MariaDB: too heavy for CI). Without a database `sacct`
 #   cannot answer, so the test runs snakemake with `--slurm-status-command squeue`; squeue sees
-#   finished jobs for MinJobAge seconds, set here to 600 s (the plugin falls back to sacct if
-#   MinJobAge < 3 x its first status-check delay).
+#   finished jobs for MinJobAge seconds, set here to 3600 s (the plugin falls back to sacct if
+#   MinJobAge < 3 x its first status-check delay). The tests read every job's record with
+#   scontrol after the whole run: at 600 s, on 2 loaded cores, the real case's first jobs were
+#   purged before that ("scontrol show job" exit 1).
 # - jobcomp/filetxt keeps a one-line record per finished job in $STATE/jobcomp.log, a second
 #   witness (besides scontrol) that jobs really ran through slurmctld.
 # - select/cons_tres with CR_CPU_Memory: CPUs and memory are consumable, so mem_mb/--mem and
@@ -140,7 +142,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 ReturnToService=2
-MinJobAge=600
+MinJobAge=3600
 DefMemPerCPU=1000
 SlurmdTimeout=60
 InactiveLimit=0
