@@ -130,11 +130,12 @@ def hash_images(digest: Any, images: Sequence[np.ndarray]) -> None:
 
 
 def segment(images: Sequence[np.ndarray], md5s: Sequence[str], cache: Path) -> list[np.ndarray | None]:
-    """Each image's cell mask (:func:`leukotype.preprocessing.cell_mask`), cached by md5."""
+    """Each image's cell mask (:func:`leukotype.preprocessing.cell_mask`), cached by md5 and
+    segmentation version (a new segmentation must not read the old one's masks)."""
     cache.mkdir(parents=True, exist_ok=True)
     masks = []
     for img, md5 in zip(images, md5s):
-        path = cache / f"mask_{md5}.npy"
+        path = cache / f"mask_v{pp.SEGMENTATION_VERSION}_{md5}.npy"
         if path.exists():
             mask = np.load(path)
             masks.append(mask if mask.size else None)

@@ -263,3 +263,39 @@ def test_report_prints_the_full_path_runs_and_the_forced_rbf_comparison() -> Non
         line = next(x for x in totals.splitlines()
                     if f"bench/results/{grid.name}" in x and "| holdout |" in x)
         assert f"{total['minutes_wall']:.3g}" in line and total["cpu"] in line
+
+
+def test_morphometry_counts_lobes_and_measures_the_nuclear_share_of_a_drawn_cell():
+    """bench/external_morphometry.py's measurements on cells of known geometry: a round nucleus
+    (one lobe, solid) and two separate lobes, each at two scales; size-free measurements agree
+    across the scales."""
+    from skimage.draw import disk
+
+    sys.path.insert(0, str(BENCH))
+    import external_morphometry as em
+
+    from leukotype.preprocessing import cell_mask
+
+    def cell(size, lobes):
+        img = np.full((size, size, 3), (238, 228, 214), dtype=np.float32)
+        centre, radius = size / 2, size * 0.3
+        img[disk((centre, centre), radius, shape=img.shape[:2])] = (196, 176, 214)
+        for dy, dx, r in lobes:
+            img[disk((centre + dy * radius, centre + dx * radius), r * radius, shape=img.shape[:2])] = (92, 48, 140)
+        img += np.random.default_rng(0).normal(0, 3, img.shape)
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    measured = {}
+    for name, lobes in (("round", [(0, 0, 0.6)]), ("two_lobes", [(0, -0.4, 0.3), (0, 0.4, 0.3)])):
+        for size in (120, 360):
+            rgb = cell(size, lobes)
+            measured[name, size] = em.morphometry(rgb, cell_mask(rgb)[0])
+    for size in (120, 360):
+        round_, two = measured["round", size], measured["two_lobes", size]
+        assert round_["n_lobes"] == 1 and two["n_lobes"] == 2
+        assert round_["nc_ratio"] == pytest.approx(0.6**2, abs=0.06)  # nucleus area / cell area
+        assert two["nc_ratio"] == pytest.approx(2 * 0.3**2, abs=0.05)
+        assert round_["nucleus_solidity"] > 0.95 and two["lobes_solidity"] < 0.8  # a gap between lobes
+        assert two["largest_lobe_share"] == pytest.approx(0.5, abs=0.08)
+    for key in ("nc_ratio", "nucleus_circularity", "nucleus_max_thickness"):
+        assert measured["round", 120][key] == pytest.approx(measured["round", 360][key], rel=0.1), key

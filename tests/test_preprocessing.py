@@ -358,6 +358,51 @@ def _cast(rgb, gains):
     return (rgb.astype(np.float32) * np.asarray(gains)).round().clip(0, 255).astype(np.uint8)
 
 
+def test_a_nucleus_in_separate_lobes_keeps_every_lobe_in_the_cell_and_not_a_nearby_platelet():
+    """A threshold splits a neutrophil's nucleus into lobes; the cell is grown around all of
+    them (segmentation 1 grew it around one lobe and lost the rest of the cell), and a small
+    stained platelet on the background near the cell is not taken for a lobe."""
+    from leukotype.preprocessing import _segment_cell, cell_mask
+
+    for size, radius in ((360, 60), (120, 45)):
+        img = np.full((size, size, 3), BACKGROUND, np.float32)
+        c = size / 2
+        img[disk((c, c), radius, shape=img.shape[:2])] = CYTOPLASM
+        for dx in (-0.4, 0.4):  # two lobes, cytoplasm in the gap (2/3 of a lobe radius)
+            img[disk((c, c + dx * radius), 0.3 * radius, shape=img.shape[:2])] = NUCLEUS
+        img[disk((c + 1.25 * radius, c - 0.6 * radius), 0.1 * radius, shape=img.shape[:2])] = NUCLEUS  # platelet
+        img = np.clip(img + np.random.default_rng(2).normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+        truth = np.zeros((size, size), bool)
+        truth[disk((c, c), radius, shape=truth.shape)] = True
+        mask, _ = cell_mask(img)
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.85, size
+        box, _ = locate_cell(img, margin=0.15)
+        assert box.cell_size == pytest.approx(2 * radius, rel=0.1)
+        assert abs(box.centre[0] - c) < 0.1 * radius and abs(box.centre[1] - c) < 0.1 * radius
+        one_lobe, _, _ = _segment_cell(img, join_lobes=False)  # the old segmentation lost the cell
+        assert one_lobe.sum() < 0.8 * _segment_cell(img)[0].sum()
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("image,old_area,new_area,cell_size", [
+    ("pbc/eosinophil/EO_291883.jpg", 5414, 7830, 147),  # three lobes; a platelet nearby
+    ("jtsc/neutrophil/024.bmp", 3117, 5689, 89),
+    ("jtsc/neutrophil/034.bmp", 2414, 4479, 79),
+])
+def test_real_cells_whose_nucleus_the_threshold_splits_keep_all_of_it(shared_data, image, old_area, new_area, cell_size):
+    """Real cells where segmentation 1 grew the cell around one lobe (bench/cell_lobes.py):
+    the cell now holds every lobe (its working-copy area as measured when the fix was made),
+    and its box is the whole cell's, not a platelet's or one lobe's."""
+    from leukotype.images import load_rgb
+    from leukotype.preprocessing import _segment_cell
+
+    rgb = np.asarray(load_rgb(shared_data / image))
+    assert _segment_cell(rgb, join_lobes=False)[0].sum() == old_area
+    assert _segment_cell(rgb)[0].sum() == new_area
+    box, _ = locate_cell(rgb, margin=0.15)
+    assert box.cell_size == pytest.approx(cell_size, abs=2)
+
+
 def test_cell_mask_covers_the_cell_and_its_box_matches_locate_cell():
     from leukotype.preprocessing import box_from_mask, cell_mask
 

@@ -27,6 +27,7 @@ from leukotype.config import (  # noqa: E402
 from leukotype.config import validate_config as _validate_config  # noqa: E402
 from leukotype.errors import LeukotypeError  # noqa: E402
 from leukotype.preprocessing import (  # noqa: E402
+    SEGMENTATION_VERSION,
     fitted_variant_name,
     fold_fitted_variants,
     per_fold_variants,

@@ -61,6 +61,8 @@ rule analyse_external_images:
         runtime=60,
     params:
         step=lambda wildcards: ANALYSES[wildcards.key],
+        # not read by the script: a new segmentation reruns the table
+        segmentation=SEGMENTATION_VERSION,
     script:
         "../scripts/analyse_images.py"
 
