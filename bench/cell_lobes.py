@@ -36,6 +36,7 @@ from common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
 
 from leukotype import preprocessing as pp  # noqa: E402
 from leukotype.images import load_rgb  # noqa: E402
+from leukotype.io import atomic_path  # noqa: E402
 
 
 def _hematoxylin_regions(rgb: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                          "box_shift_max": round(float(group["box_shift"].max()), 4)})
             print(rows[-1], flush=True)
     result = pd.DataFrame(rows).assign(segmentation_version=pp.SEGMENTATION_VERSION, **machine_info())
-    tmp = args.out.with_suffix(".csv.tmp")
-    result.to_csv(tmp, index=False)
-    tmp.replace(args.out)
+    with atomic_path(args.out) as tmp:
+        result.to_csv(tmp, index=False)
     print(f"written {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 

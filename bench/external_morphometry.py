@@ -48,6 +48,7 @@ import external_recipes as er  # noqa: E402
 from common import RESULTS_DIR, machine_info  # noqa: E402
 
 from leukotype import preprocessing as pp  # noqa: E402
+from leukotype.io import atomic_path  # noqa: E402
 from leukotype.split import merge_duplicate_groups  # noqa: E402
 
 SIDE = 128  # every cell's bounding square is resized to this before it is measured
@@ -183,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = pd.concat([measured_pbc.assign(lab="pbc", label=y_pbc), measured_ext.assign(lab="jtsc", label=y_ext)])
     medians = medians.groupby(["lab", "label"]).median().round(4).reset_index().assign(**info)
     for frame, path in ((table, args.out), (medians, args.features_out)):
-        tmp = path.with_suffix(".csv.tmp")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
     print(f"written {args.out} and {args.features_out} in {time.perf_counter() - start:.0f} s")
     return 0
 
