@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import external_recipes as er  # noqa: E402
@@ -39,23 +38,12 @@ from leukotype.images import load_rgb  # noqa: E402
 from leukotype.io import atomic_path  # noqa: E402
 
 
-def _hematoxylin_regions(rgb: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled hematoxylin regions on the working copy of ``shape`` (as the locator sees them)."""
-    from scipy import ndimage
-    from skimage.color import rgb2hed
-    from skimage.filters import gaussian, threshold_otsu
-
-    small = rgb if rgb.shape[:2] == shape else np.asarray(Image.fromarray(rgb).resize(shape[::-1], Image.BILINEAR))
-    hema = gaussian(rgb2hed(small)[..., 0], sigma=1.0)
-    labels, n = ndimage.label(hema > threshold_otsu(hema))
-    return labels, ndimage.sum(labels > 0, labels, index=np.arange(1, n + 1))
-
-
 def lobes_cut(rgb: np.ndarray, cell: np.ndarray) -> int:
     """Regions of the nucleus (see the module doc) that lie more than 20 % outside ``cell``."""
     from scipy import ndimage
 
-    labels, areas = _hematoxylin_regions(rgb, cell.shape)
+    small, _ = pp._working_copy(rgb)  # the locator's working copy, on which ``cell`` lies
+    labels, areas = pp._hematoxylin_regions(small)
     inside = [int(i) for i in np.unique(labels[cell]) if i]
     if not inside:
         return 0

@@ -82,6 +82,32 @@ def _optical_density(rgb: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(rgb.astype(np.float32) + 1.0, 1.0, 256.0) / 256.0)
 
 
+def _working_copy(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(small, scale)``: ``rgb`` resized to about 256 pixels on its long side (same segmentation,
+    a quarter of the cost), ``scale`` = full-image pixels per working pixel; small images as they are."""
+    height, width = rgb.shape[:2]
+    scale = max(height, width) / 256.0
+    if scale <= 1.25:
+        return rgb, 1.0
+    return np.asarray(Image.fromarray(rgb).resize((round(width / scale), round(height / scale)), Image.BILINEAR)), scale
+
+
+def _hematoxylin_regions(small: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(labels, areas)`` of the regions whose smoothed hematoxylin (:func:`skimage.color.rgb2hed`)
+    lies above its Otsu threshold, the nucleus candidates of :func:`_segment_cell`; ``None`` when
+    the image has no stain contrast."""
+    from scipy import ndimage
+    from skimage.color import rgb2hed
+    from skimage.filters import gaussian, threshold_otsu
+
+    hema = gaussian(rgb2hed(small)[..., 0], sigma=1.0)
+    if float(hema.max() - hema.min()) < 1e-3:
+        return None
+    mask = hema > threshold_otsu(hema)
+    labels, n = ndimage.label(mask)
+    return labels, ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+
+
 def _segment_cell(
     rgb: np.ndarray, min_fraction: float = 0.002, join_lobes: bool = True
 ) -> tuple[np.ndarray | None, float, str]:
@@ -96,29 +122,21 @@ def _segment_cell(
     radii of it (so touching red cells are not swallowed).
     """
     from scipy import ndimage
-    from skimage.color import rgb2hed
     from skimage.filters import gaussian, threshold_otsu
     from skimage.morphology import disk
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise LeukotypeError(f"locate_cell needs an RGB array (H, W, 3), got shape {rgb.shape}")
-    height, width = rgb.shape[:2]
-    scale = max(height, width) / 256.0  # work on about 256 pixels: same result, 1/4 the cost
-    small = rgb
-    if scale > 1.25:
-        small = np.asarray(Image.fromarray(rgb).resize((round(width / scale), round(height / scale)), Image.BILINEAR))
-    else:
-        scale = 1.0
+    small, scale = _working_copy(rgb)
     h, w = small.shape[:2]
-    hema = gaussian(rgb2hed(small)[..., 0], sigma=1.0)
-    if float(hema.max() - hema.min()) < 1e-3:
+    regions = _hematoxylin_regions(small)
+    if regions is None:
         return None, scale, "no_cell: the image has no stain contrast"
-    nucleus_mask = hema > threshold_otsu(hema)
-    labels, n = ndimage.label(nucleus_mask)
-    if n == 0:
+    labels, areas = regions
+    if len(areas) == 0:
         return None, scale, "no_cell: no hematoxylin-stained region"
-    areas = ndimage.sum(nucleus_mask, labels, index=np.arange(1, n + 1))
-    centres = ndimage.center_of_mass(nucleus_mask, labels, index=np.arange(1, n + 1))
+    nucleus_mask = labels > 0
+    centres = ndimage.center_of_mass(nucleus_mask, labels, index=np.arange(1, len(areas) + 1))
     diagonal = math.hypot(h, w)
     scores = [a * (1.0 - math.hypot(cy - h / 2, cx - w / 2) / diagonal) ** 2 for a, (cy, cx) in zip(areas, centres)]
     best = int(np.argmax(scores)) + 1
