@@ -170,6 +170,16 @@ def test_svm_search_quick(tmp_path: Path) -> None:
     assert row["prediction_agreement"] == 1.0
 
 
+def test_job_imports_quick(tmp_path: Path) -> None:
+    frame = run_quick("job_imports", tmp_path).set_index("measurement")
+    assert list(frame.index) == ["classify", "classify_skops_plain", "classify_skops_torch_free"]
+    # skops plainly imports torch (why the torch-free import exists); leukotype's does not, and
+    # both trust the same scikit-learn types
+    assert frame["torch_imported"].tolist() == [False, True, False]
+    assert frame.loc["classify_skops_torch_free", "trusted_types_equal"] == True  # noqa: E712
+    assert frame.loc["classify", "extra_seconds"] == 0.0
+
+
 def test_svm_scaling_quick(tmp_path: Path) -> None:
     frame = run_quick("svm_scaling", tmp_path)
     accuracy = frame[frame["measurement"] == "accuracy_real"].set_index("solver")

@@ -134,6 +134,30 @@ def test_skops_round_trip_gives_identical_predictions(tmp_path):
     np.testing.assert_array_equal(loaded.predict(X), pipeline.predict(X))
 
 
+def test_an_svm_job_imports_skops_without_torch_and_round_trips_a_model(tmp_path):
+    """A fresh interpreter (as a job is): saving and loading a model never imports torch, the
+    stub of scikit-learn's torch adapter is gone afterwards, and the real adapter still imports."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import numpy as np
+from leukotype.classify import _SKLEARN_TORCH_ADAPTER, load_model, make_svm_pipeline, save_model
+X = np.random.default_rng(0).normal(size=(40, 5)); y = np.array(["a", "b"] * 20)
+pipeline = make_svm_pipeline(kernel="linear").fit(X, y)
+save_model(pipeline, {str(tmp_path / "svm.skops")!r})
+loaded = load_model({str(tmp_path / "svm.skops")!r})
+assert (loaded.decision_function(X) == pipeline.decision_function(X)).all()
+print("torch" in sys.modules, _SKLEARN_TORCH_ADAPTER in sys.modules)
+import importlib
+print(hasattr(importlib.import_module(_SKLEARN_TORCH_ADAPTER), "asarray"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False", "True"]
+
+
 def test_load_model_refuses_untrusted_types(tmp_path, monkeypatch):
     X, y, _ = _augmented_problem(n_images=12)
     pipeline = make_svm_pipeline(kernel="linear").fit(X, y)

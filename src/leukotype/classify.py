@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import sys
 import time
+import types
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -984,12 +986,38 @@ def fit_svm(
 # model files
 
 
+#: scikit-learn's torch adapter for its array-API dispatch; importing it imports torch.
+_SKLEARN_TORCH_ADAPTER = "sklearn.externals.array_api_compat.torch"
+
+
+def _skops_io() -> types.ModuleType:
+    """``skops.io``, imported without importing torch.
+
+    Importing ``skops.io`` lists scikit-learn's estimators (``sklearn.utils.all_estimators``),
+    whose ``pkgutil.walk_packages`` imports every subpackage of scikit-learn, its torch adapter
+    too, and so torch: about 1.5 s in every SVM job, which needs no torch
+    (bench/results/job_imports.csv). While ``skops.io`` is imported the adapter is a stub without
+    ``__path__`` (so the walk neither imports torch nor descends into it; it lists no
+    estimators); the stub is removed afterwards, so a later import of the adapter is the real one.
+    """
+    if "skops.io" not in sys.modules and _SKLEARN_TORCH_ADAPTER not in sys.modules and "torch" not in sys.modules:
+        stub = types.ModuleType(_SKLEARN_TORCH_ADAPTER)
+        sys.modules[_SKLEARN_TORCH_ADAPTER] = stub
+        try:
+            import skops.io
+        finally:
+            if sys.modules.get(_SKLEARN_TORCH_ADAPTER) is stub:
+                del sys.modules[_SKLEARN_TORCH_ADAPTER]
+    import skops.io
+
+    return skops.io
+
+
 def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
     """Write a fitted pipeline with skops (no pickle), atomically."""
+    skops_io = _skops_io()  # lazily: importing it walks all of scikit-learn (seconds)
     with atomic_path(path) as tmp:
-        import skops.io  # lazily: importing it walks all of scikit-learn (seconds)
-
-        skops.io.dump(pipeline, tmp)
+        skops_io.dump(pipeline, tmp)
 
 
 def load_model(
@@ -1000,13 +1028,12 @@ def load_model(
     skops lists the types in the file it does not trust by default; each must be in
     ``allowed_types`` or the file is rejected before anything in it is constructed.
     """
-    import skops.io
-
+    skops_io = _skops_io()
     path = Path(path)
     if not path.is_file():
         raise LeukotypeError(f"model file {path} does not exist; run the SVM training step first")
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
+        untrusted = skops_io.get_untrusted_types(file=path)
     except (zipfile.BadZipFile, KeyError, ValueError) as error:
         raise LeukotypeError(
             f"model file {path} is not a readable skops file ({error}); delete it and rerun the "
@@ -1018,7 +1045,7 @@ def load_model(
             f"model file {path} contains types that are not allowed: {refused}. It was not written "
             "by leukotype.classify.save_model (or was tampered with); refusing to load it"
         )
-    return skops.io.load(path, trusted=list(untrusted))
+    return skops_io.load(path, trusted=list(untrusted))
 
 
 # --------------------------------------------------------------------------------------------
