@@ -1,7 +1,7 @@
 """What an SVM job pays to import skops: plainly, and through leukotype's torch-free import.
 
-Every job that saves or loads an SVM (train_svm, adapt_external_svm, predict_external_svm,
-export_model: 23 of the demo's 91 jobs) imports ``skops.io``, and importing it walks all of
+Every job that saves or loads an SVM (in the demo: 12 train_svm, 4 adapt_external_svm, 4
+predict_external_svm and 3 export_model jobs) imports ``skops.io``, and importing it walks all of
 scikit-learn, whose torch adapter imports torch (:func:`leukotype.classify._skops_io`). Each
 timing is a fresh interpreter (``python -c``), as a job is; the repeats alternate so both see
 the same machine load. Rows, each with the best (``seconds``: the least the machine needs) and

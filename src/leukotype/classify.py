@@ -995,8 +995,8 @@ def _skops_io() -> types.ModuleType:
 
     Importing ``skops.io`` lists scikit-learn's estimators (``sklearn.utils.all_estimators``),
     whose ``pkgutil.walk_packages`` imports every subpackage of scikit-learn, its torch adapter
-    too, and so torch: about 1.5 s in every SVM job, which needs no torch
-    (bench/results/job_imports.csv). While ``skops.io`` is imported the adapter is a stub without
+    too, and so torch: 2.5 s in every job that saves or loads an SVM and needs no torch
+    (bench/results/job_imports.csv: 3.58 s plainly, 1.04 s so, beyond ``leukotype.classify``). While ``skops.io`` is imported the adapter is a stub without
     ``__path__`` (so the walk neither imports torch nor descends into it; it lists no
     estimators); the stub is removed afterwards, so a later import of the adapter is the real one.
     """
